@@ -1,0 +1,12 @@
+"""vitrim: make trained Vision Transformers smaller and faster while keeping their accuracy."""
+
+from vitrim.api import create, load, save
+from vitrim.bench import analyze, evaluate, measure
+from vitrim.errors import ConfigError, DataError, ModelFileError, UnknownModelError, VitrimError
+from vitrim.models import BlockDims, ViTConfig, VisionTransformer
+
+__version__ = "0.1.0"
+
+__all__ = ["BlockDims", "ConfigError", "DataError", "ModelFileError", "UnknownModelError",
+           "ViTConfig", "VisionTransformer", "VitrimError", "analyze", "create", "evaluate",
+           "load", "measure", "save", "__version__"]

@@ -1,0 +1,85 @@
+"""Analytic parameter and FLOP counts of the canonical ViT, per block and per component.
+
+FLOPs count multiply-accumulates as 2 operations in the matrix products (linear layers, patch
+embedding, q.k^T and attention.v), the same convention as ``torch.utils.flop_counter``;
+normalisation, softmax, GELU and additions are left out (they are a few percent).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from vitrim.models.config import BlockDims, ViTConfig
+
+
+@dataclass(frozen=True)
+class Cost:
+    params: int
+    flops: int
+
+    def __add__(self, other: "Cost") -> "Cost":
+        return Cost(self.params + other.params, self.flops + other.flops)
+
+
+ZERO = Cost(0, 0)
+
+
+def attention_cost(C: int, dims: BlockDims, tokens: int, qkv_bias: bool = True) -> Cost:
+    if not dims.attention:
+        return ZERO
+    H, qk, v, N = dims.heads, dims.qk_dim, dims.v_dim, tokens
+    width = H * (2 * qk + v)
+    params = C * width + (width if qkv_bias else 0) + H * v * C + C + 2 * C  # qkv, proj, norm1
+    flops = 2 * N * C * width + 2 * N * N * H * (qk + v) + 2 * N * H * v * C
+    return Cost(params, flops)
+
+
+def mlp_cost(C: int, dims: BlockDims, tokens: int) -> Cost:
+    if not dims.mlp:
+        return ZERO
+    M = dims.mlp_dim
+    return Cost(2 * C * M + M + C + 2 * C, 4 * tokens * C * M)
+
+
+def layer_scale_params(cfg: ViTConfig, dims: BlockDims) -> int:
+    if cfg.layer_scale_init is None:
+        return 0
+    return cfg.embed_dim * (int(dims.attention) + int(dims.mlp))
+
+
+def block_cost(cfg: ViTConfig, index: int, tokens: int | None = None) -> dict[str, Cost]:
+    dims = cfg.blocks[index]
+    N = cfg.num_tokens if tokens is None else tokens
+    ls = layer_scale_params(cfg, dims)
+    return {"attention": attention_cost(cfg.embed_dim, dims, N, cfg.qkv_bias) + Cost(ls // 2 if dims.mlp else ls, 0),
+            "mlp": mlp_cost(cfg.embed_dim, dims, N) + Cost(ls - (ls // 2 if dims.mlp else ls), 0)}
+
+
+def embedding_cost(cfg: ViTConfig) -> Cost:
+    C, p = cfg.embed_dim, cfg.patch_size
+    patch = cfg.in_chans * p * p
+    params = patch * C + C + cfg.num_tokens * C + (C if cfg.class_token else 0)
+    return Cost(params, 2 * cfg.num_patches * patch * C)
+
+
+def head_cost(cfg: ViTConfig) -> Cost:
+    C = cfg.embed_dim
+    return Cost(2 * C + C * cfg.num_classes + cfg.num_classes, 2 * C * cfg.num_classes)
+
+
+def cost_breakdown(cfg: ViTConfig) -> dict[str, Cost]:
+    """Per component: ``embedding``, ``block{i}.attention``, ``block{i}.mlp``, ``head``."""
+    parts = {"embedding": embedding_cost(cfg)}
+    for i in range(cfg.depth):
+        for name, cost in block_cost(cfg, i).items():
+            parts[f"block{i}.{name}"] = cost
+    parts["head"] = head_cost(cfg)
+    return parts
+
+
+def model_cost(cfg: ViTConfig) -> Cost:
+    """Total parameters and forward FLOPs for one image."""
+    total = ZERO
+    for cost in cost_breakdown(cfg).values():
+        total = total + cost
+    return total

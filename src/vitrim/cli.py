@@ -1,0 +1,253 @@
+"""The ``vitrim`` command line: parses, calls the API, prints."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vitrim.errors import DataError, VitrimError
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def resolve_model(spec: str, allow_random: bool = False):
+    """A model directory, a preset with bundled weights, or (if allowed) a random-init preset."""
+    import vitrim
+    from vitrim.models import get_preset
+
+    if Path(spec).is_dir():
+        return vitrim.load(spec), "trained"
+    preset = get_preset(spec)
+    if preset.weights_dir() is not None:
+        return vitrim.load(spec), "trained"
+    if not allow_random:
+        return vitrim.load(spec), "trained"  # raises the "no trained weights" error
+    return vitrim.create(spec, seed=0), "random"
+
+
+def load_data_for(model, args: argparse.Namespace, split: str):
+    from vitrim.data import load_dataset
+
+    cfg = model.config
+    data = load_dataset(args.data, split, data_dir=args.data_dir, image_size=cfg.image_size,
+                        channels=cfg.in_chans)
+    if data.channels != cfg.in_chans:
+        raise DataError(f"{args.data} has {data.channels}-channel images but the model expects "
+                        f"{cfg.in_chans}; use a model built for {data.channels} channel(s)")
+    if data.image_size != cfg.image_size and not args.resize:
+        raise DataError(f"{args.data} has {data.image_size}x{data.image_size} images but the model "
+                        f"expects {cfg.image_size}x{cfg.image_size}; pass --resize to resize them")
+    if args.limit is not None:
+        data = data.subset(min(args.limit, len(data)))
+    return data
+
+
+def add_data_args(p: argparse.ArgumentParser, limit_help: str) -> None:
+    p.add_argument("--data", default="fashion-mnist",
+                   help="fashion-mnist | idx:DIR (MNIST-format IDX files) | folder:DIR (class sub-folders)")
+    p.add_argument("--data-dir", default=None, help="directory holding the Fashion-MNIST IDX files")
+    p.add_argument("--resize", action="store_true", help="resize images to the model's input size")
+    p.add_argument("--limit", type=positive_int, default=None, help=limit_help)
+
+
+def add_threads(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=positive_int, default=None,
+                   help="torch intra-op threads (default: all cores)")
+
+
+def emit(args: argparse.Namespace, data: Any, text: str) -> None:
+    print(json.dumps(data, indent=2) if args.json else text)
+
+
+def cmd_models(args: argparse.Namespace) -> None:
+    from vitrim.bench.flops import model_cost
+    from vitrim.models import PRESETS
+    from vitrim.report import format_table, human
+
+    rows = []
+    for name, preset in sorted(PRESETS.items()):
+        cost = model_cost(preset.build())
+        rows.append([name, human(cost.params), human(cost.flops), "yes" if preset.weights_dir() else "no",
+                     preset.description])
+    print(format_table(rows, ["preset", "params", "FLOPs", "weights", "description"]))
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from vitrim.bench import evaluate
+
+    model, _ = resolve_model(args.model)
+    data = load_data_for(model, args, args.split)
+    with _threads(args.threads):
+        metrics = evaluate(model, data, batch_size=args.batch_size, image_size=model.config.image_size,
+                           progress=not args.json)
+    result = {"model": args.model, "data": args.data, "split": args.split, **metrics}
+    emit(args, result, f"{args.model} on {args.data}/{args.split}: top-1 accuracy "
+                       f"{metrics['accuracy'] * 100:.2f}%  loss {metrics['loss']:.4f}  ({metrics['count']} images)")
+
+
+def _threads(threads: int | None):
+    from vitrim.bench.latency import fixed_threads
+
+    return fixed_threads(threads)
+
+
+def bench_text(name: str, result: dict[str, Any]) -> str:
+    from vitrim.report import format_table, human
+
+    rows = []
+    for batch, entry in result["latency"].items():
+        mem = entry.get("peak_activation_bytes")
+        rows.append([batch, f"{entry['median_ms']:.2f}", f"{entry['p10_ms']:.2f}-{entry['p90_ms']:.2f}",
+                     f"{entry['images_per_s']:.0f}", human(mem, "B") if mem is not None else "n/a"])
+    head = (f"{name}: {human(result['params'])} params, {human(result['flops'])}FLOPs per image, "
+            f"threads={result['threads'] or torch.get_num_threads()}")
+    return head + "\n" + format_table(rows, ["batch", "median ms", "p10-p90 ms", "images/s", "peak act. mem"])
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    from vitrim.bench import measure
+
+    model, weights = resolve_model(args.model, allow_random=True)
+    result = measure(model, args.batch or [1, 64], threads=args.threads, runs=args.runs)
+    result.update(model=args.model, weights=weights)
+    emit(args, result, bench_text(args.model, result))
+
+
+def cmd_analyze(args: argparse.Namespace) -> None:
+    from vitrim.bench import analyze
+    from vitrim.report import format_table, human
+
+    model, _ = resolve_model(args.model, allow_random=True)
+    rows = analyze(model, batch_size=args.batch, threads=args.threads, runs=args.runs)
+    table = [[r["component"], human(r["params"]), f"{r['params_share'] * 100:.1f}%", human(r["flops"]),
+              f"{r['flops_share'] * 100:.1f}%", f"{r['latency_ms']:.3f}", f"{r['latency_share'] * 100:.1f}%"]
+             for r in rows]
+    text = format_table(table, ["component", "params", "share", "FLOPs", "share", "ms", "share"])
+    emit(args, {"model": args.model, "batch": args.batch, "components": rows},
+         f"{args.model}, batch {args.batch}\n{text}")
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    import vitrim
+    from vitrim.data import load_dataset
+    from vitrim.train import TrainConfig, fit
+
+    cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, min_lr=args.min_lr,
+                      weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs,
+                      label_smoothing=args.label_smoothing, augment=not args.no_augment,
+                      seed=args.seed, precision=args.precision, distill_alpha=args.distill_alpha,
+                      distill_temperature=args.distill_temperature, limit_train=args.limit)
+    torch.manual_seed(args.seed)
+    model = vitrim.create(args.model)
+    if args.drop_path is not None:
+        model = vitrim.create(model.config.replace(drop_path_rate=args.drop_path), seed=args.seed)
+    teacher = resolve_model(args.teacher)[0] if args.teacher else None
+    args.limit = None  # --limit applies to the training split only
+    train_set = load_data_for(model, args, "train")
+    test_set = None if args.no_eval else load_data_for(model, args, "test")
+    out = Path(args.out)
+    with _threads(args.threads):
+        result = fit(model, train_set, cfg, out, test_set=test_set, teacher=teacher, resume=args.resume,
+                     image_size=model.config.image_size)
+    command = "vitrim " + " ".join(shlex.quote(a) for a in args.argv)
+    vitrim.save(result.model, out, extra={"training": {"command": command, "config": cfg.to_dict(),
+                                                       "history": result.history}})
+    final = result.history[-1]
+    print(f"saved {out}  (epoch {final['epoch']}, train loss {final['train_loss']:.4f}"
+          + (f", test accuracy {final['test_accuracy'] * 100:.2f}%" if "test_accuracy" in final else "") + ")")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from vitrim import __version__
+
+    parser = argparse.ArgumentParser(prog="vitrim", description="Make Vision Transformers smaller and faster.")
+    parser.add_argument("--version", action="version", version=f"vitrim {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    model_help = "a model directory or a preset name (see `vitrim models`)"
+
+    p = sub.add_parser("models", help="list the model presets")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("eval", help="top-1 accuracy and loss on a dataset")
+    p.add_argument("model", help=model_help)
+    add_data_args(p, "evaluate on the first N images only")
+    p.add_argument("--split", default="test", choices=["train", "test"])
+    p.add_argument("--batch-size", type=positive_int, default=256)
+    add_threads(p)
+    p.add_argument("--json", action="store_true", help="print a JSON object")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("bench", help="params, FLOPs, latency and memory")
+    p.add_argument("model", help=model_help + "; presets without weights are measured at random init")
+    p.add_argument("--batch", type=positive_int, action="append", help="batch size (repeatable; default 1 and 64)")
+    p.add_argument("--runs", type=positive_int, default=30, help="timed runs per batch size (median reported)")
+    add_threads(p)
+    p.add_argument("--json", action="store_true", help="print a JSON object")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("analyze", help="per-block complexity: params, FLOPs and latency shares")
+    p.add_argument("model", help=model_help)
+    p.add_argument("--batch", type=positive_int, default=1)
+    p.add_argument("--runs", type=positive_int, default=20)
+    add_threads(p)
+    p.add_argument("--json", action="store_true", help="print a JSON object")
+    p.set_defaults(func=cmd_analyze)
+
+    p = sub.add_parser("train", help="train a model (optionally distilling from a teacher)")
+    p.add_argument("--model", default="fmnist-vit", help="preset to train (see `vitrim models`)")
+    add_data_args(p, "train on the first N training images only (quick trials)")
+    p.add_argument("--out", required=True, help="output model directory (checkpoints go to OUT/checkpoint)")
+    p.add_argument("--epochs", type=positive_int, default=10)
+    p.add_argument("--batch-size", type=positive_int, default=128)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--min-lr", type=float, default=1e-5)
+    p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--warmup-epochs", type=float, default=1.0)
+    p.add_argument("--label-smoothing", type=float, default=0.1)
+    p.add_argument("--drop-path", type=float, default=None, help="stochastic depth rate (default: the preset's)")
+    p.add_argument("--no-augment", action="store_true", help="no random crop / flip")
+    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+                   help="auto uses bf16 autocast where the CPU supports it")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--teacher", default=None, help="distil from this model (directory or preset with weights)")
+    p.add_argument("--distill-alpha", type=float, default=0.5)
+    p.add_argument("--distill-temperature", type=float, default=1.0)
+    p.add_argument("--no-eval", action="store_true", help="skip the test-set evaluation after each epoch")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
+    add_threads(p)
+    p.set_defaults(func=cmd_train)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parser.parse_args(argv)
+    args.argv = argv
+    try:
+        args.func(args)
+    except VitrimError as exc:
+        print(f"vitrim {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

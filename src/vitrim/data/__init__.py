@@ -1,0 +1,35 @@
+"""Datasets without torchvision: Fashion-MNIST, MNIST-format IDX directories, image folders."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from vitrim.data.dataset import ImageSet
+from vitrim.data.fashion_mnist import FASHION_MEAN, FASHION_STD, load_fashion_mnist, load_idx_dir
+from vitrim.data.image_folder import load_image_folder
+from vitrim.errors import DataError
+
+DATASETS = ("fashion-mnist", "idx:DIR", "folder:DIR")
+
+
+def load_dataset(spec: str, split: str = "test", *, data_dir: str | Path | None = None,
+                 image_size: int = 224, channels: int = 3) -> ImageSet:
+    """Load a dataset by spec: ``fashion-mnist``, ``idx:DIR`` (MNIST format) or ``folder:DIR``.
+
+    For image folders, ``DIR/<split>`` is used when it exists, else ``DIR`` itself.
+    """
+    if spec == "fashion-mnist":
+        return load_fashion_mnist(split, data_dir)
+    kind, _, path = spec.partition(":")
+    if kind == "idx" and path:
+        return load_idx_dir(Path(path), split, name=path)
+    if kind == "folder" and path:
+        root = Path(path)
+        if (root / split).is_dir():
+            root = root / split
+        return load_image_folder(root, image_size, channels)
+    raise DataError(f"unknown dataset {spec!r}; use one of: {', '.join(DATASETS)}")
+
+
+__all__ = ["ImageSet", "load_dataset", "load_fashion_mnist", "load_idx_dir", "load_image_folder",
+           "FASHION_MEAN", "FASHION_STD"]

@@ -1,0 +1,105 @@
+"""Model directories: ``config.json`` (family, config, dimension plan) + ``model.safetensors``.
+
+No pickle anywhere: weights are safetensors, everything else is JSON.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from vitrim.errors import ConfigError, ModelFileError
+from vitrim.fsutil import atomic_path, write_json
+from vitrim.models import ViTConfig, VisionTransformer
+
+FORMAT = "vitrim"
+FORMAT_VERSION = 1
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+def save_state(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """Write tensors to a safetensors file atomically (shared storage is cloned)."""
+    flat = {k: v.detach().contiguous().clone() for k, v in tensors.items()}
+    with atomic_path(path) as tmp:
+        save_file(flat, str(tmp), metadata=metadata)
+
+
+def load_state(path: str | Path) -> dict[str, torch.Tensor]:
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFileError(f"weights file {path} is missing")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ModelFileError(f"{path} is not a valid safetensors file ({exc}); "
+                             f"re-save the model with vitrim.save") from None
+
+
+def load_weights_into(model: nn.Module, state: dict[str, torch.Tensor], source: str | Path) -> None:
+    """Strict load with a readable account of missing, unexpected and mis-shaped tensors."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    mis_shaped = [f"{k}: file {tuple(state[k].shape)} vs config {tuple(v.shape)}"
+                  for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    problems = []
+    if missing:
+        problems.append(f"missing {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+    if unexpected:
+        problems.append(f"unexpected {', '.join(unexpected[:5])}{' ...' if len(unexpected) > 5 else ''}")
+    if mis_shaped:
+        problems.append(f"shape mismatch {'; '.join(mis_shaped[:5])}")
+    if problems:
+        raise ModelFileError(f"{source} does not match its config ({' | '.join(problems)}); "
+                             f"the weights and config.json come from different models")
+    model.load_state_dict(state, strict=True)
+
+
+def read_config(directory: Path) -> dict[str, Any]:
+    path = directory / CONFIG_FILE
+    if not path.is_file():
+        raise ModelFileError(f"{directory} has no {CONFIG_FILE}; a vitrim model directory holds "
+                             f"{CONFIG_FILE} and {WEIGHTS_FILE} (write one with vitrim.save)")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelFileError(f"{path} is not valid JSON ({exc})") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT or "config" not in data:
+        raise ModelFileError(f"{path} is not a vitrim model config (missing \"format\": \"vitrim\")")
+    if data.get("version", 0) > FORMAT_VERSION:
+        raise ModelFileError(f"{path} was written by a newer vitrim (format version "
+                             f"{data['version']}); upgrade vitrim")
+    return data
+
+
+def save(model: nn.Module, directory: str | Path, extra: dict[str, Any] | None = None) -> Path:
+    """Save a vitrim model as a directory; each file is written atomically, config last."""
+    if not isinstance(model, VisionTransformer):
+        raise ConfigError(f"vitrim.save handles vitrim models, got {type(model).__name__}")
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise ModelFileError(f"{directory} exists and is not a directory")
+    save_state(directory / WEIGHTS_FILE, model.state_dict(), metadata={"format": FORMAT})
+    payload = {"format": FORMAT, "version": FORMAT_VERSION, "family": "vitrim",
+               "config": model.config.to_dict(), **(extra or {})}
+    write_json(directory / CONFIG_FILE, payload)
+    return directory
+
+
+def load_dir(directory: str | Path) -> VisionTransformer:
+    directory = Path(directory)
+    data = read_config(directory)
+    try:
+        cfg = ViTConfig.from_dict(data["config"])
+    except ConfigError as exc:
+        raise ModelFileError(f"{directory / CONFIG_FILE}: {exc}") from None
+    model = VisionTransformer(cfg)
+    load_weights_into(model, load_state(directory / WEIGHTS_FILE), directory / WEIGHTS_FILE)
+    return model.eval()

@@ -1,0 +1,177 @@
+"""Configuration of the canonical ViT: a shared residual width and per-block dimensions."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from vitrim.errors import ConfigError
+
+
+@dataclass
+class BlockDims:
+    """Dimensions of one transformer block.
+
+    ``heads`` attention heads, each with ``qk_dim`` query/key channels and ``v_dim`` value
+    channels; ``mlp_dim`` hidden units. ``attention=False`` / ``mlp=False`` mark a removed
+    sub-layer (its dims are then 0). ``attn_scale`` fixes the softmax temperature; ``None``
+    means ``qk_dim ** -0.5`` (pruning q/k channels keeps the original scale).
+    """
+
+    heads: int
+    qk_dim: int
+    v_dim: int
+    mlp_dim: int
+    attention: bool = True
+    mlp: bool = True
+    attn_scale: float | None = None
+
+    def __post_init__(self) -> None:
+        if not self.attention:
+            self.heads = self.qk_dim = self.v_dim = 0
+            self.attn_scale = None
+        else:
+            for name in ("heads", "qk_dim", "v_dim"):
+                if int(getattr(self, name)) < 1:
+                    raise ConfigError(
+                        f"block has {name}={getattr(self, name)}; an attention sub-layer needs "
+                        f"at least 1 (set attention=false to remove it)"
+                    )
+        if not self.mlp:
+            self.mlp_dim = 0
+        elif int(self.mlp_dim) < 1:
+            raise ConfigError(
+                f"block has mlp_dim={self.mlp_dim}; an MLP sub-layer needs at least 1 unit "
+                f"(set mlp=false to remove it)"
+            )
+        if self.attn_scale is not None and not (math.isfinite(self.attn_scale) and self.attn_scale > 0):
+            raise ConfigError(f"attn_scale must be a positive finite number, got {self.attn_scale}")
+
+    @property
+    def scale(self) -> float:
+        return self.attn_scale if self.attn_scale is not None else self.qk_dim**-0.5
+
+
+@dataclass
+class ViTConfig:
+    """A Vision Transformer whose blocks may each have different dimensions.
+
+    ``mean``/``std``/``class_names`` are preprocessing metadata carried with the model so that
+    evaluation and export need no extra flags.
+    """
+
+    image_size: int = 224
+    patch_size: int = 16
+    in_chans: int = 3
+    num_classes: int = 1000
+    embed_dim: int = 768
+    blocks: list[BlockDims] = field(default_factory=list)
+    class_token: bool = True
+    pool: str = "cls"
+    layer_scale_init: float | None = None
+    qkv_bias: bool = True
+    norm_eps: float = 1e-6
+    drop_path_rate: float = 0.0
+    dropout: float = 0.0
+    mean: tuple[float, ...] = (0.5, 0.5, 0.5)
+    std: tuple[float, ...] = (0.5, 0.5, 0.5)
+    class_names: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        self.blocks = [b if isinstance(b, BlockDims) else BlockDims(**b) for b in self.blocks]
+        self.mean = tuple(float(m) for m in self.mean)
+        self.std = tuple(float(s) for s in self.std)
+        self.validate()
+
+    def validate(self) -> None:
+        positive = ("image_size", "patch_size", "in_chans", "num_classes", "embed_dim")
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if self.image_size % self.patch_size:
+            raise ConfigError(
+                f"image_size {self.image_size} is not divisible by patch_size {self.patch_size}"
+            )
+        if not self.blocks:
+            raise ConfigError("a ViT needs at least one block")
+        if self.pool not in ("cls", "mean"):
+            raise ConfigError(f"pool must be 'cls' or 'mean', got {self.pool!r}")
+        if self.pool == "cls" and not self.class_token:
+            raise ConfigError("pool='cls' needs class_token=True (use pool='mean' without one)")
+        if len(self.mean) != self.in_chans or len(self.std) != self.in_chans:
+            raise ConfigError(
+                f"mean/std need {self.in_chans} values (one per input channel), "
+                f"got {len(self.mean)} and {len(self.std)}"
+            )
+        if any(s <= 0 for s in self.std):
+            raise ConfigError(f"std values must be positive, got {self.std}")
+        if self.class_names is not None and len(self.class_names) != self.num_classes:
+            raise ConfigError(
+                f"class_names has {len(self.class_names)} entries but num_classes={self.num_classes}"
+            )
+
+    @property
+    def depth(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def grid_size(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid_size**2
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return int(self.class_token)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_patches + self.num_prefix_tokens
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["mean"] = list(self.mean)
+        data["std"] = list(self.std)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ViTConfig":
+        if not isinstance(data, dict):
+            raise ConfigError(f"a ViT config must be a JSON object, got {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown ViT config keys: {', '.join(unknown)}")
+        try:
+            return cls(**data)
+        except TypeError as exc:
+            raise ConfigError(f"invalid ViT config: {exc}") from None
+
+    def replace(self, **changes: Any) -> "ViTConfig":
+        data = self.to_dict()
+        data.update(changes)
+        return ViTConfig.from_dict(data)
+
+
+def uniform_config(
+    depth: int,
+    embed_dim: int,
+    heads: int,
+    mlp_ratio: float = 4.0,
+    head_dim: int | None = None,
+    **kwargs: Any,
+) -> ViTConfig:
+    """A standard ViT: every block has the same dims (``head_dim`` defaults to embed/heads)."""
+    if heads < 1 or embed_dim % heads and head_dim is None:
+        raise ConfigError(f"embed_dim {embed_dim} is not divisible by heads {heads}")
+    head_dim = head_dim or embed_dim // heads
+    blocks = [
+        BlockDims(heads=heads, qk_dim=head_dim, v_dim=head_dim, mlp_dim=int(embed_dim * mlp_ratio))
+        for _ in range(depth)
+    ]
+    return ViTConfig(embed_dim=embed_dim, blocks=blocks, **kwargs)

@@ -1,0 +1,125 @@
+import json
+
+import pytest
+import torch
+
+import vitrim
+from tests.test_data import write_idx_dir
+from vitrim.cli import main
+from vitrim.models import ViTConfig, uniform_config
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture
+def idx_model(tmp_path):
+    """A tiny model and an 8x8 MNIST-format dataset it fits."""
+    write_idx_dir(tmp_path / "data", n_train=40, n_test=12, size=8)
+    cfg = uniform_config(1, 16, 2, 2.0, image_size=8, patch_size=4, in_chans=1, num_classes=3,
+                         mean=(0.5,), std=(0.5,))
+    vitrim.save(vitrim.create(cfg, seed=0), tmp_path / "model")
+    return tmp_path
+
+
+def test_eval_json(capsys, idx_model):
+    code, out, _ = run(capsys, "eval", str(idx_model / "model"), "--data", f"idx:{idx_model / 'data'}", "--json")
+    assert code == 0
+    result = json.loads(out)
+    assert result["count"] == 12 and 0.0 <= result["accuracy"] <= 1.0
+
+
+def test_eval_matches_python_api(capsys, idx_model):
+    from vitrim.data import load_dataset
+
+    model = vitrim.load(idx_model / "model")
+    expected = vitrim.evaluate(model, load_dataset(f"idx:{idx_model / 'data'}", "test"))
+    _, out, _ = run(capsys, "eval", str(idx_model / "model"), "--data", f"idx:{idx_model / 'data'}", "--json")
+    assert json.loads(out)["accuracy"] == expected["accuracy"]
+
+
+def test_bench_json_has_params_flops_latency(capsys, idx_model):
+    code, out, _ = run(capsys, "bench", str(idx_model / "model"), "--batch", "1", "--batch", "4",
+                       "--runs", "3", "--threads", "1", "--json")
+    assert code == 0
+    result = json.loads(out)
+    model = vitrim.load(idx_model / "model")
+    assert result["params"] == sum(p.numel() for p in model.parameters())
+    assert result["flops"] > 0 and set(result["latency"]) == {"1", "4"}
+    assert result["latency"]["4"]["median_ms"] > 0 and result["latency"]["4"]["runs"] >= 3
+
+
+def test_analyze_shares_sum_to_one(capsys, idx_model):
+    code, out, _ = run(capsys, "analyze", str(idx_model / "model"), "--runs", "2", "--json")
+    assert code == 0
+    rows = json.loads(out)["components"]
+    for key in ("params_share", "flops_share", "latency_share"):
+        assert sum(r[key] for r in rows) == pytest.approx(1.0)
+    assert [r["component"] for r in rows] == ["embedding", "block0.attention", "block0.mlp", "head"]
+
+
+def test_train_then_eval(capsys, idx_model):
+    out_dir = idx_model / "trained"
+    code, out, _ = run(capsys, "train", "--model", "fmnist-vit-micro", "--data", f"idx:{idx_model / 'data'}",
+                       "--out", str(out_dir), "--epochs", "1", "--batch-size", "8", "--resize",
+                       "--precision", "fp32")
+    assert code == 0, out
+    saved = json.loads((out_dir / "config.json").read_text())
+    assert saved["training"]["command"].startswith("vitrim train --model fmnist-vit-micro")
+    assert len(saved["training"]["history"]) == 1
+    assert vitrim.load(out_dir).config.image_size == 28
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["eval", "no-such-model"], "unknown model 'no-such-model'"),
+    (["eval", "vit-tiny"], "has no trained weights"),
+    (["bench", "fmnist-vit-micro", "--batch", "0"], None),
+    (["bench", "fmnist-vit-micro", "--threads", "-2"], None),
+])
+def test_bad_input_exits_2(capsys, argv, message):
+    with pytest.raises(SystemExit) if message is None else _no_raise():
+        code, _, err = run(capsys, *argv)
+        assert code == 2 and message in err and err.count("\n") == 1
+    if message is None:
+        assert "positive integer" in capsys.readouterr().err
+
+
+class _no_raise:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_wrong_image_size_and_channels(capsys, idx_model, tmp_path):
+    rgb = uniform_config(1, 16, 2, 2.0, image_size=8, patch_size=4, in_chans=3, num_classes=3)
+    vitrim.save(vitrim.create(rgb), tmp_path / "rgb")
+    code, _, err = run(capsys, "eval", str(tmp_path / "rgb"), "--data", f"idx:{idx_model / 'data'}")
+    assert code == 2 and "1-channel images but the model expects 3" in err
+    code, _, err = run(capsys, "eval", "fmnist-vit-micro", "--data", f"idx:{idx_model / 'data'}")
+    assert code == 2  # micro has no weights
+    big = uniform_config(1, 16, 2, 2.0, image_size=16, patch_size=4, in_chans=1, num_classes=3,
+                         mean=(0.5,), std=(0.5,))
+    vitrim.save(vitrim.create(big), tmp_path / "big")
+    code, _, err = run(capsys, "eval", str(tmp_path / "big"), "--data", f"idx:{idx_model / 'data'}")
+    assert code == 2 and "8x8 images but the model expects 16x16; pass --resize" in err
+    code, out, _ = run(capsys, "eval", str(tmp_path / "big"), "--data", f"idx:{idx_model / 'data'}", "--resize", "--json")
+    assert code == 0 and json.loads(out)["count"] == 12
+
+
+def test_truncated_data_exits_2_without_output(capsys, idx_model):
+    path = idx_model / "data" / "t10k-images-idx3-ubyte"
+    path.write_bytes(path.read_bytes()[:-3])
+    code, out, err = run(capsys, "eval", str(idx_model / "model"), "--data", f"idx:{idx_model / 'data'}", "--json")
+    assert code == 2 and out == "" and "truncated or corrupt" in err
+
+
+def test_train_failure_leaves_no_model(capsys, idx_model):
+    out_dir = idx_model / "never"
+    code, _, err = run(capsys, "train", "--model", "fmnist-vit-micro", "--data", f"idx:{idx_model / 'data'}",
+                       "--out", str(out_dir), "--lr", "-1")
+    assert code == 2 and "lr=-1.0" in err and not out_dir.exists()

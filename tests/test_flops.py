@@ -1,0 +1,38 @@
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from tests.conftest import uneven_config
+from vitrim.bench.flops import cost_breakdown, model_cost
+from vitrim.models import VisionTransformer, get_preset
+
+
+def counted_flops(model, batch=1):
+    cfg = model.config
+    x = torch.randn(batch, cfg.in_chans, cfg.image_size, cfg.image_size)
+    # The math attention path runs q.k^T and attention.v as bmm, which FlopCounterMode counts.
+    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH), torch.no_grad():
+        model(x)
+    return counter.get_total_flops()
+
+
+@pytest.mark.parametrize("cfg", [
+    uneven_config(),
+    uneven_config(pool="mean", class_token=False, layer_scale_init=0.1, qkv_bias=False),
+    get_preset("fmnist-vit").build(),
+    get_preset("fmnist-vit-micro").build(),
+])
+def test_analytic_counts_match_torch(cfg):
+    model = VisionTransformer(cfg)
+    cost = model_cost(cfg)
+    assert cost.params == sum(p.numel() for p in model.parameters())
+    assert cost.flops == counted_flops(model)
+    assert 3 * cost.flops == counted_flops(model, batch=3)
+
+
+def test_breakdown_covers_every_component():
+    parts = cost_breakdown(uneven_config())
+    assert list(parts)[0] == "embedding" and list(parts)[-1] == "head"
+    assert parts["block2.attention"].flops == 0 and parts["block1.mlp"].params == 0
+    assert len(parts) == 2 + 2 * 4

@@ -1,0 +1,118 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tests.conftest import uneven_config
+from vitrim.errors import ConfigError, DataError
+from vitrim.models import BlockDims, ViTConfig, VisionTransformer, get_preset, uniform_config
+from vitrim.models.config import uniform_config as uc
+
+
+def reference_attention(attn, x):
+    """Attention written out by hand (softmax(q k^T * scale) v) to check the fused path."""
+    q, k, v = attn.split_qkv(x)
+    weights = torch.softmax(q @ k.transpose(-2, -1) * attn.scale, dim=-1)
+    out = (weights @ v).transpose(1, 2).reshape(x.shape[0], x.shape[1], -1)
+    return attn.proj(out)
+
+
+def test_uneven_blocks_have_their_own_dims(uneven_model):
+    blocks = uneven_model.blocks
+    assert blocks[0].attn.qkv.out_features == 3 * (2 * 8 + 12)
+    assert blocks[0].attn.proj.in_features == 36
+    assert blocks[1].mlp is None and blocks[1].norm2 is None
+    assert blocks[2].attn is None and blocks[2].norm1 is None
+    assert blocks[3].mlp.fc1.out_features == 9
+    assert blocks[1].attn.scale == 0.125
+    assert blocks[3].attn.scale == pytest.approx(5**-0.5)
+
+
+def test_fused_attention_matches_reference(uneven_model):
+    x = torch.randn(2, 17, 24)
+    for block in uneven_model.blocks:
+        if block.attn is not None:
+            torch.testing.assert_close(block.attn(x), reference_attention(block.attn, x), atol=1e-5, rtol=1e-5)
+
+
+def test_forward_shapes_and_pooling():
+    model = VisionTransformer(uneven_config(pool="mean", class_token=False)).eval()
+    assert model.forward_features(torch.randn(3, 1, 16, 16)).shape == (3, 16, 24)
+    assert model(torch.randn(3, 1, 16, 16)).shape == (3, 5)
+
+
+def test_removed_sublayer_is_identity(uneven_model):
+    x = torch.randn(2, 17, 24)
+    block = uneven_model.blocks[2]  # attention removed
+    torch.testing.assert_close(block(x), x + block.mlp_branch(x))
+
+
+def test_uneven_model_trains():
+    torch.manual_seed(0)
+    model = VisionTransformer(uneven_config())
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    x, y = torch.randn(16, 1, 16, 16), torch.randint(0, 5, (16,))
+    losses = []
+    for _ in range(30):
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_wrong_input_shape_is_reported(uneven_model):
+    with pytest.raises(DataError, match=r"\(B, 1, 16, 16\).*got \(2, 3, 16, 16\)"):
+        uneven_model(torch.randn(2, 3, 16, 16))
+    with pytest.raises(DataError, match="resize"):
+        uneven_model(torch.randn(2, 1, 28, 28))
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(image_size=30), "not divisible"),
+    (dict(blocks=[]), "at least one block"),
+    (dict(pool="max"), "pool must be"),
+    (dict(class_token=False), "needs class_token"),
+    (dict(mean=(0.5, 0.5)), "one per input channel"),
+    (dict(num_classes=0), "num_classes must be a positive integer"),
+    (dict(class_names=["a"]), "class_names has 1 entries"),
+])
+def test_invalid_configs_are_rejected(bad, message):
+    with pytest.raises(ConfigError, match=message):
+        uneven_config(**bad)
+
+
+def test_invalid_block_dims_are_rejected():
+    with pytest.raises(ConfigError, match="heads=0.*attention=false"):
+        BlockDims(heads=0, qk_dim=8, v_dim=8, mlp_dim=8)
+    with pytest.raises(ConfigError, match="mlp=false"):
+        BlockDims(heads=1, qk_dim=8, v_dim=8, mlp_dim=0)
+    with pytest.raises(ConfigError, match="attn_scale"):
+        BlockDims(heads=1, qk_dim=8, v_dim=8, mlp_dim=8, attn_scale=math.nan)
+    removed = BlockDims(heads=4, qk_dim=8, v_dim=8, mlp_dim=8, attention=False)
+    assert (removed.heads, removed.qk_dim, removed.v_dim) == (0, 0, 0)
+
+
+def test_config_round_trips_through_dict():
+    cfg = uneven_config()
+    again = ViTConfig.from_dict(cfg.to_dict())
+    assert again == cfg
+    with pytest.raises(ConfigError, match="unknown ViT config keys: colour"):
+        ViTConfig.from_dict({**cfg.to_dict(), "colour": 1})
+
+
+def test_presets_build_expected_shapes():
+    ref = get_preset("fmnist-vit").build()
+    assert (ref.embed_dim, ref.depth, ref.num_tokens) == (192, 6, 50)
+    assert all(b.heads == 3 and b.qk_dim == 64 and b.mlp_dim == 768 for b in ref.blocks)
+    base = get_preset("vit-base").build()
+    params = sum(p.numel() for p in VisionTransformer(base).parameters())
+    assert params == pytest.approx(86.57e6, rel=1e-3)
+
+
+def test_uniform_config_checks_divisibility():
+    with pytest.raises(ConfigError, match="not divisible by heads"):
+        uc(2, 100, 3)
+    assert uniform_config(1, 96, 3, head_dim=16).blocks[0].qk_dim == 16
