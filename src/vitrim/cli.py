@@ -29,13 +29,8 @@ def resolve_model(spec: str, allow_random: bool = False):
     import vitrim
     from vitrim.models import get_preset
 
-    if Path(spec).is_dir():
+    if Path(spec).is_dir() or not allow_random or get_preset(spec).weights_dir() is not None:
         return vitrim.load(spec), "trained"
-    preset = get_preset(spec)
-    if preset.weights_dir() is not None:
-        return vitrim.load(spec), "trained"
-    if not allow_random:
-        return vitrim.load(spec), "trained"  # raises the "no trained weights" error
     return vitrim.create(spec, seed=0), "random"
 
 
@@ -171,6 +166,47 @@ def cmd_train(args: argparse.Namespace) -> None:
           + (f", test accuracy {final['test_accuracy'] * 100:.2f}%" if "test_accuracy" in final else "") + ")")
 
 
+def cmd_prune(args: argparse.Namespace) -> None:
+    import vitrim
+    from vitrim.bench import evaluate, measure
+    from vitrim.prune import PruneConfig, prune
+    from vitrim.prune.report import dimension_plan, plan_table, summary_table, write_report
+
+    cfg = PruneConfig(target=args.target, structures=args.structures, exclude=tuple(args.exclude or ()),
+                      saliency=args.saliency, calib_images=args.calib, steps=args.steps, round_to=args.round_to,
+                      recover=args.recover, kd_epochs=args.epochs, kd_images=args.kd_images, kd_lr=args.kd_lr,
+                      seed=args.seed)
+    name = args.model or "fmnist-vit"
+    out = Path(args.out or f"runs/{Path(name).name}-{cfg.metric}{cfg.ratio:g}")
+    model, _ = resolve_model(name)
+    limit, args.limit = args.limit, None
+    train_set = load_data_for(model, args, "train")
+    args.limit = limit
+    test_set = load_data_for(model, args, "test")
+    progress = not args.json
+    with _threads(args.threads):
+        result = prune(model, config=cfg, data=train_set, train_data=train_set, progress=progress,
+                       log=(lambda text: print(text, file=sys.stderr)) if progress else None)
+        report: dict[str, Any] = {"model": name, "metric": result.metric, "kept_ratio": result.kept_ratio,
+                                  "config": cfg.to_dict(), "steps": result.steps}
+        for key, net in (("dense", model), ("pruned", result.model)):
+            entry = measure(net, [1, 64], threads=args.threads, runs=args.runs, memory=False)
+            if not args.no_eval:
+                entry["accuracy"] = evaluate(net, test_set, image_size=net.config.image_size,
+                                             progress=progress, desc=f"eval {key}")["accuracy"]
+            entry["dimension_plan"] = dimension_plan(net.config)
+            entry["embed_dim"] = net.config.embed_dim
+            report[key] = entry
+    command = "vitrim " + " ".join(shlex.quote(a) for a in args.argv)
+    report["command"] = command
+    vitrim.save(result.model, out, extra={"pruning": {"command": command, "base": name,
+                                                       "config": cfg.to_dict(), "kept_ratio": result.kept_ratio}})
+    write_report(out / "report", report, model.config, result.model.config)
+    text = (f"{summary_table(report)}\n\n{plan_table(model.config, result.model.config)}\n\n"
+            f"saved the pruned model to {out} and the report to {out / 'report'}")
+    emit(args, report, text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from vitrim import __version__
 
@@ -206,6 +242,31 @@ def build_parser() -> argparse.ArgumentParser:
     add_threads(p)
     p.add_argument("--json", action="store_true", help="print a JSON object")
     p.set_defaults(func=cmd_analyze)
+
+    p = sub.add_parser("prune", help="prune a model to a FLOPs or params budget, then recover accuracy")
+    p.add_argument("model", nargs="?", default=None, help=model_help + " (default: the bundled fmnist-vit)")
+    p.add_argument("--target", default="flops=0.5", help="fraction of the cost to keep: flops=0.5 or params=0.6")
+    p.add_argument("--recover", choices=["none", "reconstruct", "kd"], default="reconstruct",
+                   help="reconstruct: least-squares refit, no training; kd: distillation from the dense model")
+    p.add_argument("--epochs", type=positive_int, default=1, help="distillation epochs for --recover kd")
+    p.add_argument("--kd-images", type=positive_int, default=None, help="distil on the first N training images only")
+    p.add_argument("--kd-lr", type=float, default=2e-4)
+    p.add_argument("--structures", default="heads,qk,v,mlp,embed,attn-layer,mlp-layer",
+                   help="comma-separated kinds that may be pruned")
+    p.add_argument("--exclude", action="append", metavar="PATTERN",
+                   help="never prune these modules (glob over names like blocks.0.attn, blocks.*.mlp, embed)")
+    p.add_argument("--saliency", choices=["fisher", "taylor", "magnitude"], default="fisher")
+    p.add_argument("--calib", type=positive_int, default=512, help="calibration images (from the train split)")
+    p.add_argument("--steps", type=positive_int, default=3, help="pruning steps, saliency re-estimated between")
+    p.add_argument("--round-to", type=positive_int, default=8, help="kept dims are multiples of this")
+    p.add_argument("--seed", type=int, default=0)
+    add_data_args(p, "evaluate on the first N test images only")
+    p.add_argument("--no-eval", action="store_true", help="skip the accuracy evaluation")
+    p.add_argument("--runs", type=positive_int, default=30, help="timed runs per latency measurement")
+    p.add_argument("--out", default=None, help="output directory (default runs/MODEL-METRICRATIO)")
+    add_threads(p)
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=cmd_prune)
 
     p = sub.add_parser("train", help="train a model (optionally distilling from a teacher)")
     p.add_argument("--model", default="fmnist-vit", help="preset to train (see `vitrim models`)")

@@ -43,11 +43,15 @@ class Attention(nn.Module):
         val = val.view(B, N, H, v).transpose(1, 2)  # (B, H, N, v)
         return q, k, val
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def mix(self, x: torch.Tensor) -> torch.Tensor:
+        """Attention-weighted values before the output projection: (B, N, C) -> (B, N, H*v)."""
         B, N, _ = x.shape
         q, k, v = self.split_qkv(x)
         out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)  # (B, H, N, v)
-        return self.proj(out.transpose(1, 2).reshape(B, N, self.heads * self.v_dim))
+        return out.transpose(1, 2).reshape(B, N, self.heads * self.v_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.mix(x))
 
 
 class Mlp(nn.Module):

@@ -98,8 +98,6 @@ def fit(
         start_epoch, history = state["epoch"], state["history"]
     if teacher is not None:
         teacher.eval()
-        for p in teacher.parameters():
-            p.requires_grad_(False)
 
     for epoch in range(start_epoch, cfg.epochs):
         torch.manual_seed(cfg.seed * 1000 + epoch)  # dropout / drop-path, repeatable on resume
@@ -129,7 +127,7 @@ def fit(
             optimizer.step()
             loss_sum += loss.item() * y.numel()
             seen += y.numel()
-            bar.set_postfix(loss=f"{loss_sum / seen:.4f}",
+            bar.set_postfix(refresh=False, loss=f"{loss_sum / seen:.4f}",
                             img_s=f"{seen / (time.perf_counter() - started):.0f}")
         record: dict[str, Any] = {"epoch": epoch + 1, "train_loss": loss_sum / seen,
                                   "seconds": round(time.perf_counter() - started, 1)}

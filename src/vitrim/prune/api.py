@@ -1,0 +1,188 @@
+"""``vitrim.prune``: score, search and slice in steps, then recover."""
+
+from __future__ import annotations
+
+import copy
+import math
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from vitrim.data.dataset import ImageSet
+from vitrim.errors import ConfigError, DataError
+from vitrim.models import VisionTransformer
+from vitrim.progress import progress_bar
+from vitrim.prune.cost import METRICS, CostModel
+from vitrim.prune.recover import distill, reconstruct
+from vitrim.prune.saliency import METHODS, LossFn, classification_loss, saliency
+from vitrim.prune.search import STRUCTURES, Search
+from vitrim.prune.surgery import slice_model
+
+RECOVERY = ("none", "reconstruct", "kd")
+STRUCTURE_ALIASES = {"attn-layer": "attn_layer", "mlp-layer": "mlp_layer", "head": "heads"}
+
+
+def parse_target(target: str | tuple[str, float]) -> tuple[str, float]:
+    """``"flops=0.5"`` -> ("flops", 0.5): keep that fraction of the dense model's cost."""
+    if isinstance(target, tuple):
+        metric, ratio = target
+    else:
+        metric, sep, value = str(target).partition("=")
+        if not sep:
+            raise ConfigError(f"target {target!r} must look like flops=0.5, params=0.6 or latency=0.5")
+        try:
+            ratio = float(value)
+        except ValueError:
+            raise ConfigError(f"target ratio {value!r} is not a number") from None
+    metric = metric.strip()
+    if metric not in METRICS:
+        raise ConfigError(f"unknown target metric {metric!r}; use one of {', '.join(METRICS)}")
+    if not (math.isfinite(ratio) and 0 < ratio <= 1):
+        raise ConfigError(f"target ratio must be in (0, 1] (the fraction of the cost to keep), got {ratio}")
+    return metric, ratio
+
+
+def parse_structures(structures: str | tuple[str, ...] | list[str] | None) -> tuple[str, ...]:
+    if structures is None:
+        return STRUCTURES
+    items = structures.split(",") if isinstance(structures, str) else list(structures)
+    names = tuple(STRUCTURE_ALIASES.get(s.strip(), s.strip()) for s in items if s.strip())
+    unknown = [s for s in names if s not in STRUCTURES]
+    if unknown or not names:
+        raise ConfigError(f"unknown structure kind(s) {', '.join(unknown) or '(none given)'}; choose from "
+                          f"heads, qk, v, mlp, embed, attn-layer, mlp-layer")
+    return names
+
+
+@dataclass
+class PruneConfig:
+    target: str = "flops=0.5"
+    structures: tuple[str, ...] = STRUCTURES
+    exclude: tuple[str, ...] = ()
+    saliency: str = "fisher"
+    calib_images: int = 512
+    batch_size: int = 64
+    steps: int = 3
+    round_to: int = 8
+    tolerance: float = 0.01
+    recover: str = "reconstruct"
+    kd_epochs: int = 1
+    kd_images: int | None = None
+    kd_lr: float = 2e-4
+    kd_batch_size: int = 128
+    step_kd_images: int = 0  # distillation between pruning steps (0 = none)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.metric, self.ratio = parse_target(self.target)
+        self.structures = parse_structures(self.structures)
+        self.exclude = tuple(self.exclude)
+        if self.saliency not in METHODS:
+            raise ConfigError(f"unknown saliency {self.saliency!r}; use one of {', '.join(METHODS)}")
+        if self.recover not in RECOVERY:
+            raise ConfigError(f"unknown recovery {self.recover!r}; use one of {', '.join(RECOVERY)}")
+        for name in ("calib_images", "batch_size", "steps", "round_to", "kd_epochs", "kd_batch_size"):
+            if int(getattr(self, name)) < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        if not 0 <= self.tolerance < 0.5:
+            raise ConfigError(f"tolerance must be in [0, 0.5), got {self.tolerance}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()}
+
+
+@dataclass
+class PruneResult:
+    model: VisionTransformer
+    dense_cost: float
+    pruned_cost: float
+    metric: str
+    steps: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def kept_ratio(self) -> float:
+        return self.pruned_cost / self.dense_cost
+
+
+def calibration_batches(data: ImageSet, count: int, batch_size: int, image_size: int, seed: int) -> list:
+    if len(data) == 0:
+        raise DataError("the calibration set is empty")
+    if count > len(data):
+        raise DataError(f"asked for {count} calibration images but {data.name} has {len(data)}")
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:count]
+    picked = ImageSet(data.images[order], data.labels[order], data.class_names, data.mean, data.std, data.name)
+    return list(picked.batches(batch_size, image_size=image_size))
+
+
+def prune(model: VisionTransformer, target: str = "flops=0.5", data: ImageSet | None = None, *,
+          recover: str = "reconstruct", train_data: ImageSet | None = None, config: PruneConfig | None = None,
+          cost: CostModel | None = None, loss_fn: LossFn = classification_loss, progress: bool = True,
+          log: Callable[[str], None] | None = None, **options: Any) -> PruneResult:
+    """Prune ``model`` to ``target`` (e.g. ``"flops=0.5"``) and recover; ``model`` is not modified.
+
+    ``data`` supplies calibration images (labels are used by the default loss); ``train_data``
+    the images for ``recover="kd"`` (defaults to ``data``). ``options`` are :class:`PruneConfig`
+    fields (``structures``, ``exclude``, ``saliency``, ``steps``, ``round_to``, ...).
+    """
+    cfg = config or PruneConfig(target=target, recover=recover, **options)
+    if not isinstance(model, VisionTransformer):
+        raise ConfigError(f"vitrim.prune handles vitrim ViTs, got {type(model).__name__}; "
+                          f"load other families through their adapter")
+    if data is None and (cfg.saliency != "magnitude" or cfg.recover == "reconstruct"):
+        raise DataError("pruning needs calibration data (pass data=ImageSet)")
+    if cost is None:
+        cost = CostModel(cfg.metric)
+    say = log or (lambda text: None)
+    dense = model.eval()
+    dense_cost = cost.total(dense.config)
+    target_cost = cfg.ratio * dense_cost
+    image_size = dense.config.image_size
+    batches = (calibration_batches(data, cfg.calib_images, cfg.batch_size, image_size, cfg.seed)
+               if data is not None else None)
+    current = copy.deepcopy(dense)
+    embed_index = list(range(dense.config.embed_dim))
+    steps: list[dict[str, Any]] = []
+    for step in range(1, cfg.steps + 1):
+        step_target = dense_cost * cfg.ratio ** (step / cfg.steps)
+        scores = saliency(current, batches, cfg.saliency, loss_fn=loss_fn, progress=progress,
+                          total=len(batches) if batches else None) if cfg.saliency != "magnitude" \
+            else saliency(current, None, "magnitude")
+        search = Search(current.config, scores, cost, structures=cfg.structures, exclude=cfg.exclude,
+                        round_to=cfg.round_to)
+        start = search.total_cost()
+        bar = progress_bar(None, total=100, desc=f"search {step}/{cfg.steps}", enabled=progress,
+                           bar_format="{desc}: {percentage:3.0f}%|{bar}| {postfix}")
+        with bar:
+            def on_step(cand, now, start=start, step_target=step_target, bar=bar):
+                done = (start - now) / max(start - step_target, 1e-12)
+                bar.n = min(100, int(100 * done))
+                bar.set_postfix_str(f"{cost.metric} {now / dense_cost:.3f}", refresh=False)
+
+            removed = search.run(step_target, cfg.tolerance, on_step=on_step)
+        plan = search.plan()
+        current = slice_model(current, plan)
+        embed_index = [embed_index[c] for c in plan.embed]
+        counts: dict[str, int] = {}
+        for cand in removed:
+            counts[cand.kind] = counts.get(cand.kind, 0) + 1
+        record = {"step": step, "kept_ratio": cost.total(current.config) / dense_cost, "removed": counts}
+        steps.append(record)
+        say(f"step {step}/{cfg.steps}: {cost.metric} kept {record['kept_ratio']:.4f}, removed {counts}")
+        if cfg.step_kd_images and step < cfg.steps and train_data is not None:
+            with tempfile.TemporaryDirectory() as tmp:
+                distill(current, dense, train_data, tmp, images=cfg.step_kd_images, lr=cfg.kd_lr,
+                        batch_size=cfg.kd_batch_size, seed=cfg.seed, progress=progress)
+    if cfg.recover == "reconstruct":
+        images = torch.cat([x for x, _ in batches])
+        reconstruct(dense, current, embed_index, images, batch_size=cfg.batch_size, progress=progress)
+    elif cfg.recover == "kd":
+        train = train_data if train_data is not None else data
+        if train is None:
+            raise DataError("recover='kd' needs training images (train_data=ImageSet)")
+        with tempfile.TemporaryDirectory() as tmp:
+            distill(current, dense, train, tmp, epochs=cfg.kd_epochs, images=cfg.kd_images, lr=cfg.kd_lr,
+                    batch_size=cfg.kd_batch_size, seed=cfg.seed, progress=progress)
+    return PruneResult(current.eval(), dense_cost, cost.total(current.config), cost.metric, steps)

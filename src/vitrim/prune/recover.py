@@ -1,0 +1,98 @@
+"""Recovering accuracy after pruning.
+
+``reconstruct``: no retraining. Block by block, refit the output projection of every kept
+attention and MLP sub-layer by ridge least squares so that the pruned model's residual stream
+matches the dense model's on calibration images (the layer-wise reconstruction of Kwon et al.,
+"A Fast Post-Training Pruning Framework for Transformers", with the residual error of earlier
+blocks folded into each target). ``distill``: short knowledge distillation from the dense model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from vitrim.data.dataset import ImageSet
+from vitrim.models import VisionTransformer
+from vitrim.progress import progress_bar
+from vitrim.train import TrainConfig, fit
+
+
+class NormalEquations:
+    """Accumulates X^T X and X^T T (float64) for a linear layer with bias."""
+
+    def __init__(self, n_in: int, n_out: int) -> None:
+        self.xtx = torch.zeros(n_in + 1, n_in + 1, dtype=torch.float64)
+        self.xtt = torch.zeros(n_in + 1, n_out, dtype=torch.float64)
+
+    def add(self, x: torch.Tensor, t: torch.Tensor) -> None:  # x (R, n_in), t (R, n_out)
+        x = torch.cat([x.double(), torch.ones(x.shape[0], 1, dtype=torch.float64)], dim=1)
+        self.xtx += x.t() @ x
+        self.xtt += x.t() @ t.double()
+
+    def solve_into(self, layer: nn.Linear, damping: float) -> None:
+        """Ridge solution pulled towards the layer's current weights."""
+        w0 = torch.cat([layer.weight.detach().double().t(), layer.bias.detach().double()[None]], dim=0)
+        lam = damping * self.xtx.diagonal().mean().clamp_min(1e-12)
+        eye = torch.eye(self.xtx.shape[0], dtype=torch.float64)
+        solution = torch.linalg.solve(self.xtx + lam * eye, self.xtt + lam * w0)  # (n_in + 1, n_out)
+        layer.weight.copy_(solution[:-1].t().to(layer.weight.dtype))
+        layer.bias.copy_(solution[-1].to(layer.bias.dtype))
+
+
+def _layer_scale(module: nn.Module, like: torch.Tensor) -> torch.Tensor:
+    return module.gamma.detach() if hasattr(module, "gamma") else torch.ones_like(like)
+
+
+@torch.no_grad()
+def reconstruct(dense: VisionTransformer, pruned: VisionTransformer, embed_index: list[int],
+                images: torch.Tensor, *, batch_size: int = 64, damping: float = 1e-3,
+                progress: bool = False) -> VisionTransformer:
+    """Refit ``pruned``'s attention ``proj`` and MLP ``fc2`` layers in place (no gradients).
+
+    ``embed_index``: for each embedding channel of ``pruned``, its channel in ``dense``.
+    ``images``: calibration images (B, C, H, W), already normalised.
+    """
+    dense.eval()
+    pruned.eval()
+    E = torch.tensor(embed_index, dtype=torch.long)
+    chunks = images.split(batch_size)
+    xd = [dense.embed(x) for x in chunks]  # dense residual streams (b, N, C_dense)
+    xp = [pruned.embed(x) for x in chunks]  # pruned residual streams (b, N, C)
+    pairs = list(zip(dense.blocks, pruned.blocks))
+    for bd, bp in progress_bar(pairs, total=len(pairs), desc="reconstruct", enabled=progress):
+        for branch in ("attention", "mlp"):
+            has_dense = (bd.attn if branch == "attention" else bd.mlp) is not None
+            has_pruned = (bp.attn if branch == "attention" else bp.mlp) is not None
+            if has_dense:
+                xd = [x + (bd.attention_branch(x) if branch == "attention" else bd.mlp_branch(x)) for x in xd]
+            if not has_pruned:
+                continue
+            layer = bp.attn.proj if branch == "attention" else bp.mlp.fc2
+            ls = bp.ls1 if branch == "attention" else bp.ls2
+            eq = NormalEquations(layer.in_features, layer.out_features)
+            for x_dense, x_pruned in zip(xd, xp):
+                if branch == "attention":
+                    hidden = bp.attn.mix(bp.norm1(x_pruned))
+                else:
+                    hidden = bp.mlp.act(bp.mlp.fc1(bp.norm2(x_pruned)))
+                gamma = _layer_scale(ls, x_pruned[0, 0])
+                target = (x_dense[..., E] - x_pruned) / gamma  # (b, N, C)
+                eq.add(hidden.flatten(0, 1), target.flatten(0, 1))
+            eq.solve_into(layer, damping)
+            xp = [x + (bp.attention_branch(x) if branch == "attention" else bp.mlp_branch(x)) for x in xp]
+    return pruned
+
+
+def distill(student: VisionTransformer, teacher: VisionTransformer, train_set: ImageSet, out_dir: str | Path,
+            *, epochs: int = 1, images: int | None = None, lr: float = 2e-4, batch_size: int = 128,
+            seed: int = 0, progress: bool = True) -> VisionTransformer:
+    """Knowledge distillation (KL to the teacher's logits) for a budget of epochs or images."""
+    cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, min_lr=lr * 0.01, warmup_epochs=0.05,
+                      label_smoothing=0.0, weight_decay=0.01, distill_alpha=1.0, seed=seed,
+                      limit_train=images)
+    fit(student, train_set, cfg, out_dir, teacher=teacher, image_size=student.config.image_size,
+        progress=progress)
+    return student.eval()

@@ -1,0 +1,77 @@
+"""Physical slicing of the canonical ViT: a :class:`PrunePlan` in, a smaller model out."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from vitrim.models import VisionTransformer
+from vitrim.prune.plan import PrunePlan
+
+
+def qkv_rows(heads: list[int], qk: list[list[int]], v: list[list[int]], H: int, qk_dim: int,
+             v_dim: int) -> torch.Tensor:
+    """Row indices of the fused qkv projection ([q | k | v]) that a plan keeps."""
+    q_rows = [h * qk_dim + c for h, chans in zip(heads, qk) for c in chans]
+    k_rows = [H * qk_dim + r for r in q_rows]
+    v_rows = [2 * H * qk_dim + h * v_dim + c for h, chans in zip(heads, v) for c in chans]
+    return torch.tensor(q_rows + k_rows + v_rows, dtype=torch.long)
+
+
+def proj_columns(heads: list[int], v: list[list[int]], v_dim: int) -> torch.Tensor:
+    return torch.tensor([h * v_dim + c for h, chans in zip(heads, v) for c in chans], dtype=torch.long)
+
+
+def _copy_linear(dst: nn.Linear, src: nn.Linear, rows: torch.Tensor | None, cols: torch.Tensor | None) -> None:
+    w = src.weight
+    if rows is not None:
+        w = w[rows]
+    if cols is not None:
+        w = w[:, cols]
+    dst.weight.copy_(w)
+    if src.bias is not None:
+        dst.bias.copy_(src.bias if rows is None else src.bias[rows])
+
+
+def _copy_vector(dst: torch.Tensor, src: torch.Tensor, index: torch.Tensor) -> None:
+    dst.copy_(src[..., index])
+
+
+@torch.no_grad()
+def slice_model(model: VisionTransformer, plan: PrunePlan) -> VisionTransformer:
+    """A new, physically smaller model equal to ``model`` with the plan's structures removed."""
+    cfg = model.config
+    new = VisionTransformer(plan.pruned_config(cfg))
+    E = torch.tensor(plan.embed, dtype=torch.long)
+    pe_src, pe_dst = model.patch_embed.proj, new.patch_embed.proj
+    pe_dst.weight.copy_(pe_src.weight[E])
+    pe_dst.bias.copy_(pe_src.bias[E])
+    if model.cls_token is not None:
+        _copy_vector(new.cls_token, model.cls_token, E)
+    _copy_vector(new.pos_embed, model.pos_embed, E)
+    for old_block, new_block, bp, dims in zip(model.blocks, new.blocks, plan.blocks, cfg.blocks):
+        if bp.attention:
+            rows = qkv_rows(bp.heads, bp.qk, bp.v, dims.heads, dims.qk_dim, dims.v_dim)
+            _copy_linear(new_block.attn.qkv, old_block.attn.qkv, rows, E)
+            _copy_linear(new_block.attn.proj, old_block.attn.proj, E, proj_columns(bp.heads, bp.v, dims.v_dim))
+            _copy_norm(new_block.norm1, old_block.norm1, E)
+            _copy_layer_scale(new_block.ls1, old_block.ls1, E)
+        if bp.mlp_on:
+            M = torch.tensor(bp.mlp, dtype=torch.long)
+            _copy_linear(new_block.mlp.fc1, old_block.mlp.fc1, M, E)
+            _copy_linear(new_block.mlp.fc2, old_block.mlp.fc2, E, M)
+            _copy_norm(new_block.norm2, old_block.norm2, E)
+            _copy_layer_scale(new_block.ls2, old_block.ls2, E)
+    _copy_norm(new.norm, model.norm, E)
+    _copy_linear(new.head, model.head, None, E)
+    return new.train(model.training)
+
+
+def _copy_norm(dst: nn.LayerNorm, src: nn.LayerNorm, E: torch.Tensor) -> None:
+    dst.weight.copy_(src.weight[E])
+    dst.bias.copy_(src.bias[E])
+
+
+def _copy_layer_scale(dst: nn.Module, src: nn.Module, E: torch.Tensor) -> None:
+    if hasattr(src, "gamma"):
+        dst.gamma.copy_(src.gamma[E])

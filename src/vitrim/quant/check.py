@@ -1,0 +1,55 @@
+"""Numeric agreement between two models on the same images: the check every transform runs."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+Logits = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class Agreement:
+    """Max abs logit difference and top-1 agreement of a candidate against a reference."""
+
+    max_abs_diff: float
+    mean_abs_diff: float
+    top1_agreement: float
+    images: int
+    reference: str
+    tolerance: float | None = None
+
+    @property
+    def passed(self) -> bool:
+        return self.tolerance is None or self.max_abs_diff <= self.tolerance
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "passed": self.passed}
+
+    def summary(self) -> str:
+        tol = f" (tolerance {self.tolerance:g})" if self.tolerance is not None else ""
+        return (f"max |logit diff| {self.max_abs_diff:.3g}{tol}, top-1 agreement "
+                f"{self.top1_agreement * 100:.1f}% on {self.images} images vs {self.reference}")
+
+
+@torch.no_grad()
+def compare(reference: Logits, candidate: Logits, batches: Iterable[torch.Tensor], *,
+            reference_name: str, tolerance: float | None = None) -> Agreement:
+    """Run both callables on each batch ``(B, C, H, W)`` and accumulate the differences."""
+    worst, total, agree, count, elements = 0.0, 0.0, 0, 0, 0
+    for x in batches:
+        ref = reference(x).float()  # (B, classes)
+        out = candidate(x).float()  # (B, classes)
+        diff = (ref - out).abs()
+        step = diff.max().item()
+        worst = max(worst, step if step == step else float("inf"))  # NaN counts as failure
+        total += diff.sum().item()
+        elements += diff.numel()
+        agree += (ref.argmax(-1) == out.argmax(-1)).sum().item()
+        count += x.shape[0]
+    if count == 0:
+        raise ValueError("compare() needs at least one image")
+    return Agreement(worst, total / elements, agree / count, count, reference_name, tolerance)

@@ -1,0 +1,198 @@
+"""``vitrim export`` and ``vitrim quantize``, and the hooks that let ``eval``/``bench`` run ``.onnx`` files.
+
+``vitrim.cli`` stays the owner of the parser: it calls :func:`register` for the two sub-commands,
+:func:`add_onnx_input_args` on the eval/bench parsers, and :func:`resolve_model_or_onnx` /
+:func:`measure_any` in place of ``resolve_model`` / ``measure``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import types
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from vitrim.errors import ConfigError
+from vitrim.fsutil import write_json
+
+MODEL_HELP = "a model directory or a preset name (see `vitrim models`); presets without weights use random init"
+
+
+def register(sub: Any) -> None:
+    """Add the ``export`` and ``quantize`` sub-commands to ``vitrim``'s sub-parser object."""
+    from vitrim.cli import add_threads, positive_int
+    from vitrim.quant.export import EXPORTERS, MIN_OPSET
+    from vitrim.quant.quantize import CALIBRATORS, SCHEMES
+
+    p = sub.add_parser("export", help="export to ONNX (checked against PyTorch in ONNX Runtime)")
+    p.add_argument("model", help=MODEL_HELP)
+    p.add_argument("--out", required=True, help="output .onnx file (written only if the check passes)")
+    p.add_argument("--opset", type=positive_int, default=MIN_OPSET, help=f"ONNX opset (>= {MIN_OPSET})")
+    p.add_argument("--exporter", choices=EXPORTERS, default="auto",
+                   help="auto: torch.export-based, TorchScript only if that fails")
+    p.add_argument("--tolerance", type=float, default=1e-3, help="max abs logit difference allowed")
+    p.add_argument("--check-images", type=positive_int, default=8, help="images for the numeric check")
+    _add_data_args(p, "check on this dataset's first images (default: seeded random images)", "test")
+    add_threads(p)
+    p.add_argument("--json", action="store_true", help="print a JSON object")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("quantize", help="int8 / 4-bit quantization through ONNX Runtime")
+    p.add_argument("model", help=MODEL_HELP + "; or a .onnx file written by `vitrim export`")
+    p.add_argument("--scheme", choices=SCHEMES, default="w8a8",
+                   help="w8-dynamic: int8 weights, dynamic activations | w8a8: static int8 QDQ, "
+                        "calibrated | w4: 4-bit block-wise weights (MatMulNBits)")
+    p.add_argument("--calib", type=positive_int, default=None,
+                   help="calibration images (w8a8 default 128; other schemes use them for the check only)")
+    p.add_argument("--calib-method", choices=list(CALIBRATORS), default="minmax", help="w8a8 calibrator")
+    p.add_argument("--percentile", type=float, default=99.999, help="percentile calibrator's percentile")
+    p.add_argument("--block-size", type=positive_int, default=32, help="w4 weights per scale (power of 2)")
+    p.add_argument("--no-per-channel", action="store_true", help="w8a8: one scale per weight tensor")
+    p.add_argument("--out", required=True, help="output directory (receives model.onnx and quantize.json)")
+    _add_data_args(p, "calibration dataset", "train")
+    add_threads(p)
+    p.add_argument("--json", action="store_true", help="print a JSON object")
+    p.set_defaults(func=cmd_quantize)
+
+
+def _add_data_args(p: argparse.ArgumentParser, help_text: str, split: str) -> None:
+    p.add_argument("--data", default=None, help=f"{help_text}: fashion-mnist | idx:DIR | folder:DIR")
+    p.add_argument("--data-dir", default=None, help="directory holding the Fashion-MNIST IDX files")
+    p.add_argument("--split", default=split, choices=["train", "test"])
+    p.add_argument("--resize", action="store_true", help="resize images to the model's input size")
+
+
+def add_onnx_input_args(p: argparse.ArgumentParser) -> None:
+    """Preprocessing flags for ONNX files that carry no vitrim metadata (eval / bench)."""
+    from vitrim.cli import positive_int
+
+    g = p.add_argument_group("ONNX files without vitrim metadata")
+    g.add_argument("--image-size", type=positive_int, default=None, help="input height = width")
+    g.add_argument("--in-chans", type=positive_int, default=None, help="input channels")
+    g.add_argument("--mean", type=float, nargs="+", default=None, help="per-channel mean")
+    g.add_argument("--std", type=float, nargs="+", default=None, help="per-channel std")
+
+
+def is_onnx_spec(spec: str) -> bool:
+    """True for a ``*.onnx`` path or any existing regular file (model directories are not files)."""
+    path = Path(spec)
+    return path.suffix.lower() == ".onnx" or path.is_file()
+
+
+def preprocessing_from_args(args: argparse.Namespace) -> Any:
+    """A :class:`Preprocessing` from ``--image-size/--in-chans/--mean/--std``, or None if none given."""
+    from vitrim.quant.metadata import Preprocessing
+
+    flags = {"--image-size": getattr(args, "image_size", None), "--in-chans": getattr(args, "in_chans", None),
+             "--mean": getattr(args, "mean", None), "--std": getattr(args, "std", None)}
+    given = [k for k, v in flags.items() if v is not None]
+    if not given:
+        return None
+    missing = [k for k, v in flags.items() if v is None]
+    if missing:
+        raise ConfigError(f"preprocessing flags go together; also pass {', '.join(missing)} (no defaults are guessed)")
+    return Preprocessing(args.image_size, args.in_chans, tuple(args.mean), tuple(args.std))
+
+
+def resolve_model_or_onnx(args: argparse.Namespace, allow_random: bool = False) -> tuple[Any, str]:
+    """``vitrim.cli.resolve_model`` that also opens ``.onnx`` files in ONNX Runtime.
+
+    The ORT session gets ``--threads`` intra-op threads (default: torch's thread count).
+    """
+    from vitrim.cli import resolve_model
+
+    if not is_onnx_spec(args.model):
+        return resolve_model(args.model, allow_random=allow_random)
+    from vitrim.quant.runtime import OnnxModel
+
+    return OnnxModel(args.model, threads=getattr(args, "threads", None),
+                     preprocessing=preprocessing_from_args(args)), "onnx"
+
+
+def measure_any(model: Any, batch_sizes: Sequence[int], *, threads: int | None = None, runs: int = 30) -> dict[str, Any]:
+    """``vitrim.measure`` for torch models, :func:`vitrim.quant.measure_onnx` for ONNX models."""
+    from vitrim.quant.runtime import OnnxModel
+
+    if isinstance(model, OnnxModel):
+        from vitrim.quant.bench import measure_onnx
+
+        return measure_onnx(model, batch_sizes, threads=threads, runs=runs)
+    from vitrim.bench import measure
+
+    return measure(model, batch_sizes, threads=threads, runs=runs)
+
+
+def _images(model_config: Any, args: argparse.Namespace, count: int) -> Any:
+    """The first ``count`` images of ``--data``/``--split``, checked against the model's input."""
+    from vitrim.cli import load_data_for
+    from vitrim.quant.errors import CalibrationError
+
+    args.limit = None
+    data = load_data_for(types.SimpleNamespace(config=model_config), args, args.split)
+    if len(data) < count:
+        raise CalibrationError(f"{args.data}/{args.split} has {len(data)} images, asked for {count}; "
+                               f"lower the count or use a larger split")
+    return data.subset(count)
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from vitrim.bench.latency import fixed_threads
+    from vitrim.cli import emit, resolve_model
+    from vitrim.report import human
+    from vitrim.quant.export import export
+
+    model, weights = resolve_model(args.model, allow_random=True)
+    images = _images(model.config, args, args.check_images) if args.data else None
+    if images is None:
+        import torch
+
+        cfg = model.config
+        images = torch.randn(args.check_images, cfg.in_chans, cfg.image_size, cfg.image_size,
+                             generator=torch.Generator().manual_seed(0))
+    with fixed_threads(args.threads):
+        result = export(model, args.out, opset=args.opset, check_images=images, tolerance=args.tolerance,
+                        exporter=args.exporter, threads=args.threads)
+    data = {"model": args.model, "weights": weights, **result.to_dict()}
+    note = f" (fell back: {result.fallback_reason})" if result.fallback_reason else ""
+    emit(args, data, f"exported {args.model} ({weights} weights) to {result.path}: {result.exporter} exporter"
+                     f"{note}, opset {result.opset}, {human(result.size_bytes, 'B')}\n"
+                     f"check: {result.check.summary()}")
+
+
+def cmd_quantize(args: argparse.Namespace) -> None:
+    from vitrim.bench.latency import fixed_threads
+    from vitrim.cli import emit, resolve_model
+    from vitrim.report import human
+    from vitrim.quant.onnxfile import load_proto
+    from vitrim.quant.metadata import Preprocessing, read_props
+    from vitrim.quant.quantize import output_file, quantize
+
+    out_dir = Path(args.out)
+    if out_dir.suffix == ".onnx" or out_dir.is_file():
+        raise ConfigError(f"--out is a directory (it receives model.onnx and quantize.json), got {out_dir}")
+    if is_onnx_spec(args.model):
+        source: Any = load_proto(args.model)
+        prep = Preprocessing.from_props(read_props(source), args.model)
+        config, weights = prep.config or prep, "onnx"
+    else:
+        source, weights = resolve_model(args.model, allow_random=True)
+        config = source.config
+    count = args.calib or (128 if args.scheme == "w8a8" else None)
+    calib = None
+    if count is not None:
+        if args.data is None:
+            args.data = "fashion-mnist"
+        calib = _images(config, args, count)
+    with fixed_threads(args.threads):
+        result = quantize(source, output_file(out_dir), args.scheme, calib=calib, calib_size=count,
+                          calibrator=args.calib_method, per_channel=not args.no_per_channel,
+                          percentile=args.percentile, block_size=args.block_size, threads=args.threads)
+    command = "vitrim " + " ".join(shlex.quote(a) for a in getattr(args, "argv", []))
+    data = {"model": args.model, "weights": weights, "command": command, **result.to_dict()}
+    write_json(out_dir / "quantize.json", data)
+    method = f", {result.calibrator} calibration on {result.calib_images} images" if result.calibrator else ""
+    emit(args, data, f"quantized {args.model} ({weights}) with {result.scheme}{method} to {result.path}: "
+                     f"{human(result.size_bytes, 'B')} vs fp32 {human(result.fp32_size_bytes, 'B')} "
+                     f"({result.compression:.2f}x smaller)\ncheck: {result.check.summary()}")

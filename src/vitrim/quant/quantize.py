@@ -1,0 +1,196 @@
+"""int8 and 4-bit quantization through ONNX Runtime's own quantizers (no hand-written kernels)."""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from vitrim.quant import deps
+from vitrim.quant.calib import CalibInput, CalibrationSource, calibration_source, ort_reader
+from vitrim.quant.check import Agreement, compare
+from vitrim.quant.errors import QuantConfigError, QuantizationError
+from vitrim.quant.export import export_proto
+from vitrim.quant.metadata import Preprocessing, info_props, read_props, write_props
+from vitrim.quant.onnxfile import load_proto, parse_proto, serialize, write_bytes
+
+SCHEMES = ("w8-dynamic", "w8a8", "w4")
+CALIBRATORS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
+MODEL_FILE = "model.onnx"
+CHECK_IMAGES = 16
+# the node each scheme leaves behind; none of them means nothing was quantized
+MARKER_OPS = {"w8-dynamic": ("MatMulInteger", "DynamicQuantizeMatMul", "ConvInteger"),
+              "w8a8": ("DequantizeLinear",), "w4": ("MatMulNBits",)}
+
+
+@dataclass
+class QuantizeResult:
+    """The quantized file, its size against the fp32 model, and its agreement with it."""
+
+    path: Path
+    scheme: str
+    calibrator: str | None
+    calib_images: int
+    size_bytes: int
+    fp32_size_bytes: int
+    quantized_nodes: int
+    check: Agreement
+    preprocessed: bool
+    seconds: float
+
+    @property
+    def compression(self) -> float:
+        return self.fp32_size_bytes / self.size_bytes
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": str(self.path), "scheme": self.scheme, "calibrator": self.calibrator,
+                "calib_images": self.calib_images, "size_bytes": self.size_bytes,
+                "fp32_size_bytes": self.fp32_size_bytes, "compression": round(self.compression, 3),
+                "quantized_nodes": self.quantized_nodes, "check": self.check.to_dict(),
+                "preprocessed": self.preprocessed, "seconds": round(self.seconds, 3)}
+
+
+def output_file(out: str | Path) -> Path:
+    """``out`` itself when it ends in ``.onnx``, else ``out/model.onnx``."""
+    out = Path(out)
+    return out if out.suffix == ".onnx" else out / MODEL_FILE
+
+
+def quantize(onnx_or_model: str | Path | nn.Module | Any, out_path: str | Path, scheme: str = "w8a8", *,
+             calib: CalibInput | None = None, calib_size: int | None = None, calibrator: str = "minmax",
+             per_channel: bool = True, reduce_range: bool = False, percentile: float = 99.999,
+             block_size: int = 32, accuracy_level: int | None = None, threads: int | None = None,
+             preprocessing: Preprocessing | None = None, tolerance: float | None = None) -> QuantizeResult:
+    """Quantize an ONNX file, ``onnx.ModelProto`` or vitrim model and write the result atomically.
+
+    Schemes: ``w8-dynamic`` (``quantize_dynamic``: int8 weights, activations quantized at run time),
+    ``w8a8`` (``quantize_static``, QDQ, per-channel int8 weights, uint8 activations calibrated on
+    ``calib`` with the ``minmax`` / ``entropy`` / ``percentile`` calibrator), ``w4`` (4-bit
+    block-wise weight-only ``MatMulNBits``, ``block_size`` weights per scale). A torch model is
+    exported (and checked) first. ``calib_size`` keeps the first N calibration images and must
+    not exceed the set. The result is compared with the fp32 model in ONNX Runtime on the
+    calibration images (or seeded random ones); ``tolerance`` turns that report into a check.
+    ``out_path`` ending in ``.onnx`` is the file, else a directory that receives ``model.onnx``.
+    The vitrim metadata is carried into the quantized file.
+    """
+    started = time.perf_counter()
+    _validate(scheme, calibrator, block_size, percentile)
+    proto = _fp32_proto(onnx_or_model, threads, preprocessing)
+    props = read_props(proto)
+    prep = preprocessing or Preprocessing.from_props(props, "the model to quantize")
+    source = calibration_source(calib, calib_size, prep) if scheme == "w8a8" or calib is not None else None
+    fp32 = serialize(proto)
+    with tempfile.TemporaryDirectory(prefix="vitrim-quant-") as tmp:
+        quantized, preprocessed = _run_quantizer(fp32, Path(tmp), scheme, source, calibrator, per_channel,
+                                                 reduce_range, percentile, block_size, accuracy_level)
+    marked = sum(n.op_type in MARKER_OPS[scheme] for n in quantized.graph.node)
+    if marked == 0:
+        raise QuantizationError(f"{scheme}: ONNX Runtime found no weight MatMul/Conv to quantize in this model")
+    write_props(quantized, {k: v for k, v in props.items()})
+    write_props(quantized, prep.to_props())
+    info = {"scheme": scheme, "calibrator": calibrator if scheme == "w8a8" else None,
+            "calib_images": source.count if scheme == "w8a8" else 0, "per_channel": per_channel,
+            "reduce_range": reduce_range, "block_size": block_size if scheme == "w4" else None,
+            "onnxruntime": deps.ort().__version__}
+    write_props(quantized, info_props("quant", info))
+    data = serialize(quantized)
+    check = _agreement(fp32, data, source, prep, threads, tolerance)
+    if not check.passed:
+        raise QuantizationError(f"the {scheme} model drifts too far from fp32: {check.summary()}; "
+                                f"nothing was written")
+    out = write_bytes(data, output_file(out_path))
+    return QuantizeResult(out, scheme, info["calibrator"], info["calib_images"], len(data), len(fp32), marked,
+                          check, preprocessed, time.perf_counter() - started)
+
+
+def _validate(scheme: str, calibrator: str, block_size: int, percentile: float) -> None:
+    if scheme not in SCHEMES:
+        raise QuantConfigError(f"unknown quantization scheme {scheme!r}; use one of: {', '.join(SCHEMES)}")
+    if calibrator not in CALIBRATORS:
+        raise QuantConfigError(f"unknown calibrator {calibrator!r}; use one of: {', '.join(CALIBRATORS)}")
+    if block_size < 16 or block_size & (block_size - 1):
+        raise QuantConfigError(f"block size must be a power of two >= 16, got {block_size}")
+    if not 50.0 < percentile <= 100.0:
+        raise QuantConfigError(f"percentile must be in (50, 100], got {percentile}")
+
+
+def _fp32_proto(source: Any, threads: int | None, preprocessing: Preprocessing | None) -> Any:
+    if isinstance(source, nn.Module):
+        return export_proto(source, threads=threads, preprocessing=preprocessing)[0]
+    if isinstance(source, (str, Path)):
+        proto = load_proto(source)
+    elif hasattr(source, "graph") and hasattr(source, "SerializeToString"):
+        proto = parse_proto(source.SerializeToString(), "the given ModelProto")
+    else:
+        raise QuantConfigError(f"quantize() takes an ONNX path, an onnx.ModelProto or a vitrim model, "
+                               f"got {type(source).__name__}")
+    info = read_props(proto).get("vitrim.quant")
+    if info is not None:
+        raise QuantConfigError("this ONNX model is already quantized; quantize the fp32 export instead")
+    return proto
+
+
+def _run_quantizer(fp32: bytes, tmp: Path, scheme: str, source: CalibrationSource | None, calibrator: str,
+                   per_channel: bool, reduce_range: bool, percentile: float, block_size: int,
+                   accuracy_level: int | None) -> tuple[Any, bool]:
+    deps.onnx()
+    deps.ort()
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quant_pre_process
+    from onnxruntime.quantization import quantize_dynamic, quantize_static
+
+    raw, pre, out = tmp / "fp32.onnx", tmp / "pre.onnx", tmp / "quantized.onnx"
+    raw.write_bytes(fp32)
+    with deps.quiet():
+        try:
+            quant_pre_process(str(raw), str(pre))
+            model_in, preprocessed = pre, True
+        except Exception:  # shape inference is an optimisation; quantize the raw graph instead
+            model_in, preprocessed = raw, False
+        try:
+            if scheme == "w8-dynamic":
+                quantize_dynamic(str(model_in), str(out), weight_type=QuantType.QInt8, reduce_range=reduce_range)
+            elif scheme == "w8a8":
+                input_name = parse_proto(fp32, "fp32").graph.input[0].name
+                quantize_static(str(model_in), str(out), ort_reader(source, input_name),
+                                quant_format=QuantFormat.QDQ, per_channel=per_channel, reduce_range=reduce_range,
+                                activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                                calibrate_method=getattr(CalibrationMethod, CALIBRATORS[calibrator]),
+                                extra_options={"CalibPercentile": percentile})
+            else:
+                _quantize_w4(model_in, out, block_size, accuracy_level)
+        except Exception as exc:  # ORT's quantizers raise assorted errors on unsupported graphs
+            text = str(exc).strip().splitlines()
+            raise QuantizationError(f"ONNX Runtime's {scheme} quantizer failed: {type(exc).__name__}: "
+                                    f"{text[0] if text else ''}") from None
+    return load_proto(out), preprocessed
+
+
+def _quantize_w4(model_in: Path, out: Path, block_size: int, accuracy_level: int | None) -> None:
+    from onnxruntime.quantization import QuantFormat
+
+    nbits = deps.nbits_quantizer()
+    config = nbits.DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=True,
+                                                accuracy_level=accuracy_level, quant_format=QuantFormat.QOperator,
+                                                op_types_to_quantize=("MatMul",), bits=4)
+    quantizer = nbits.MatMulNBitsQuantizer(load_proto(model_in), algo_config=config)
+    quantizer.process()
+    quantizer.model.save_model_to_file(str(out), False)
+
+
+def _agreement(fp32: bytes, quantized: bytes, source: CalibrationSource | None, prep: Preprocessing,
+               threads: int | None, tolerance: float | None) -> Agreement:
+    from vitrim.quant.runtime import OnnxModel
+
+    if source is None:
+        images = torch.randn(CHECK_IMAGES, prep.in_chans, prep.image_size, prep.image_size,
+                             generator=torch.Generator().manual_seed(0))
+        source = calibration_source(images, None, prep)
+    reference = OnnxModel(fp32, threads=threads, preprocessing=prep)
+    candidate = OnnxModel(quantized, threads=threads, preprocessing=prep)
+    return compare(reference, candidate, source.batches(), reference_name="ONNX Runtime fp32",
+                   tolerance=tolerance)

@@ -1,0 +1,162 @@
+import json
+
+import pytest
+import torch
+
+import vitrim
+from tests.conftest import uneven_config
+from tests.test_cli import run
+from tests.test_data import write_idx_dir
+from vitrim.data.dataset import ImageSet
+from vitrim.errors import ConfigError
+from vitrim.models import uniform_config
+from vitrim.prune import PruneConfig, prune
+from vitrim.prune.cost import CostModel
+
+
+def random_set(cfg, n=64, classes=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (n, cfg.in_chans, cfg.image_size, cfg.image_size), generator=g, dtype=torch.uint8)
+    labels = torch.randint(0, classes or cfg.num_classes, (n,), generator=g)
+    return ImageSet(images, labels, [str(i) for i in range(cfg.num_classes)], cfg.mean, cfg.std)
+
+
+@pytest.fixture(scope="module")
+def wide_model():
+    """Uniform 3-block model with enough channels for fine-grained budgets."""
+    cfg = uniform_config(3, 32, 4, 2.0, image_size=16, patch_size=4, in_chans=1, num_classes=4,
+                         mean=(0.5,), std=(0.25,))
+    torch.manual_seed(0)
+    model = vitrim.create(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model.eval()
+
+
+@pytest.mark.parametrize("metric", ["flops", "params"])
+@pytest.mark.parametrize("ratio", [0.75, 0.5, 0.25])
+def test_budget_is_met_within_one_percent(wide_model, metric, ratio):
+    data = random_set(wide_model.config)
+    result = prune(wide_model, f"{metric}={ratio}", data, recover="none", calib_images=32, round_to=1,
+                   progress=False)
+    assert ratio * 0.99 <= result.kept_ratio <= ratio
+    cost = CostModel(metric)
+    assert result.pruned_cost == pytest.approx(cost.total(result.model.config))
+    measured = sum(p.numel() for p in result.model.parameters())
+    if metric == "params":
+        assert measured == result.pruned_cost
+
+
+def test_full_budget_is_identity(wide_model):
+    data = random_set(wide_model.config)
+    result = prune(wide_model, "flops=1.0", data, recover="none", calib_images=16, progress=False)
+    x = torch.randn(3, 1, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(result.model(x), wide_model(x))
+    assert result.model.config == wide_model.config
+
+
+def test_input_model_is_not_modified(wide_model):
+    before = {k: v.clone() for k, v in wide_model.state_dict().items()}
+    prune(wide_model, "flops=0.5", random_set(wide_model.config), recover="reconstruct", calib_images=16,
+          progress=False)
+    assert all(torch.equal(before[k], v) for k, v in wide_model.state_dict().items())
+
+
+def test_structures_and_exclusions_are_respected(wide_model):
+    data = random_set(wide_model.config)
+    only_mlp = prune(wide_model, "flops=0.7", data, recover="none", structures="mlp", calib_images=16,
+                     round_to=2, progress=False).model.config
+    assert only_mlp.embed_dim == 32
+    assert all(b.heads == 4 and b.qk_dim == 8 and b.v_dim == 8 and b.attention for b in only_mlp.blocks)
+    assert any(b.mlp_dim < 64 for b in only_mlp.blocks)
+    kept = prune(wide_model, "flops=0.6", data, recover="none", exclude=("blocks.0.*", "embed"),
+                 calib_images=16, round_to=2, progress=False).model.config
+    assert kept.blocks[0] == wide_model.config.blocks[0] and kept.embed_dim == 32
+
+
+def test_impossible_budget_is_reported(wide_model):
+    with pytest.raises(ConfigError, match="budget cannot be met"):
+        prune(wide_model, "flops=0.05", random_set(wide_model.config), recover="none", structures="mlp",
+              calib_images=16, progress=False)
+
+
+@pytest.mark.parametrize("target, message", [
+    ("flops=0", r"must be in \(0, 1\]"), ("flops=1.5", r"must be in \(0, 1\]"), ("flops=nan", r"in \(0, 1\]"),
+    ("flops", "must look like"), ("energy=0.5", "unknown target metric"), ("flops=half", "not a number"),
+])
+def test_bad_targets(target, message):
+    with pytest.raises(ConfigError, match=message):
+        PruneConfig(target=target)
+
+
+def test_bad_structures_and_recovery():
+    with pytest.raises(ConfigError, match="unknown structure kind.*neurons"):
+        PruneConfig(structures="heads,neurons")
+    with pytest.raises(ConfigError, match="unknown recovery"):
+        PruneConfig(recover="retrain")
+
+
+def test_removed_sublayers_come_out_when_cheapest():
+    """With only sub-layer removal allowed, a deep budget removes whole sub-layers."""
+    torch.manual_seed(0)
+    model = vitrim.create(uneven_config())
+    result = prune(model, "flops=0.6", random_set(model.config), recover="none",
+                   structures="attn-layer,mlp-layer", calib_images=16, progress=False)
+    cfg = result.model.config
+    assert sum((not b.attention) + (not b.mlp) for b in cfg.blocks) > 2
+    assert result.kept_ratio <= 0.6
+
+
+def test_reconstruction_moves_pruned_outputs_towards_dense(wide_model):
+    data = random_set(wide_model.config, n=128)
+    x = next(random_set(wide_model.config, n=32, seed=5).batches(32))[0]
+    errors = {}
+    for recover in ("none", "reconstruct"):
+        pruned = prune(wide_model, "flops=0.5", data, recover=recover, calib_images=128, round_to=2,
+                       progress=False).model
+        with torch.no_grad():
+            errors[recover] = (pruned(x) - wide_model(x)).pow(2).mean().item()
+    assert errors["reconstruct"] < 0.5 * errors["none"]
+
+
+def test_pruned_model_round_trips(wide_model, tmp_path):
+    pruned = prune(wide_model, "params=0.4", random_set(wide_model.config), recover="none", calib_images=16,
+                   round_to=2, progress=False).model
+    vitrim.save(pruned, tmp_path / "p")
+    x = torch.randn(2, 1, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(vitrim.load(tmp_path / "p")(x), pruned(x))
+
+
+def test_cli_prune_writes_model_and_report(capsys, tmp_path, wide_model):
+    write_idx_dir(tmp_path / "data", n_train=64, n_test=16, size=16)
+    cfg = wide_model.config.replace(num_classes=3, class_names=None)
+    vitrim.save(vitrim.create(cfg, seed=0), tmp_path / "m")
+    out = tmp_path / "pruned"
+    code, stdout, err = run(capsys, "prune", str(tmp_path / "m"), "--data", f"idx:{tmp_path / 'data'}",
+                            "--target", "flops=0.5", "--calib", "32", "--round-to", "2", "--runs", "2",
+                            "--out", str(out), "--json")
+    assert code == 0, err
+    report = json.loads(stdout)
+    assert 0.495 <= report["kept_ratio"] <= 0.5
+    assert report["pruned"]["flops"] < report["dense"]["flops"]
+    assert set(report["dense"]["latency"]) == {"1", "64"} and "accuracy" in report["pruned"]
+    for name in ("report.json", "report.md", "plan.png"):
+        assert (out / "report" / name).is_file()
+    assert vitrim.load(out).config.embed_dim == report["pruned"]["embed_dim"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--target", "flops=2"], "must be in (0, 1]"),
+    (["--structures", "heads,rows"], "unknown structure kind"),
+    (["--target", "flops=0.01", "--structures", "mlp"], "budget cannot be met"),
+])
+def test_cli_prune_bad_input_exits_2_without_output(capsys, tmp_path, wide_model, argv, message):
+    write_idx_dir(tmp_path / "data", n_train=64, n_test=16, size=16)
+    vitrim.save(vitrim.create(wide_model.config.replace(num_classes=3), seed=0), tmp_path / "m")
+    out = tmp_path / "never"
+    code, _, err = run(capsys, "prune", str(tmp_path / "m"), "--data", f"idx:{tmp_path / 'data'}", "--calib", "16",
+                       "--out", str(out), *argv)
+    assert code == 2 and message in err and not out.exists()
