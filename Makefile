@@ -13,7 +13,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[dev,plot,images]'
+	$(PY) -m pip install --quiet -e '.[dev,plot,images,onnx]'
 	touch $@
 
 # Fashion-MNIST from Debian's package when it is missing and apt-get is available.
@@ -27,8 +27,8 @@ data:
 
 demo: setup data
 	$(VITRIM) eval fmnist-vit --data fashion-mnist
-	$(VITRIM) bench fmnist-vit --batch 1 --batch 64 --threads 2
 	$(VITRIM) analyze fmnist-vit --threads 2
+	$(VITRIM) prune --target flops=0.5 --recover reconstruct --threads 2
 
 test: setup data
 	HF_HUB_OFFLINE=1 $(PY) -m pytest tests

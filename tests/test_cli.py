@@ -1,12 +1,11 @@
 import json
 
 import pytest
-import torch
 
 import vitrim
 from tests.test_data import write_idx_dir
 from vitrim.cli import main
-from vitrim.models import ViTConfig, uniform_config
+from vitrim.models import uniform_config
 
 
 def run(capsys, *argv):

@@ -71,3 +71,16 @@ def test_preset_without_weights_points_to_create():
     with pytest.raises(UnknownModelError, match=r"vitrim\.create\('vit-tiny'\)"):
         vitrim.load("vit-tiny")
     assert vitrim.create("vit-tiny").config.depth == 12
+
+
+def test_saved_files_get_ordinary_permissions(uneven_model, tmp_path):
+    import os
+    import stat
+
+    umask = os.umask(0o022)
+    try:
+        vitrim.save(uneven_model, tmp_path / "m")
+    finally:
+        os.umask(umask)
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        assert stat.S_IMODE((tmp_path / "m" / name).stat().st_mode) == 0o644

@@ -160,3 +160,47 @@ def test_cli_prune_bad_input_exits_2_without_output(capsys, tmp_path, wide_model
     code, _, err = run(capsys, "prune", str(tmp_path / "m"), "--data", f"idx:{tmp_path / 'data'}", "--calib", "16",
                        "--out", str(out), *argv)
     assert code == 2 and message in err and not out.exists()
+
+
+def test_interpolation_is_exact_on_the_grid_and_linear_between():
+    import numpy as np
+
+    from vitrim.prune.latency import interpolate
+
+    axes = [[8, 16, 32], [1, 3]]
+    values = np.array([[1.0, 2.0], [3.0, 5.0], [7.0, 11.0]])
+    assert interpolate(axes, values, (16, 3)) == 5.0
+    assert interpolate(axes, values, (24, 1)) == pytest.approx(5.0)
+    assert interpolate(axes, values, (12, 2)) == pytest.approx((1.5 + 4.0) / 2)
+    assert interpolate(axes, values, (64, 3)) == 11.0  # clamped above the dense size
+
+
+def test_latency_target_uses_a_cached_table(wide_model, tmp_path, monkeypatch):
+    from vitrim.prune import latency
+
+    monkeypatch.setenv("VITRIM_CACHE", str(tmp_path))
+    calls = {"n": 0}
+    real = latency.measure_table
+
+    def counting(*args, **kwargs):
+        calls["n"] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(latency, "measure_table", counting)
+    table = latency.LatencyTable.for_model(wide_model, points=2, runs=2)
+    again = latency.LatencyTable.for_model(wide_model, points=2, runs=2)
+    assert calls["n"] == 1 and len(list((tmp_path / "latency").glob("*.json"))) == 1
+    assert np_equal(table.attn_ms, again.attn_ms)
+    cost = table.cost_model()
+    dims = wide_model.config.blocks[0]
+    small = type(dims)(heads=1, qk_dim=dims.qk_dim, v_dim=dims.v_dim, mlp_dim=dims.mlp_dim)
+    assert cost.block(32, small, 17) > 0
+    result = prune(wide_model, "latency=0.6", random_set(wide_model.config), recover="none", calib_images=16,
+                   round_to=2, progress=False, cost=cost)
+    assert result.metric == "latency" and result.kept_ratio <= 0.6
+
+
+def np_equal(a, b):
+    import numpy as np
+
+    return bool(np.array_equal(a, b))

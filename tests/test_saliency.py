@@ -16,7 +16,7 @@ def data():
     return torch.randn(12, 1, 16, 16, generator=g), torch.randint(0, 5, (12,), generator=g)
 
 
-@pytest.mark.parametrize("method", ["fisher", "taylor"])
+@pytest.mark.parametrize("method", ["fisher", "taylor", "taylor2"])
 def test_accumulation_across_batches_equals_one_big_batch(uneven_model, data, method):
     x, y = data
     one = gradient_saliency(uneven_model, batches_of(x, y, 12), method)

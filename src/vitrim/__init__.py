@@ -4,9 +4,10 @@ from vitrim.api import create, load, save
 from vitrim.bench import analyze, evaluate, measure
 from vitrim.errors import ConfigError, DataError, ModelFileError, UnknownModelError, VitrimError
 from vitrim.models import BlockDims, ViTConfig, VisionTransformer
+from vitrim.prune import prune
 
 __version__ = "0.1.0"
 
 __all__ = ["BlockDims", "ConfigError", "DataError", "ModelFileError", "UnknownModelError",
            "ViTConfig", "VisionTransformer", "VitrimError", "analyze", "create", "evaluate",
-           "load", "measure", "save", "__version__"]
+           "load", "measure", "prune", "save", "__version__"]

@@ -84,7 +84,9 @@ def cmd_models(args: argparse.Namespace) -> None:
 def cmd_eval(args: argparse.Namespace) -> None:
     from vitrim.bench import evaluate
 
-    model, _ = resolve_model(args.model)
+    from vitrim.quant.cli import resolve_model_or_onnx
+
+    model, _ = resolve_model_or_onnx(args)
     data = load_data_for(model, args, args.split)
     with _threads(args.threads):
         metrics = evaluate(model, data, batch_size=args.batch_size, image_size=model.config.image_size,
@@ -108,16 +110,18 @@ def bench_text(name: str, result: dict[str, Any]) -> str:
         mem = entry.get("peak_activation_bytes")
         rows.append([batch, f"{entry['median_ms']:.2f}", f"{entry['p10_ms']:.2f}-{entry['p90_ms']:.2f}",
                      f"{entry['images_per_s']:.0f}", human(mem, "B") if mem is not None else "n/a"])
-    head = (f"{name}: {human(result['params'])} params, {human(result['flops'])}FLOPs per image, "
+    flops = f"{human(result['flops'])}FLOPs" if result["flops"] is not None else "unknown FLOPs"
+    head = (f"{name}: {human(result['params'])} params, {flops} per image, "
             f"threads={result['threads'] or torch.get_num_threads()}")
     return head + "\n" + format_table(rows, ["batch", "median ms", "p10-p90 ms", "images/s", "peak act. mem"])
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
-    from vitrim.bench import measure
 
-    model, weights = resolve_model(args.model, allow_random=True)
-    result = measure(model, args.batch or [1, 64], threads=args.threads, runs=args.runs)
+    from vitrim.quant.cli import measure_any, resolve_model_or_onnx
+
+    model, weights = resolve_model_or_onnx(args, allow_random=True)
+    result = measure_any(model, args.batch or [1, 64], threads=args.threads, runs=args.runs)
     result.update(model=args.model, weights=weights)
     emit(args, result, bench_text(args.model, result))
 
@@ -138,7 +142,6 @@ def cmd_analyze(args: argparse.Namespace) -> None:
 
 def cmd_train(args: argparse.Namespace) -> None:
     import vitrim
-    from vitrim.data import load_dataset
     from vitrim.train import TrainConfig, fit
 
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, min_lr=args.min_lr,
@@ -175,7 +178,7 @@ def cmd_prune(args: argparse.Namespace) -> None:
     cfg = PruneConfig(target=args.target, structures=args.structures, exclude=tuple(args.exclude or ()),
                       saliency=args.saliency, calib_images=args.calib, steps=args.steps, round_to=args.round_to,
                       recover=args.recover, kd_epochs=args.epochs, kd_images=args.kd_images, kd_lr=args.kd_lr,
-                      seed=args.seed)
+                      step_kd_images=args.step_kd_images, latency_batch=args.latency_batch, seed=args.seed)
     name = args.model or "fmnist-vit"
     out = Path(args.out or f"runs/{Path(name).name}-{cfg.metric}{cfg.ratio:g}")
     model, _ = resolve_model(name)
@@ -209,6 +212,7 @@ def cmd_prune(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from vitrim import __version__
+    from vitrim.quant.cli import add_onnx_input_args, register as register_quant
 
     parser = argparse.ArgumentParser(prog="vitrim", description="Make Vision Transformers smaller and faster.")
     parser.add_argument("--version", action="version", version=f"vitrim {__version__}")
@@ -225,6 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=positive_int, default=256)
     add_threads(p)
     p.add_argument("--json", action="store_true", help="print a JSON object")
+    add_onnx_input_args(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("bench", help="params, FLOPs, latency and memory")
@@ -233,6 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", type=positive_int, default=30, help="timed runs per batch size (median reported)")
     add_threads(p)
     p.add_argument("--json", action="store_true", help="print a JSON object")
+    add_onnx_input_args(p)
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("analyze", help="per-block complexity: params, FLOPs and latency shares")
@@ -245,17 +251,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("prune", help="prune a model to a FLOPs or params budget, then recover accuracy")
     p.add_argument("model", nargs="?", default=None, help=model_help + " (default: the bundled fmnist-vit)")
-    p.add_argument("--target", default="flops=0.5", help="fraction of the cost to keep: flops=0.5 or params=0.6")
+    p.add_argument("--target", default="flops=0.5",
+                   help="fraction of the cost to keep: flops=0.5, params=0.6 or latency=0.5 (measured on this "
+                        "machine; the table is cached)")
+    p.add_argument("--latency-batch", type=positive_int, default=1, help="batch size for latency=... targets")
     p.add_argument("--recover", choices=["none", "reconstruct", "kd"], default="reconstruct",
                    help="reconstruct: least-squares refit, no training; kd: distillation from the dense model")
     p.add_argument("--epochs", type=positive_int, default=1, help="distillation epochs for --recover kd")
     p.add_argument("--kd-images", type=positive_int, default=None, help="distil on the first N training images only")
     p.add_argument("--kd-lr", type=float, default=2e-4)
+    p.add_argument("--step-kd-images", type=int, default=0,
+                   help="distil on this many training images between pruning steps (0: none)")
     p.add_argument("--structures", default="heads,qk,v,mlp,embed,attn-layer,mlp-layer",
                    help="comma-separated kinds that may be pruned")
     p.add_argument("--exclude", action="append", metavar="PATTERN",
                    help="never prune these modules (glob over names like blocks.0.attn, blocks.*.mlp, embed)")
-    p.add_argument("--saliency", choices=["fisher", "taylor", "magnitude"], default="fisher")
+    p.add_argument("--saliency", choices=["fisher", "taylor", "taylor2", "magnitude"], default="fisher",
+                   help="fisher: 0.5 E[(dl/dg)^2]; taylor: |E[dl/dg]|; taylor2: both terms; magnitude: weight norm")
     p.add_argument("--calib", type=positive_int, default=512, help="calibration images (from the train split)")
     p.add_argument("--steps", type=positive_int, default=3, help="pruning steps, saliency re-estimated between")
     p.add_argument("--round-to", type=positive_int, default=8, help="kept dims are multiples of this")
@@ -291,6 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
     add_threads(p)
     p.set_defaults(func=cmd_train)
+    register_quant(sub)
     return parser
 
 

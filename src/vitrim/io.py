@@ -62,15 +62,20 @@ def load_weights_into(model: nn.Module, state: dict[str, torch.Tensor], source: 
     model.load_state_dict(state, strict=True)
 
 
+def read_json_file(path: Path, missing: str, fix: str) -> Any:
+    """Parsed JSON; ``missing`` is the error when the file is absent, ``fix`` ends both errors."""
+    if not path.is_file():
+        raise ModelFileError(f"{missing}; {fix}")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelFileError(f"{path} is not valid JSON ({exc}); {fix}") from None
+
+
 def read_config(directory: Path) -> dict[str, Any]:
     path = directory / CONFIG_FILE
-    if not path.is_file():
-        raise ModelFileError(f"{directory} has no {CONFIG_FILE}; a vitrim model directory holds "
-                             f"{CONFIG_FILE} and {WEIGHTS_FILE} (write one with vitrim.save)")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ModelFileError(f"{path} is not valid JSON ({exc})") from None
+    data = read_json_file(path, f"{directory} has no {CONFIG_FILE}",
+                          f"a vitrim model directory holds {CONFIG_FILE} and {WEIGHTS_FILE} (write one with vitrim.save)")
     if not isinstance(data, dict) or data.get("format") != FORMAT or "config" not in data:
         raise ModelFileError(f"{path} is not a vitrim model config (missing \"format\": \"vitrim\")")
     if data.get("version", 0) > FORMAT_VERSION:

@@ -65,3 +65,23 @@ def measure_latency(model: nn.Module, batch_size: int = 1, *, threads: int | Non
         result = time_callable(lambda: model(x), warmup=warmup, runs=runs)
     result["images_per_s"] = batch_size * 1000.0 / result["median_ms"]
     return result
+
+
+def paired_latency(first: nn.Module, second: nn.Module, batch_size: int = 1, *, threads: int | None = None,
+                   warmup: int = 5, runs: int = 30) -> dict[str, float]:
+    """Median latency of two models timed alternately in one loop (drift hits both alike)."""
+    x = example_input(first, batch_size)
+    first.eval()
+    second.eval()
+    samples: dict[str, list[float]] = {"first": [], "second": []}
+    with fixed_threads(threads), torch.inference_mode():
+        for _ in range(warmup):
+            first(x)
+            second(x)
+        for _ in range(runs):
+            for name, model in (("first", first), ("second", second)):
+                t0 = time.perf_counter()
+                model(x)
+                samples[name].append((time.perf_counter() - t0) * 1000.0)
+    a, b = statistics.median(samples["first"]), statistics.median(samples["second"])
+    return {"first_ms": a, "second_ms": b, "speedup": a / b, "runs": runs}

@@ -15,13 +15,14 @@ from vitrim.data.dataset import ImageSet
 from vitrim.errors import ConfigError, DataError
 from vitrim.models import VisionTransformer
 from vitrim.progress import progress_bar
-from vitrim.prune.cost import METRICS, CostModel
+from vitrim.prune.cost import CostModel
 from vitrim.prune.recover import distill, reconstruct
 from vitrim.prune.saliency import METHODS, LossFn, classification_loss, saliency
 from vitrim.prune.search import STRUCTURES, Search
 from vitrim.prune.surgery import slice_model
 
 RECOVERY = ("none", "reconstruct", "kd")
+TARGET_METRICS = ("flops", "params", "latency")
 STRUCTURE_ALIASES = {"attn-layer": "attn_layer", "mlp-layer": "mlp_layer", "head": "heads"}
 
 
@@ -38,8 +39,8 @@ def parse_target(target: str | tuple[str, float]) -> tuple[str, float]:
         except ValueError:
             raise ConfigError(f"target ratio {value!r} is not a number") from None
     metric = metric.strip()
-    if metric not in METRICS:
-        raise ConfigError(f"unknown target metric {metric!r}; use one of {', '.join(METRICS)}")
+    if metric not in TARGET_METRICS:
+        raise ConfigError(f"unknown target metric {metric!r}; use one of {', '.join(TARGET_METRICS)}")
     if not (math.isfinite(ratio) and 0 < ratio <= 1):
         raise ConfigError(f"target ratio must be in (0, 1] (the fraction of the cost to keep), got {ratio}")
     return metric, ratio
@@ -73,6 +74,7 @@ class PruneConfig:
     kd_images: int | None = None
     kd_lr: float = 2e-4
     kd_batch_size: int = 128
+    latency_batch: int = 1  # batch size the latency table is measured at (target latency=...)
     step_kd_images: int = 0  # distillation between pruning steps (0 = none)
     seed: int = 0
 
@@ -84,9 +86,12 @@ class PruneConfig:
             raise ConfigError(f"unknown saliency {self.saliency!r}; use one of {', '.join(METHODS)}")
         if self.recover not in RECOVERY:
             raise ConfigError(f"unknown recovery {self.recover!r}; use one of {', '.join(RECOVERY)}")
-        for name in ("calib_images", "batch_size", "steps", "round_to", "kd_epochs", "kd_batch_size"):
+        for name in ("calib_images", "batch_size", "steps", "round_to", "kd_epochs", "kd_batch_size",
+                     "latency_batch"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        if self.step_kd_images < 0:
+            raise ConfigError(f"step_kd_images must be >= 0, got {self.step_kd_images}")
         if not 0 <= self.tolerance < 0.5:
             raise ConfigError(f"tolerance must be in [0, 0.5), got {self.tolerance}")
 
@@ -133,12 +138,15 @@ def prune(model: VisionTransformer, target: str = "flops=0.5", data: ImageSet | 
                           f"load other families through their adapter")
     if data is None and (cfg.saliency != "magnitude" or cfg.recover == "reconstruct"):
         raise DataError("pruning needs calibration data (pass data=ImageSet)")
-    if cost is None:
+    if cost is None and cfg.metric == "latency":
+        from vitrim.prune.latency import LatencyTable
+
+        cost = LatencyTable.for_model(model, batch_size=cfg.latency_batch, progress=progress).cost_model()
+    elif cost is None:
         cost = CostModel(cfg.metric)
     say = log or (lambda text: None)
     dense = model.eval()
     dense_cost = cost.total(dense.config)
-    target_cost = cfg.ratio * dense_cost
     image_size = dense.config.image_size
     batches = (calibration_batches(data, cfg.calib_images, cfg.batch_size, image_size, cfg.seed)
                if data is not None else None)

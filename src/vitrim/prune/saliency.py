@@ -7,6 +7,8 @@ structure of every kind at once:
 - ``fisher``: 0.5 * mean_b (dl_b/dg)^2 — the Gauss-Newton/Fisher estimate of the second-order
   loss increase when the gate goes from 1 to 0 (NViT's criterion);
 - ``taylor``: |mean_b dl_b/dg| — the first-order estimate;
+- ``taylor2``: -mean_b dl_b/dg + 0.5 * mean_b (dl_b/dg)^2 — first-order term plus the Fisher
+  second-order term (useful when the model is not at a minimum of the calibration loss);
 - ``magnitude``: the L2 norm of the weights the structure owns (not in loss units; a baseline).
 """
 
@@ -22,7 +24,8 @@ from vitrim.models import VisionTransformer
 from vitrim.progress import progress_bar
 from vitrim.prune.gates import gate_shapes, gated, kind_of
 
-METHODS = ("fisher", "taylor", "magnitude")
+METHODS = ("fisher", "taylor", "taylor2", "magnitude")
+GRADIENT_METHODS = ("fisher", "taylor", "taylor2")
 Batch = tuple[torch.Tensor, torch.Tensor]
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (output, target) -> per-sample loss (B,)
 
@@ -32,39 +35,44 @@ def classification_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Ten
 
 
 class SaliencyAccumulator:
-    """Running per-structure sums over samples; ``scores()`` gives the estimate so far."""
+    """Running per-structure sums of dl/dg and (dl/dg)^2 over samples."""
 
-    def __init__(self, shapes: dict[str, tuple[int, ...]], method: str) -> None:
-        self.method = method
-        self.sums = {k: torch.zeros(s, dtype=torch.float64) for k, s in shapes.items()}
+    def __init__(self, shapes: dict[str, tuple[int, ...]]) -> None:
+        self.first = {k: torch.zeros(s, dtype=torch.float64) for k, s in shapes.items()}
+        self.second = {k: torch.zeros(s, dtype=torch.float64) for k, s in shapes.items()}
         self.count = 0
 
     def add(self, grads: dict[str, torch.Tensor]) -> None:
         """``grads[key]``: per-sample gate gradients (B, *shape)."""
         for key, g in grads.items():
             g = g.detach().double()
-            self.sums[key] += (g * g).sum(0) if self.method == "fisher" else g.sum(0)
+            self.first[key] += g.sum(0)
+            self.second[key] += (g * g).sum(0)
         self.count += next(iter(grads.values())).shape[0]
 
-    def scores(self) -> dict[str, torch.Tensor]:
+    def scores(self, method: str) -> dict[str, torch.Tensor]:
+        """Estimated loss increase per structure when its gate goes from 1 to 0."""
         if self.count == 0:
             raise DataError("no calibration samples were seen")
-        if self.method == "fisher":
-            return {k: 0.5 * s / self.count for k, s in self.sums.items()}
-        return {k: (s / self.count).abs() for k, s in self.sums.items()}
+        n = self.count
+        if method == "fisher":
+            return {k: 0.5 * s / n for k, s in self.second.items()}
+        if method == "taylor":
+            return {k: (s / n).abs() for k, s in self.first.items()}
+        return {k: 0.5 * self.second[k] / n - self.first[k] / n for k in self.first}  # taylor2
 
 
 def gradient_saliency(model: VisionTransformer, batches: Iterable[Batch], method: str = "fisher",
                       loss_fn: LossFn = classification_loss, kinds: Iterable[str] | None = None,
                       progress: bool = False, total: int | None = None) -> dict[str, torch.Tensor]:
     """Fisher or Taylor saliency of every gate key (restricted to ``kinds`` if given)."""
-    if method not in ("fisher", "taylor"):
-        raise ConfigError(f"unknown gradient saliency {method!r}; use fisher or taylor")
+    if method not in GRADIENT_METHODS:
+        raise ConfigError(f"unknown gradient saliency {method!r}; use one of {', '.join(GRADIENT_METHODS)}")
     shapes = gate_shapes(model.config)
     if kinds is not None:
         wanted = set(kinds)
         shapes = {k: s for k, s in shapes.items() if kind_of(k) in wanted}
-    acc = SaliencyAccumulator(shapes, method)
+    acc = SaliencyAccumulator(shapes)
     was_training = model.training
     model.eval()
     params = [p for p in model.parameters()]
@@ -86,7 +94,7 @@ def gradient_saliency(model: VisionTransformer, batches: Iterable[Batch], method
         for p, flag in zip(params, flags):
             p.requires_grad_(flag)
         model.train(was_training)
-    return acc.scores()
+    return acc.scores(method)
 
 
 @torch.no_grad()

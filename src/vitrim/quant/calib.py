@@ -17,7 +17,7 @@ CalibInput = ImageSet | torch.Tensor | Sequence[torch.Tensor]
 
 @dataclass
 class CalibrationSource:
-    """``count`` normalised images ``(N, C, S, S)`` for a model with ``prep`` preprocessing."""
+    """``count`` checked images, served as normalised ``(B, C, S, S)`` batches at ``image_size``."""
 
     data: ImageSet | torch.Tensor
     count: int

@@ -111,7 +111,8 @@ def resolve_model_or_onnx(args: argparse.Namespace, allow_random: bool = False) 
                      preprocessing=preprocessing_from_args(args)), "onnx"
 
 
-def measure_any(model: Any, batch_sizes: Sequence[int], *, threads: int | None = None, runs: int = 30) -> dict[str, Any]:
+def measure_any(model: Any, batch_sizes: Sequence[int], *, threads: int | None = None,
+                runs: int = 30) -> dict[str, Any]:
     """``vitrim.measure`` for torch models, :func:`vitrim.quant.measure_onnx` for ONNX models."""
     from vitrim.quant.runtime import OnnxModel
 

@@ -79,7 +79,7 @@ def export_proto(model: nn.Module, *, opset: int = MIN_OPSET, check_images: Cali
         check_images = torch.randn(CHECK_IMAGES, prep.in_chans, prep.image_size, prep.image_size,
                                    generator=generator)
     source = calibration_source(check_images, None, prep)
-    example = _example(source, prep)  # (2, C, S, S)
+    example = _example(source)  # (2, C, S, S)
     was_training = model.training
     model.eval()
     try:
@@ -111,7 +111,7 @@ def _preprocessing_of(model: nn.Module) -> Preprocessing:
                          getattr(cfg, "num_classes", None))
 
 
-def _example(source: Any, prep: Preprocessing) -> torch.Tensor:
+def _example(source: Any) -> torch.Tensor:
     first = next(source.batches())
     if first.shape[0] >= 2:
         return first[:2].clone()

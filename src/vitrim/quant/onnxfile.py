@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -55,14 +54,7 @@ def write_bytes(data: bytes, path: str | Path) -> Path:
         raise OnnxFileError(f"{path} is a directory; give a file path such as {path / 'model.onnx'}")
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; a model file is meant to be shared
     return path
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def session(model: str | Path | bytes, threads: int | None = None, source: str | None = None) -> Any:

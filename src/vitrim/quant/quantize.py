@@ -23,6 +23,8 @@ SCHEMES = ("w8-dynamic", "w8a8", "w4")
 CALIBRATORS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
 MODEL_FILE = "model.onnx"
 CHECK_IMAGES = 16
+ENTROPY_BINS = 512  # histogram bins searched for the KL threshold (128 quantized bins); 2048 takes minutes
+PERCENTILE_BINS = 2048
 # the node each scheme leaves behind; none of them means nothing was quantized
 MARKER_OPS = {"w8-dynamic": ("MatMulInteger", "DynamicQuantizeMatMul", "ConvInteger"),
               "w8a8": ("DequantizeLinear",), "w4": ("MatMulNBits",)}
@@ -140,8 +142,7 @@ def _run_quantizer(fp32: bytes, tmp: Path, scheme: str, source: CalibrationSourc
                    accuracy_level: int | None) -> tuple[Any, bool]:
     deps.onnx()
     deps.ort()
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quant_pre_process
-    from onnxruntime.quantization import quantize_dynamic, quantize_static
+    from onnxruntime.quantization import QuantType, quant_pre_process, quantize_dynamic
 
     raw, pre, out = tmp / "fp32.onnx", tmp / "pre.onnx", tmp / "quantized.onnx"
     raw.write_bytes(fp32)
@@ -155,12 +156,7 @@ def _run_quantizer(fp32: bytes, tmp: Path, scheme: str, source: CalibrationSourc
             if scheme == "w8-dynamic":
                 quantize_dynamic(str(model_in), str(out), weight_type=QuantType.QInt8, reduce_range=reduce_range)
             elif scheme == "w8a8":
-                input_name = parse_proto(fp32, "fp32").graph.input[0].name
-                quantize_static(str(model_in), str(out), ort_reader(source, input_name),
-                                quant_format=QuantFormat.QDQ, per_channel=per_channel, reduce_range=reduce_range,
-                                activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                                calibrate_method=getattr(CalibrationMethod, CALIBRATORS[calibrator]),
-                                extra_options={"CalibPercentile": percentile})
+                _quantize_w8a8(model_in, out, tmp, source, calibrator, per_channel, reduce_range, percentile)
             else:
                 _quantize_w4(model_in, out, block_size, accuracy_level)
         except Exception as exc:  # ORT's quantizers raise assorted errors on unsupported graphs
@@ -168,6 +164,35 @@ def _run_quantizer(fp32: bytes, tmp: Path, scheme: str, source: CalibrationSourc
             raise QuantizationError(f"ONNX Runtime's {scheme} quantizer failed: {type(exc).__name__}: "
                                     f"{text[0] if text else ''}") from None
     return load_proto(out), preprocessed
+
+
+def _quantize_w8a8(model_in: Path, out: Path, tmp: Path, source: CalibrationSource, calibrator: str,
+                   per_channel: bool, reduce_range: bool, percentile: float) -> None:
+    """Calibrate with ORT's own calibrator, then ``quantize_static`` from the saved ranges.
+
+    ``quantize_static`` cannot pass histogram sizes to its calibrators, which leaves the entropy
+    calibrator with as many bins as quantized levels (then it returns the min/max range), so the
+    ranges are collected here with ORT's ``create_calibrator`` and handed over as its cache.
+    """
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
+    from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
+
+    method = getattr(CalibrationMethod, CALIBRATORS[calibrator])
+    op_types = sorted(set(QLinearOpsRegistry) | set(QDQRegistry))
+    options = {"entropy": {"num_bins": ENTROPY_BINS, "num_quantized_bins": 128},
+               "percentile": {"num_bins": PERCENTILE_BINS, "percentile": percentile, "symmetric": False},
+               "minmax": {}}[calibrator]
+    calibrator_ = create_calibrator(model_in, op_types, augmented_model_path=str(tmp / "augmented.onnx"),
+                                    calibrate_method=method, extra_options=options)
+    input_name = load_proto(model_in).graph.input[0].name
+    calibrator_.collect_data(ort_reader(source, input_name))
+    cache = tmp / "ranges.json"
+    save_tensors_data(calibrator_.compute_data(), cache)
+    del calibrator_
+    quantize_static(str(model_in), str(out), None, quant_format=QuantFormat.QDQ, op_types_to_quantize=op_types,
+                    per_channel=per_channel, reduce_range=reduce_range, activation_type=QuantType.QUInt8,
+                    weight_type=QuantType.QInt8, calibrate_method=method, calibration_cache_path=str(cache))
 
 
 def _quantize_w4(model_in: Path, out: Path, block_size: int, accuracy_level: int | None) -> None:

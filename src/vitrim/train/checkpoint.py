@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from vitrim.errors import ModelFileError
 from vitrim.fsutil import write_json
-from vitrim.io import load_state, load_weights_into, save_state
+from vitrim.io import load_state, load_weights_into, read_json_file, save_state
 
 STATE_FILE = "trainer.json"
 
@@ -48,14 +46,8 @@ def save_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Op
 
 
 def load_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    path = directory / STATE_FILE
-    if not path.is_file():
-        raise ModelFileError(f"no checkpoint in {directory} (missing {STATE_FILE}); "
-                             f"start without --resume")
-    try:
-        state = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ModelFileError(f"{path} is corrupt ({exc}); start without --resume") from None
+    state = read_json_file(directory / STATE_FILE, f"no checkpoint in {directory} (missing {STATE_FILE})",
+                           "start without --resume")
     load_weights_into(model, load_state(directory / "model.safetensors"), directory / "model.safetensors")
     restore_optimizer(optimizer, load_state(directory / "optimizer.safetensors"), state.pop("optimizer"))
     return state

@@ -1,0 +1,178 @@
+"""Measured latency as a pruning cost: a per-device lookup table of sub-layer latencies.
+
+For one model shape (tokens N, embedding C, heads H, qk/v dims, MLP width M) the table times
+real attention and MLP sub-layers (LayerNorm, projections, fused attention, GELU) and the
+embedding + head on a grid of smaller sizes, then interpolates multilinearly between grid
+points. Tables are cached on disk, keyed by CPU, thread count, dtype, batch size and the grid.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from vitrim.bench.latency import fixed_threads, time_callable
+from vitrim.fsutil import write_json
+from vitrim.models.config import BlockDims, ViTConfig
+from vitrim.models.vit import Block, VisionTransformer
+from vitrim.progress import progress_bar
+from vitrim.prune.cost import CostModel
+
+
+def device_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def grid_points(full: int, count: int, multiple: int = 8) -> list[int]:
+    """``count`` sizes from about full/count up to ``full``, rounded to ``multiple``."""
+    points = {full}
+    for k in range(1, count):
+        points.add(max(1, round(full * k / count / multiple) * multiple))
+    return sorted(points)
+
+
+def interpolate(axes: list[list[int]], values: np.ndarray, point: tuple[float, ...]) -> float:
+    """Multilinear interpolation on a rectilinear grid (clamped at its edges, linear outside low end)."""
+    if not axes:
+        return float(values)
+    axis, rest = np.asarray(axes[0], dtype=float), axes[1:]
+    x = point[0]
+    if len(axis) == 1:
+        return interpolate(rest, values[0], point[1:])
+    i = int(np.clip(np.searchsorted(axis, x) - 1, 0, len(axis) - 2))
+    t = (x - axis[i]) / (axis[i + 1] - axis[i])
+    t = min(t, 1.0)  # no extrapolation above the dense size; linear below the smallest point
+    lo = interpolate(rest, values[i], point[1:])
+    hi = interpolate(rest, values[i + 1], point[1:])
+    return max(0.0, lo + t * (hi - lo))
+
+
+@dataclass
+class LatencyTable:
+    """Milliseconds per sub-layer on a grid; see the module docstring."""
+
+    key: dict[str, Any]
+    attn_axes: list[list[int]]  # C, H, qk, v
+    attn_ms: np.ndarray
+    mlp_axes: list[list[int]]  # C, M
+    mlp_ms: np.ndarray
+    fixed_axes: list[list[int]]  # C
+    fixed_ms: np.ndarray
+
+    def attention(self, C: int, dims: BlockDims, tokens: int) -> float:
+        return interpolate(self.attn_axes, self.attn_ms, (C, dims.heads, dims.qk_dim, dims.v_dim))
+
+    def mlp(self, C: int, dims: BlockDims, tokens: int) -> float:
+        return interpolate(self.mlp_axes, self.mlp_ms, (C, dims.mlp_dim))
+
+    def fixed(self, cfg: ViTConfig) -> float:
+        return interpolate(self.fixed_axes, self.fixed_ms, (cfg.embed_dim,))
+
+    def cost_model(self) -> CostModel:
+        return CostModel("latency", attention=self.attention, mlp=self.mlp, fixed=self.fixed)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"key": self.key, "attn_axes": self.attn_axes, "attn_ms": self.attn_ms.tolist(),
+                "mlp_axes": self.mlp_axes, "mlp_ms": self.mlp_ms.tolist(),
+                "fixed_axes": self.fixed_axes, "fixed_ms": self.fixed_ms.tolist()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "LatencyTable":
+        return cls(data["key"], data["attn_axes"], np.asarray(data["attn_ms"]), data["mlp_axes"],
+                   np.asarray(data["mlp_ms"]), data["fixed_axes"], np.asarray(data["fixed_ms"]))
+
+    @classmethod
+    def for_model(cls, model: VisionTransformer, *, batch_size: int = 1, threads: int | None = None,
+                  points: int = 4, runs: int = 15, cache_dir: str | Path | None = None,
+                  progress: bool = False) -> "LatencyTable":
+        """Load the cached table for this model shape and device, or measure and cache it."""
+        cfg = model.config
+        attn_blocks = [b for b in cfg.blocks if b.attention]
+        H = max((b.heads for b in attn_blocks), default=1)
+        qk = max((b.qk_dim for b in attn_blocks), default=8)
+        v = max((b.v_dim for b in attn_blocks), default=8)
+        M = max((b.mlp_dim for b in cfg.blocks if b.mlp), default=8)
+        key = {"device": device_name(), "threads": threads or torch.get_num_threads(), "dtype": "float32",
+               "batch": batch_size, "tokens": cfg.num_tokens, "embed": cfg.embed_dim, "heads": H, "qk": qk,
+               "v": v, "mlp": M, "points": points, "patch": cfg.patch_size, "in_chans": cfg.in_chans,
+               "classes": cfg.num_classes, "torch": torch.__version__}
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+        root = Path(cache_dir or os.environ.get("VITRIM_CACHE") or Path.home() / ".cache" / "vitrim")
+        path = root / "latency" / f"{digest}.json"
+        if path.is_file():
+            try:
+                return cls.from_dict(json.loads(path.read_text()))
+            except (json.JSONDecodeError, KeyError):
+                pass  # a damaged cache entry is measured again
+        table = measure_table(cfg, key, points=points, runs=runs, progress=progress)
+        write_json(path, table.to_dict())
+        return table
+
+
+def _block(cfg: ViTConfig, dims: BlockDims) -> Block:
+    return Block(cfg, dims).eval()
+
+
+def measure_table(cfg: ViTConfig, key: dict[str, Any], *, points: int, runs: int,
+                  progress: bool) -> LatencyTable:
+    C, N, B = key["embed"], key["tokens"], key["batch"]
+    c_axis = grid_points(C, points)
+    h_axis = sorted({1, max(1, key["heads"] // 2), key["heads"]})
+    qk_axis, v_axis = grid_points(key["qk"], points), grid_points(key["v"], points)
+    m_axis = grid_points(key["mlp"], points + 2)
+    attn_ms = np.zeros((len(c_axis), len(h_axis), len(qk_axis), len(v_axis)))
+    mlp_ms = np.zeros((len(c_axis), len(m_axis)))
+    fixed_ms = np.zeros(len(c_axis))
+    jobs = [("attn", idx) for idx in itertools.product(*(range(len(a)) for a in (c_axis, h_axis, qk_axis, v_axis)))]
+    jobs += [("mlp", idx) for idx in itertools.product(range(len(c_axis)), range(len(m_axis)))]
+    jobs += [("fixed", (i,)) for i in range(len(c_axis))]
+    with fixed_threads(key["threads"]), torch.inference_mode():
+        for kind, idx in progress_bar(jobs, total=len(jobs), desc="latency table", enabled=progress):
+            c = c_axis[idx[0]]
+            sub = cfg.replace(embed_dim=c, blocks=[{"heads": 1, "qk_dim": 1, "v_dim": 1, "mlp_dim": 1}],
+                              mean=list(cfg.mean), std=list(cfg.std))
+            x = torch.randn(B, N, c)
+            if kind == "attn":
+                dims = BlockDims(h_axis[idx[1]], qk_axis[idx[2]], v_axis[idx[3]], 0, mlp=False)
+                block = _block(sub, dims)
+                fn = lambda: block(x)  # noqa: E731
+            elif kind == "mlp":
+                dims = BlockDims(0, 0, 0, m_axis[idx[1]], attention=False)
+                block = _block(sub, dims)
+                fn = lambda: block(x)  # noqa: E731
+            else:
+                model = VisionTransformer(sub.replace(blocks=[{"heads": 0, "qk_dim": 0, "v_dim": 0, "mlp_dim": 1,
+                                                                "attention": False}])).eval()
+                images = torch.randn(B, sub.in_chans, sub.image_size, sub.image_size)
+                fn = _embed_and_head(model, images)
+            ms = time_callable(fn, warmup=3, runs=runs)["median_ms"]
+            target = {"attn": attn_ms, "mlp": mlp_ms, "fixed": fixed_ms}[kind]
+            target[idx] = ms
+    return LatencyTable(key, [c_axis, h_axis, qk_axis, v_axis], attn_ms, [c_axis, m_axis], mlp_ms,
+                        [c_axis], fixed_ms)
+
+
+def _embed_and_head(model: VisionTransformer, images: torch.Tensor):
+    def run() -> torch.Tensor:
+        tokens = model.embed(images)
+        return model.head(model.pool(model.norm(tokens)))
+
+    return run
+
+
+__all__ = ["LatencyTable", "device_name", "grid_points", "interpolate"]

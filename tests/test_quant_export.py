@@ -1,0 +1,119 @@
+"""ONNX export: dynamo exporter, dynamic batch, metadata, numeric check, fallback, errors."""
+
+import pytest
+import torch
+from torch import nn
+
+import onnxruntime  # noqa: F401  (the vitrim[onnx] extra, installed by make test)
+
+import onnx  # noqa: E402
+
+from tests.conftest import uneven_config  # noqa: E402
+from vitrim.errors import ConfigError  # noqa: E402
+from vitrim.models import VisionTransformer  # noqa: E402
+from vitrim.quant import (CalibrationError, ExportCheckError, OnnxModel, export)  # noqa: E402
+
+NAMES = ["coat", "bag", "shirt", "sock", "hat"]
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = VisionTransformer(uneven_config(class_names=NAMES)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    path = tmp_path_factory.mktemp("export") / "uneven.onnx"
+    result = export(model, path, threads=1)
+    return model, path, result
+
+
+def test_uneven_model_exports_with_current_exporter_and_matches_torch(exported):
+    model, path, result = exported
+    assert result.exporter == "dynamo" and result.fallback_reason is None
+    assert result.opset >= 18 and result.path == path and path.stat().st_size == result.size_bytes
+    assert result.check.passed and result.check.images == 8
+    assert result.check.max_abs_diff < 1e-4 and result.check.top1_agreement == 1.0
+
+
+@pytest.mark.parametrize("batch", [1, 5])
+def test_batch_axis_is_dynamic(exported, batch):
+    model, path, _ = exported
+    runner = OnnxModel(path, threads=1)
+    x = torch.randn(batch, 1, 16, 16, generator=torch.Generator().manual_seed(batch))
+    with torch.no_grad():
+        expected = model(x)
+    got = runner(x)
+    assert got.shape == (batch, 5)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_metadata_round_trips(exported):
+    model, path, _ = exported
+    props = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+    assert props["vitrim.image_size"] == "16" and props["vitrim.in_chans"] == "1"
+    assert props["vitrim.mean"] == "[0.5]" and props["vitrim.std"] == "[0.25]"
+    runner = OnnxModel(path, threads=1)
+    assert runner.config == model.config  # full per-block config, removed sub-layers included
+    assert runner.config.blocks[2].attention is False and runner.config.blocks[1].mlp is False
+    assert runner.preprocessing.class_names == NAMES
+    assert runner.quantization is None
+
+
+def test_file_holds_no_source_paths_or_stack_traces(exported):
+    _, path, _ = exported
+    proto = onnx.load(str(path))
+    assert all(len(node.metadata_props) == 0 for node in proto.graph.node)
+    assert b"vit.py" not in path.read_bytes()
+
+
+class Branchy(nn.Module):
+    """A model with a data-dependent Python branch: torch.export refuses it, tracing bakes it in."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.vit = VisionTransformer(uneven_config())
+        self.config = self.vit.config
+        with torch.no_grad():
+            self.vit.head.weight.normal_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.vit(x)
+        if float(x.mean()) > 0:
+            return logits
+        return -logits
+
+
+def _images(signs):
+    g = torch.Generator().manual_seed(0)
+    return torch.cat([s + 0.1 * torch.randn(1, 1, 16, 16, generator=g) for s in signs])
+
+
+def test_falls_back_to_torchscript_and_says_so(tmp_path):
+    torch.manual_seed(0)
+    result = export(Branchy().eval(), tmp_path / "m.onnx", check_images=_images([1, 1, 1]), threads=1)
+    assert result.exporter == "torchscript"
+    assert result.fallback_reason.startswith("dynamo exporter:")
+    assert result.check.passed and (tmp_path / "m.onnx").is_file()
+
+
+def test_failed_numeric_check_raises_and_writes_nothing(tmp_path):
+    torch.manual_seed(0)
+    with pytest.raises(ExportCheckError, match="does not match PyTorch: max \\|logit diff\\|.*nothing was written"):
+        export(Branchy().eval(), tmp_path / "m.onnx", check_images=_images([1, 1, -1, -1, -1, -1]),
+               exporter="torchscript", threads=1)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bad_arguments_fail_before_exporting(tmp_path):
+    model = VisionTransformer(uneven_config()).eval()
+    with pytest.raises(ConfigError, match="opset 17 is too old"):
+        export(model, tmp_path / "m.onnx", opset=17)
+    with pytest.raises(ConfigError, match="unknown exporter 'jit'"):
+        export(model, tmp_path / "m.onnx", exporter="jit")
+    with pytest.raises(CalibrationError, match=r"must be \(N, 1, 16, 16\), got \(4, 3, 16, 16\)"):
+        export(model, tmp_path / "m.onnx", check_images=torch.randn(4, 3, 16, 16))
+    with pytest.raises(CalibrationError, match="empty"):
+        export(model, tmp_path / "m.onnx", check_images=torch.zeros(0, 1, 16, 16))
+    assert list(tmp_path.iterdir()) == []
