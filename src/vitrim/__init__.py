@@ -5,9 +5,10 @@ from vitrim.bench import analyze, evaluate, measure
 from vitrim.errors import ConfigError, DataError, ModelFileError, UnknownModelError, VitrimError
 from vitrim.models import BlockDims, ViTConfig, VisionTransformer
 from vitrim.prune import prune
+from vitrim.tokens import reduce_tokens
 
 __version__ = "0.1.0"
 
 __all__ = ["BlockDims", "ConfigError", "DataError", "ModelFileError", "UnknownModelError",
            "ViTConfig", "VisionTransformer", "VitrimError", "analyze", "create", "evaluate",
-           "load", "measure", "prune", "save", "__version__"]
+           "load", "measure", "prune", "reduce_tokens", "save", "__version__"]

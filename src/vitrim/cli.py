@@ -210,6 +210,50 @@ def cmd_prune(args: argparse.Namespace) -> None:
     emit(args, report, text)
 
 
+def parse_floats(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def cmd_tokens(args: argparse.Namespace) -> None:
+    from vitrim.bench import evaluate
+    from vitrim.bench.flops import model_cost
+    from vitrim.bench.latency import paired_latency
+    from vitrim.report import format_table
+    from vitrim.tokens import reduce_tokens, reduced_flops
+
+    model, _ = resolve_model(args.model or "fmnist-vit")
+    knob = "tau" if args.mode == "dynamic" else "keep"
+    values = args.sweep or [args.tau if knob == "tau" else args.keep]
+    reduced = reduce_tokens(model, args.method, layers=args.layers, mode=args.mode)
+    for value in values:  # validate every knob value before any work
+        setattr(reduced, knob, value)
+    test_set = None if args.no_eval else load_data_for(model, args, "test")
+    dense_flops = model_cost(model.config).flops
+    rows = []
+    with _threads(args.threads):
+        for value in values:
+            setattr(reduced, knob, value)
+            row: dict[str, Any] = {knob: value}
+            if test_set is not None:
+                row["accuracy"] = evaluate(reduced, test_set, image_size=model.config.image_size)["accuracy"]
+            sample = next(test_set.batches(64, image_size=model.config.image_size))[0] if test_set is not None \
+                else torch.randn(64, model.config.in_chans, model.config.image_size, model.config.image_size)
+            row["flops_ratio"] = reduced_flops(reduced, sample) / dense_flops
+            for batch in args.batch or [1, 64]:
+                lat = paired_latency(model, reduced, batch, threads=args.threads, runs=args.runs)
+                row[f"speedup_b{batch}"] = lat["speedup"]
+            rows.append(row)
+    table = [[f"{r[knob]:g}", f"{r['accuracy'] * 100:.2f}%" if "accuracy" in r else "-", f"{r['flops_ratio']:.3f}"]
+             + [f"{r[k]:.2f}x" for k in r if k.startswith("speedup")] for r in rows]
+    header = [knob, "accuracy", "FLOPs kept"] + [k.replace("speedup_b", "speedup b=") for k in rows[0] if k.startswith("speedup")]
+    emit(args, {"model": args.model or "fmnist-vit", "method": args.method, "mode": args.mode,
+                "layers": list(reduced.layers), "rows": rows},
+         f"{args.method} ({args.mode}) at layers {list(reduced.layers)}\n" + format_table(table, header))
+
+
 def build_parser() -> argparse.ArgumentParser:
     from vitrim import __version__
     from vitrim.quant.cli import add_onnx_input_args, register as register_quant
@@ -279,6 +323,24 @@ def build_parser() -> argparse.ArgumentParser:
     add_threads(p)
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser("tokens", help="run-time token reduction: accuracy, FLOPs and speed per knob value")
+    p.add_argument("model", nargs="?", default=None, help=model_help + " (default: the bundled fmnist-vit)")
+    p.add_argument("--method", choices=["drop", "evit", "tome"], default="drop")
+    p.add_argument("--mode", choices=["static", "dynamic"], default="static",
+                   help="static: same count for the whole batch (--keep); dynamic: per-image counts (--tau)")
+    p.add_argument("--keep", type=float, default=0.7, help="fraction of patch tokens kept at each reduction layer")
+    p.add_argument("--tau", type=float, default=0.9, help="dynamic mode: share of class attention to keep")
+    p.add_argument("--sweep", type=parse_floats, default=None, help="comma-separated knob values to compare")
+    p.add_argument("--layers", type=lambda t: [int(v) for v in t.split(",")], default=None,
+                   help="blocks after which tokens are reduced, e.g. 2,4 (default: every depth/3 blocks)")
+    add_data_args(p, "evaluate on the first N test images only")
+    p.add_argument("--no-eval", action="store_true")
+    p.add_argument("--batch", type=positive_int, action="append", help="latency batch sizes (default 1 and 64)")
+    p.add_argument("--runs", type=positive_int, default=30)
+    add_threads(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_tokens)
 
     p = sub.add_parser("train", help="train a model (optionally distilling from a teacher)")
     p.add_argument("--model", default="fmnist-vit", help="preset to train (see `vitrim models`)")

@@ -1,0 +1,189 @@
+"""A trained ViT whose token count adapts at run time: one knob, changed between calls."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vitrim.errors import ConfigError
+from vitrim.models import VisionTransformer
+from vitrim.tokens.primitives import (bipartite_merge, class_attention, drop_tokens, gather_tokens, mass_counts,
+                                      top_patches)
+
+METHODS = ("drop", "evit", "tome")
+MODES = ("static", "dynamic")
+
+
+def default_layers(depth: int) -> tuple[int, ...]:
+    step = max(1, depth // 3)
+    return tuple(range(step, depth - 1, step)) or (0,)
+
+
+class TokenReducedViT(nn.Module):
+    """Wraps a :class:`VisionTransformer`; reduces tokens after the blocks in ``layers``.
+
+    Knobs (settable between calls): ``keep`` — fraction of patch tokens kept at each reduction
+    layer (static mode, and ``tome``); ``tau`` — share of the class attention the kept tokens
+    must cover, per image (``drop``/``evit`` in dynamic mode: easy images keep fewer tokens).
+    ``keep=1`` (or ``tau=1`` with nothing to drop) reproduces the wrapped model.
+    """
+
+    def __init__(self, model: VisionTransformer, method: str = "drop", *, layers: Sequence[int] | None = None,
+                 keep: float = 1.0, tau: float | None = None, mode: str = "static") -> None:
+        super().__init__()
+        if not isinstance(model, VisionTransformer):
+            raise ConfigError(f"token reduction needs a vitrim ViT, got {type(model).__name__}")
+        if method not in METHODS:
+            raise ConfigError(f"unknown token method {method!r}; use one of {', '.join(METHODS)}")
+        if mode not in MODES:
+            raise ConfigError(f"unknown mode {mode!r}; use static or dynamic")
+        cfg = model.config
+        layers = tuple(sorted(set(default_layers(cfg.depth) if layers is None else layers)))
+        for i in layers:
+            if not 0 <= i < cfg.depth:
+                raise ConfigError(f"reduction layer {i} is outside the model's {cfg.depth} blocks (0..{cfg.depth - 1})")
+            if cfg.blocks[i].attention is False:
+                raise ConfigError(f"block {i} has no attention sub-layer to read token scores from; "
+                                  f"choose another layer")
+        if method in ("drop", "evit") and not cfg.class_token:
+            raise ConfigError(f"{method} scores tokens by the class token's attention, and this model has no "
+                              f"class token; use method='tome'")
+        if mode == "dynamic" and method == "tome":
+            raise ConfigError("tome merges a fixed number of tokens per image; use mode='static'")
+        self.model, self.method, self.layers, self.mode = model, method, layers, mode
+        self.keep = keep
+        self.tau = tau
+        self.last_token_counts: list[float] = []
+
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def keep(self) -> float:
+        return self._keep
+
+    @keep.setter
+    def keep(self, value: float) -> None:
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and 0 < value <= 1):
+            raise ConfigError(f"keep ratio must be in (0, 1], got {value!r}")
+        self._keep = float(value)
+
+    @property
+    def tau(self) -> float | None:
+        return self._tau
+
+    @tau.setter
+    def tau(self, value: float | None) -> None:
+        if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and 0 < value <= 1):
+            raise ConfigError(f"threshold tau must be a finite number in (0, 1], got {value!r}")
+        if value is not None and self.mode != "dynamic":
+            raise ConfigError("a threshold gives per-image token counts: build with mode='dynamic'")
+        self._tau = None if value is None else float(value)
+
+    # -- forward ---------------------------------------------------------------------------
+    def _attention(self, block, x: torch.Tensor, bias: torch.Tensor | None, need_scores: bool):
+        """Block attention with an optional additive bias; returns (output, class scores, keys)."""
+        attn = block.attn
+        B, N, _ = x.shape
+        q, k, v = attn.split_qkv(block.norm1(x))  # (B, H, N, d)
+        mask = bias.to(q.dtype) if bias is not None else None
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scale)  # (B, H, N, v)
+        out = attn.proj(out.transpose(1, 2).reshape(B, N, attn.heads * attn.v_dim))
+        scores = class_attention(q, k, attn.scale, bias) if need_scores and self.method != "tome" else None
+        keys = k.mean(dim=1) if need_scores and self.method == "tome" else None  # (B, N, d)
+        return block.ls1(out), scores, keys
+
+    def _bias(self, sizes: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor | None:
+        bias = None
+        if self.method == "tome":
+            bias = sizes.clamp_min(1e-12).log()
+        if valid is not None:
+            pad = torch.zeros_like(sizes).masked_fill(~valid, float("-inf"))
+            bias = pad if bias is None else bias + pad
+        return None if bias is None else bias[:, None, None, :]  # (B, 1, 1, N)
+
+    def _reduce(self, x, sizes, valid, scores, keys):
+        prefix = self.model.num_prefix_tokens
+        patches = x.shape[1] - prefix
+        if self.method == "tome":
+            r = patches - max(1, round(self.keep * patches))
+            x, sizes = bipartite_merge(x, keys, sizes, r, prefix)
+            return x, sizes, valid
+        if self.mode == "static" or self.tau is None:
+            keep = max(1, round(self.keep * patches))
+            if keep >= patches:
+                return x, sizes, valid
+            x, sizes = drop_tokens(x, sizes, scores, keep, prefix, fuse=self.method == "evit")
+            return x, sizes, valid
+        if valid is not None:
+            scores = scores * valid
+        counts = mass_counts(scores, self.tau, prefix)  # (B,)
+        width = int(counts.max())
+        index = top_patches(scores[:, prefix:], width)  # (B, width), highest first then re-sorted
+        ranks = scores[:, prefix:].gather(1, index).argsort(dim=1, descending=True).argsort(dim=1)
+        keep_mask = ranks < counts.unsqueeze(1)  # (B, width)
+        kept = gather_tokens(x[:, prefix:], index)
+        kept_sizes = sizes[:, prefix:].gather(1, index) * keep_mask
+        new_valid = torch.cat([torch.ones_like(keep_mask[:, :prefix]) if prefix else keep_mask[:, :0],
+                               keep_mask], dim=1)
+        parts, size_parts = [x[:, :prefix], kept * keep_mask.unsqueeze(-1)], [sizes[:, :prefix], kept_sizes]
+        if self.method == "evit":
+            dropped_weight = scores[:, prefix:].clone()
+            dropped_weight.scatter_(1, index, dropped_weight.gather(1, index) * (~keep_mask))
+            total = dropped_weight.sum(1, keepdim=True)
+            fused = (dropped_weight.unsqueeze(-1) * x[:, prefix:]).sum(1, keepdim=True) / total.clamp_min(1e-12).unsqueeze(-1)
+            parts.append(fused)
+            size_parts.append(torch.ones_like(total))
+            new_valid = torch.cat([new_valid, total > 0], dim=1)
+        return torch.cat(parts, 1), torch.cat(size_parts, 1), new_valid
+
+    def forward_features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Normalised tokens (B, N', C), their sizes (B, N') and validity mask (or None)."""
+        x = self.model.embed(images)
+        sizes = torch.ones(x.shape[:2], dtype=x.dtype)
+        valid: torch.Tensor | None = None
+        counts = []
+        for i, block in enumerate(self.model.blocks):
+            counts.append(float(valid.sum(1).float().mean()) if valid is not None else float(x.shape[1]))
+            reduce_here = i in self.layers and (self.keep < 1 or (self.mode == "dynamic" and self.tau is not None))
+            if block.attn is not None:
+                out, scores, keys = self._attention(block, x, self._bias(sizes, valid), reduce_here)
+                x = x + out
+            if block.mlp is not None:
+                x = x + block.mlp_branch(x)
+            if reduce_here:
+                x, sizes, valid = self._reduce(x, sizes, valid, scores, keys)
+        self.last_token_counts = counts
+        return self.model.norm(x), sizes, valid
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:  # (B, in, H, W) -> (B, classes)
+        tokens, sizes, valid = self.forward_features(images)
+        if self.model.config.pool == "cls":
+            return self.model.head(tokens[:, 0])
+        prefix = self.model.num_prefix_tokens
+        w = sizes[:, prefix:] * (valid[:, prefix:] if valid is not None else 1)
+        pooled = (tokens[:, prefix:] * w.unsqueeze(-1)).sum(1) / w.sum(1, keepdim=True)
+        return self.model.head(pooled)
+
+
+def reduce_tokens(model: VisionTransformer, method: str = "drop", **kwargs) -> TokenReducedViT:
+    """A token-reduced view of ``model`` (shares its weights); see :class:`TokenReducedViT`."""
+    return TokenReducedViT(model, method, **kwargs).eval()
+
+
+def reduced_flops(model: TokenReducedViT, images: torch.Tensor) -> float:
+    """Matrix-product FLOPs per image of one call, from the token count each block saw."""
+    from vitrim.bench.flops import block_cost, embedding_cost, head_cost
+
+    with torch.no_grad():
+        model(images)
+    cfg = model.config
+    total = embedding_cost(cfg).flops + head_cost(cfg).flops
+    for i, tokens in enumerate(model.last_token_counts):
+        total += sum(c.flops for c in block_cost(cfg, i, tokens=round(tokens)).values())
+    return float(total)

@@ -1,0 +1,142 @@
+import pytest
+import torch
+
+import vitrim
+from tests.conftest import uneven_config
+from vitrim.errors import ConfigError
+from vitrim.models import VisionTransformer, uniform_config
+from vitrim.tokens import reduce_tokens
+from vitrim.tokens.primitives import bipartite_merge, drop_tokens, mass_counts
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.set_num_threads(1)
+    cfg = uniform_config(4, 32, 2, 2.0, image_size=16, patch_size=2, in_chans=1, num_classes=5,
+                         mean=(0.5,), std=(0.25,))
+    torch.manual_seed(0)
+    m = VisionTransformer(cfg)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return m.eval()
+
+
+@pytest.fixture(scope="module")
+def images():
+    return torch.randn(3, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("method, mode", [("drop", "static"), ("evit", "static"), ("tome", "static"),
+                                          ("drop", "dynamic"), ("evit", "dynamic")])
+def test_zero_reduction_reproduces_the_model(model, images, method, mode):
+    reduced = reduce_tokens(model, method, mode=mode, keep=1.0)
+    with torch.no_grad():
+        torch.testing.assert_close(reduced(images), model(images), atol=1e-5, rtol=1e-5)
+
+
+def test_mean_pool_zero_reduction(images):
+    torch.manual_seed(0)
+    m = VisionTransformer(uniform_config(2, 32, 2, 2.0, image_size=16, patch_size=2, in_chans=1, num_classes=5,
+                                         mean=(0.5,), std=(0.25,), pool="mean", class_token=False)).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reduce_tokens(m, "tome", keep=1.0)(images), m(images), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["drop", "evit", "tome"])
+def test_knob_changes_token_count_between_calls(model, images, method):
+    reduced = reduce_tokens(model, method, layers=(0, 2), keep=1.0)
+    with torch.no_grad():
+        full = reduced(images)
+        reduced.keep = 0.5
+        half = reduced(images)
+    assert reduced.last_token_counts[0] == 65
+    expected_after_0 = 1 + 32 + (1 if method == "evit" else 0)
+    assert reduced.last_token_counts[1] == expected_after_0
+    assert reduced.last_token_counts[3] < expected_after_0
+    assert half.shape == full.shape and not torch.allclose(half, full)
+
+
+def test_drop_keeps_the_most_attended_tokens():
+    x = torch.arange(5.0).view(1, 5, 1).expand(1, 5, 2).clone()
+    sizes = torch.ones(1, 5)
+    scores = torch.tensor([[0.5, 0.1, 0.4, 0.2, 0.3]])
+    kept, _ = drop_tokens(x, sizes, scores, keep=2, prefix=1)
+    assert kept[0, :, 0].tolist() == [0.0, 2.0, 4.0]
+    fused, fused_sizes = drop_tokens(x, sizes, scores, keep=2, prefix=1, fuse=True)
+    assert fused[0, -1, 0].item() == pytest.approx((0.1 * 1 + 0.2 * 3) / 0.3)
+    assert fused_sizes[0, -1].item() == 2
+
+
+def test_bipartite_merge_preserves_mass():
+    torch.manual_seed(0)
+    x = torch.randn(2, 9, 4)
+    sizes = torch.ones(2, 9)
+    merged, new_sizes = bipartite_merge(x, x, sizes, r=3, prefix=1)
+    assert merged.shape == (2, 6, 4) and new_sizes.sum(1).tolist() == [9.0, 9.0]
+    torch.testing.assert_close((merged * new_sizes.unsqueeze(-1)).sum(1), x.sum(1))
+    torch.testing.assert_close(merged[:, 0], x[:, 0])
+
+
+def test_mass_counts_give_easy_images_fewer_tokens():
+    peaked = torch.tensor([[0.0, 0.9, 0.05, 0.03, 0.02]])
+    flat = torch.tensor([[0.0, 0.25, 0.25, 0.25, 0.25]])
+    assert mass_counts(peaked, 0.9, prefix=1).item() == 1
+    assert mass_counts(flat, 0.9, prefix=1).item() == 4
+
+
+def test_dynamic_threshold_gives_per_image_counts_and_matches_batch_of_one(model, images):
+    reduced = reduce_tokens(model, "drop", mode="dynamic", layers=(1,), tau=0.5)
+    with torch.no_grad():
+        batch = reduced(images)
+        singles = torch.cat([reduced(images[i : i + 1]) for i in range(len(images))])
+    torch.testing.assert_close(batch, singles, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(keep=0.0), r"keep ratio must be in \(0, 1\]"), (dict(keep=1.5), "keep ratio"),
+    (dict(mode="dynamic", tau=float("nan")), "finite"), (dict(tau=0.5), "mode='dynamic'"),
+    (dict(layers=(7,)), "outside the model's 4 blocks"), (dict(method="prune"), "unknown token method"),
+])
+def test_bad_knobs(model, kwargs, message):
+    kwargs = dict(kwargs)
+    method = kwargs.pop("method", "drop")
+    with pytest.raises(ConfigError, match=message):
+        reduce_tokens(model, method, **kwargs)
+
+
+def test_unreadable_attention_is_reported():
+    model = vitrim.create(uneven_config())  # block 2 has no attention
+    with pytest.raises(ConfigError, match="block 2 has no attention"):
+        reduce_tokens(model, "drop", layers=(2,))
+    no_cls = vitrim.create(uneven_config(pool="mean", class_token=False))
+    with pytest.raises(ConfigError, match="no class token"):
+        reduce_tokens(no_cls, "evit", layers=(0,))
+
+
+def test_reduced_flops_fall_with_the_knob(model, images):
+    from vitrim.bench.flops import model_cost
+    from vitrim.tokens import reduced_flops
+
+    reduced = reduce_tokens(model, "drop", layers=(0,), keep=1.0)
+    assert reduced_flops(reduced, images) == model_cost(model.config).flops
+    reduced.keep = 0.25
+    assert reduced_flops(reduced, images) < 0.5 * model_cost(model.config).flops
+
+
+def test_cli_tokens_sweep(capsys, tmp_path, model):
+    import json
+
+    from tests.test_cli import run
+    from tests.test_data import write_idx_dir
+
+    write_idx_dir(tmp_path / "data", n_train=8, n_test=16, size=16)
+    vitrim.save(vitrim.create(model.config.replace(num_classes=3), seed=0), tmp_path / "m")
+    code, out, err = run(capsys, "tokens", str(tmp_path / "m"), "--data", f"idx:{tmp_path / 'data'}", "--sweep",
+                         "1,0.5", "--runs", "2", "--batch", "2", "--threads", "1", "--json")
+    assert code == 0, err
+    rows = json.loads(out)["rows"]
+    assert [r["keep"] for r in rows] == [1.0, 0.5]
+    assert rows[0]["flops_ratio"] == pytest.approx(1.0) and rows[1]["flops_ratio"] < 1.0
+    code, _, err = run(capsys, "tokens", str(tmp_path / "m"), "--sweep", "1,2", "--no-eval")
+    assert code == 2 and "keep ratio must be in (0, 1]" in err
