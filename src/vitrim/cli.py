@@ -254,6 +254,30 @@ def cmd_tokens(args: argparse.Namespace) -> None:
          f"{args.method} ({args.mode}) at layers {list(reduced.layers)}\n" + format_table(table, header))
 
 
+def cmd_compress(args: argparse.Namespace) -> None:
+    from vitrim.compress import CompressConfig, compress, stage_table
+
+    cfg = CompressConfig(prune=None if args.prune == "none" else args.prune, recover=args.recover,
+                         prune_calib=args.prune_calib,
+                         tokens=None if args.tokens == "none" else args.tokens, token_method=args.token_method,
+                         token_layers=tuple(args.layers) if args.layers else None,
+                         quant=None if args.quant == "none" else args.quant, calib=args.calib,
+                         calib_method=args.calib_method, threads=args.threads, runs=args.runs)
+    name = args.model or "fmnist-vit"
+    model, _ = resolve_model(name)
+    limit, args.limit = args.limit, None
+    train_set = load_data_for(model, args, "train")
+    args.limit = limit
+    test_set = load_data_for(model, args, "test")
+    out = Path(args.out or f"runs/{Path(name).name}-compressed")
+    progress = not args.json
+    with _threads(args.threads):
+        report = compress(model, train_set, test_set, cfg, out, progress=progress,
+                          log=(lambda text: print(text, file=sys.stderr)) if progress else (lambda text: None))
+    report["command"] = "vitrim " + " ".join(shlex.quote(a) for a in args.argv)
+    emit(args, report, f"{stage_table(report)}\n\nartefacts and report.{{json,md,png}} in {out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from vitrim import __version__
     from vitrim.quant.cli import add_onnx_input_args, register as register_quant
@@ -341,6 +365,25 @@ def build_parser() -> argparse.ArgumentParser:
     add_threads(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_tokens)
+
+    p = sub.add_parser("compress", help="prune, reduce tokens and quantize in one pipeline, with one report")
+    p.add_argument("model", nargs="?", default=None, help=model_help + " (default: the bundled fmnist-vit)")
+    p.add_argument("--prune", default="flops=0.5", help="pruning target, or none")
+    p.add_argument("--recover", choices=["none", "reconstruct", "kd"], default="reconstruct")
+    p.add_argument("--prune-calib", type=positive_int, default=512, help="calibration images for pruning")
+    p.add_argument("--tokens", default="keep=0.7", help="static token reduction keep=RATIO, or none")
+    p.add_argument("--token-method", choices=["drop", "evit", "tome"], default="evit")
+    p.add_argument("--layers", type=lambda t: [int(v) for v in t.split(",")], default=None,
+                   help="blocks after which tokens are reduced")
+    p.add_argument("--quant", default="w8a8", help="w8a8 | w8-dynamic | w4 | none")
+    p.add_argument("--calib", type=positive_int, default=128, help="calibration images for quantization")
+    p.add_argument("--calib-method", choices=["minmax", "entropy", "percentile"], default="minmax")
+    add_data_args(p, "evaluate on the first N test images only")
+    p.add_argument("--runs", type=positive_int, default=30)
+    p.add_argument("--out", default=None, help="output directory (default runs/MODEL-compressed)")
+    add_threads(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_compress)
 
     p = sub.add_parser("train", help="train a model (optionally distilling from a teacher)")
     p.add_argument("--model", default="fmnist-vit", help="preset to train (see `vitrim models`)")
