@@ -13,7 +13,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[dev,plot,images,onnx]'
+	$(PY) -m pip install --quiet -e '.[dev,plot,images,onnx,hf]'
 	touch $@
 
 # Fashion-MNIST from Debian's package when it is missing and apt-get is available.

@@ -133,9 +133,22 @@ def prune(model: VisionTransformer, target: str = "flops=0.5", data: ImageSet | 
     fields (``structures``, ``exclude``, ``saliency``, ``steps``, ``round_to``, ...).
     """
     cfg = config or PruneConfig(target=target, recover=recover, **options)
+    from vitrim.adapters.hf import from_canonical, hf_metadata, is_hf_vit, to_canonical
+
+    if is_hf_vit(model):
+        # HF attention has one head_dim for queries, keys and values in a layer; the search does
+        # not yet tie q/k and v channels together, so per-head dims stay whole for this family.
+        cfg.structures = tuple(s for s in cfg.structures if s not in ("qk", "v"))
+        if not cfg.structures:
+            raise ConfigError("Hugging Face ViTs can be pruned by heads, mlp, embed, attn-layer, mlp-layer")
+        meta = hf_metadata(model)
+        result = prune(to_canonical(model), data=data, train_data=train_data, config=cfg, cost=cost, loss_fn=loss_fn,
+                       progress=progress, log=log)
+        result.model = from_canonical(result.model, meta["hf_class"], meta["hf_config"])
+        return result
     if not isinstance(model, VisionTransformer):
-        raise ConfigError(f"vitrim.prune handles vitrim ViTs, got {type(model).__name__}; "
-                          f"load other families through their adapter")
+        raise ConfigError(f"vitrim.prune handles vitrim ViTs and Hugging Face ViTForImageClassification / "
+                          f"ViTModel, got {type(model).__name__}")
     if data is None and (cfg.saliency != "magnitude" or cfg.recover == "reconstruct"):
         raise DataError("pruning needs calibration data (pass data=ImageSet)")
     if cost is None and cfg.metric == "latency":

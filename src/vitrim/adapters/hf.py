@@ -1,0 +1,183 @@
+"""Hugging Face ``transformers`` ViT <-> the canonical vitrim ViT, weights and dims both ways.
+
+Pruning stays family-agnostic: a ``ViTForImageClassification`` is converted to the canonical
+model (exactly: same outputs), pruned there, and converted back into the same HF class with
+per-layer dims. HF's attention reads ``head_dim``/``scaling`` from the module and infers the
+head count from ``q_proj``, so per-layer heads and head dims need no code change; a removed
+sub-layer becomes a module that adds nothing. One HF config cannot express per-layer dims, so
+vitrim saves such a model in its own format (family ``hf``, the HF config, the dimension plan).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from vitrim.errors import ConfigError
+from vitrim.models import BlockDims, ViTConfig, VisionTransformer
+
+SUPPORTED = ("ViTForImageClassification", "ViTModel")
+
+
+def is_hf_vit(model: Any) -> bool:
+    return type(model).__name__ in SUPPORTED and type(model).__module__.startswith("transformers.")
+
+
+class RemovedAttention(nn.Module):
+    """Stands in for a pruned-away HF attention: contributes nothing to the residual stream."""
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, None]:
+        return torch.zeros_like(hidden_states), None
+
+
+class RemovedMlp(nn.Module):
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(hidden_states)
+
+
+def _backbone(model: nn.Module) -> nn.Module:
+    return model.vit if hasattr(model, "vit") else model
+
+
+def _check(model: nn.Module) -> None:
+    if not is_hf_vit(model):
+        raise ConfigError(f"{type(model).__name__} is not a supported Hugging Face ViT ({', '.join(SUPPORTED)})")
+    cfg, vit = model.config, _backbone(model)
+    if getattr(vit, "pooler", None) is not None:
+        raise ConfigError("ViTModel with a pooling layer is not supported yet; build it with add_pooling_layer=False")
+    if cfg.hidden_act != "gelu":
+        raise ConfigError(f"hidden_act {cfg.hidden_act!r} is not supported (vitrim's ViT uses exact GELU)")
+    if not isinstance(cfg.image_size, int) or not isinstance(cfg.patch_size, int):
+        raise ConfigError("only square images and patches (int image_size / patch_size) are supported")
+
+
+def block_dims(layer: nn.Module) -> BlockDims:
+    attn, mlp = layer.attention, layer.mlp
+    has_attn, has_mlp = not isinstance(attn, RemovedAttention), not isinstance(mlp, RemovedMlp)
+    if has_attn:
+        heads = attn.q_proj.out_features // attn.head_dim
+        dims = dict(heads=heads, qk_dim=attn.head_dim, v_dim=attn.head_dim, attn_scale=float(attn.scaling))
+    else:
+        dims = dict(heads=0, qk_dim=0, v_dim=0, attention=False)
+    return BlockDims(mlp_dim=mlp.fc1.out_features if has_mlp else 0, mlp=has_mlp, **dims)
+
+
+def to_canonical(model: nn.Module) -> VisionTransformer:
+    """The equivalent canonical ViT (a copy; the HF model is not changed)."""
+    _check(model)
+    cfg, vit = model.config, _backbone(model)
+    classifier = getattr(model, "classifier", None)
+    num_classes = classifier.out_features if isinstance(classifier, nn.Linear) else 1
+    C = vit.embeddings.patch_embeddings.projection.out_channels
+    canonical_cfg = ViTConfig(
+        image_size=cfg.image_size, patch_size=cfg.patch_size, in_chans=cfg.num_channels, num_classes=num_classes,
+        embed_dim=C, blocks=[block_dims(layer) for layer in vit.layers], class_token=True, pool="cls",
+        qkv_bias=bool(cfg.qkv_bias), norm_eps=float(cfg.layer_norm_eps), mean=(0.5,) * cfg.num_channels,
+        std=(0.5,) * cfg.num_channels,
+        class_names=[cfg.id2label[i] for i in range(num_classes)] if classifier is not None else None)
+    canonical = VisionTransformer(canonical_cfg)
+    canonical.load_state_dict(_hf_to_canonical_state(model), strict=True)
+    return canonical.eval()
+
+
+def _hf_to_canonical_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    vit = _backbone(model)
+    emb = vit.embeddings
+    state = {"patch_embed.proj.weight": emb.patch_embeddings.projection.weight,
+             "patch_embed.proj.bias": emb.patch_embeddings.projection.bias,
+             "cls_token": emb.cls_token, "pos_embed": emb.position_embeddings,
+             "norm.weight": vit.layernorm.weight, "norm.bias": vit.layernorm.bias}
+    for i, layer in enumerate(vit.layers):
+        p = f"blocks.{i}."
+        if not isinstance(layer.attention, RemovedAttention):
+            a = layer.attention
+            state[p + "attn.qkv.weight"] = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight])
+            if a.q_proj.bias is not None:
+                state[p + "attn.qkv.bias"] = torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias])
+            state[p + "attn.proj.weight"], state[p + "attn.proj.bias"] = a.o_proj.weight, a.o_proj.bias
+            state[p + "norm1.weight"], state[p + "norm1.bias"] = layer.layernorm_before.weight, layer.layernorm_before.bias
+        if not isinstance(layer.mlp, RemovedMlp):
+            for name in ("fc1", "fc2"):
+                fc = getattr(layer.mlp, name)
+                state[p + f"mlp.{name}.weight"], state[p + f"mlp.{name}.bias"] = fc.weight, fc.bias
+            state[p + "norm2.weight"], state[p + "norm2.bias"] = layer.layernorm_after.weight, layer.layernorm_after.bias
+    classifier = getattr(model, "classifier", None)
+    if isinstance(classifier, nn.Linear):
+        state["head.weight"], state["head.bias"] = classifier.weight, classifier.bias
+    else:  # a backbone has no head: keep the canonical one's zero init
+        C = emb.patch_embeddings.projection.out_channels
+        state["head.weight"], state["head.bias"] = torch.zeros(1, C), torch.zeros(1)
+    return {k: v.detach().clone() for k, v in state.items()}
+
+
+def from_canonical(canonical: VisionTransformer, hf_class: str, hf_config: dict[str, Any]) -> nn.Module:
+    """An HF model of class ``hf_class`` carrying ``canonical``'s dims and weights."""
+    import transformers
+
+    cfg = canonical.config
+    for i, d in enumerate(cfg.blocks):
+        if d.attention and d.qk_dim != d.v_dim:
+            raise ConfigError(f"block {i} has qk_dim {d.qk_dim} != v_dim {d.v_dim}; Hugging Face ViT attention "
+                              f"uses one head_dim for queries, keys and values (prune them together)")
+    config = transformers.ViTConfig.from_dict({**hf_config, "hidden_size": cfg.embed_dim})
+    if hf_class not in SUPPORTED:
+        raise ConfigError(f"unsupported Hugging Face class {hf_class!r} ({', '.join(SUPPORTED)})")
+    model = (transformers.ViTModel(config, add_pooling_layer=False) if hf_class == "ViTModel"
+             else transformers.ViTForImageClassification(config))
+    vit = _backbone(model)
+    C = cfg.embed_dim
+    for layer, d in zip(vit.layers, cfg.blocks):
+        if d.attention:
+            a = layer.attention
+            bias = cfg.qkv_bias
+            a.q_proj = nn.Linear(C, d.heads * d.qk_dim, bias=bias)
+            a.k_proj = nn.Linear(C, d.heads * d.qk_dim, bias=bias)
+            a.v_proj = nn.Linear(C, d.heads * d.v_dim, bias=bias)
+            a.o_proj = nn.Linear(d.heads * d.v_dim, C)
+            a.head_dim, a.scaling, a.num_attention_heads = d.qk_dim, d.scale, d.heads
+        else:
+            layer.attention = RemovedAttention()
+        if d.mlp:
+            layer.mlp.fc1, layer.mlp.fc2 = nn.Linear(C, d.mlp_dim), nn.Linear(d.mlp_dim, C)
+        else:
+            layer.mlp = RemovedMlp()
+    state = _canonical_to_hf_state(canonical, model)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or [k for k in missing if "norm" not in k or "layers" not in k]:
+        raise ConfigError(f"weights did not map onto {hf_class}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return model.eval()
+
+
+def _canonical_to_hf_state(canonical: VisionTransformer, model: nn.Module) -> dict[str, torch.Tensor]:
+    prefix = "vit." if hasattr(model, "vit") else ""
+    src = canonical.state_dict()
+    state = {prefix + "embeddings.patch_embeddings.projection.weight": src["patch_embed.proj.weight"],
+             prefix + "embeddings.patch_embeddings.projection.bias": src["patch_embed.proj.bias"],
+             prefix + "embeddings.cls_token": src["cls_token"],
+             prefix + "embeddings.position_embeddings": src["pos_embed"],
+             prefix + "layernorm.weight": src["norm.weight"], prefix + "layernorm.bias": src["norm.bias"]}
+    for i, d in enumerate(canonical.config.blocks):
+        p, q = f"blocks.{i}.", f"{prefix}layers.{i}."
+        if d.attention:
+            H, qk, v = d.heads, d.qk_dim, d.v_dim
+            w = src[p + "attn.qkv.weight"].split([H * qk, H * qk, H * v])
+            for name, tensor in zip(("q_proj", "k_proj", "v_proj"), w):
+                state[q + f"attention.{name}.weight"] = tensor
+            if p + "attn.qkv.bias" in src:
+                for name, tensor in zip(("q_proj", "k_proj", "v_proj"), src[p + "attn.qkv.bias"].split([H * qk, H * qk, H * v])):
+                    state[q + f"attention.{name}.bias"] = tensor
+            state[q + "attention.o_proj.weight"], state[q + "attention.o_proj.bias"] = src[p + "attn.proj.weight"], src[p + "attn.proj.bias"]
+            state[q + "layernorm_before.weight"], state[q + "layernorm_before.bias"] = src[p + "norm1.weight"], src[p + "norm1.bias"]
+        if d.mlp:
+            for name in ("fc1", "fc2"):
+                state[q + f"mlp.{name}.weight"], state[q + f"mlp.{name}.bias"] = src[p + f"mlp.{name}.weight"], src[p + f"mlp.{name}.bias"]
+            state[q + "layernorm_after.weight"], state[q + "layernorm_after.bias"] = src[p + "norm2.weight"], src[p + "norm2.bias"]
+    if hasattr(model, "classifier"):
+        state["classifier.weight"], state["classifier.bias"] = src["head.weight"], src["head.bias"]
+    return state
+
+
+def hf_metadata(model: nn.Module) -> dict[str, Any]:
+    return {"hf_class": type(model).__name__, "hf_config": model.config.to_dict()}

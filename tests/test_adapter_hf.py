@@ -1,0 +1,92 @@
+import pytest
+import torch
+import transformers
+
+import vitrim
+from tests.test_prune import random_set
+from vitrim.adapters.hf import from_canonical, hf_metadata, to_canonical
+from vitrim.errors import ConfigError
+from vitrim.models import BlockDims
+
+
+def hf_model(cls="ViTForImageClassification", **overrides):
+    cfg = transformers.ViTConfig(image_size=32, patch_size=8, num_channels=3, hidden_size=48, num_hidden_layers=3,
+                                 num_attention_heads=3, intermediate_size=96, num_labels=5, **overrides)
+    torch.manual_seed(0)
+    model = (transformers.ViTModel(cfg, add_pooling_layer=False) if cls == "ViTModel"
+             else transformers.ViTForImageClassification(cfg))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model.eval()
+
+
+def logits(model, x):
+    with torch.no_grad():
+        out = model(pixel_values=x)
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+@pytest.fixture
+def images():
+    return torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("cls", ["ViTForImageClassification", "ViTModel"])
+def test_round_trip_through_canonical_is_exact(cls, images):
+    model = hf_model(cls)
+    canonical = to_canonical(model)
+    if cls == "ViTForImageClassification":
+        torch.testing.assert_close(canonical(images), logits(model, images), atol=1e-5, rtol=1e-5)
+    else:
+        torch.testing.assert_close(canonical.forward_features(images), logits(model, images), atol=1e-5, rtol=1e-5)
+    meta = hf_metadata(model)
+    back = from_canonical(canonical, meta["hf_class"], meta["hf_config"])
+    assert type(back) is type(model)
+    torch.testing.assert_close(logits(back, images), logits(model, images), atol=1e-6, rtol=0)
+
+
+def test_per_layer_dims_and_removed_sublayers_survive(images):
+    canonical = to_canonical(hf_model())
+    plan_cfg = canonical.config.replace(blocks=[
+        {"heads": 2, "qk_dim": 16, "v_dim": 16, "mlp_dim": 40, "attn_scale": 0.25},
+        {"heads": 0, "qk_dim": 0, "v_dim": 0, "mlp_dim": 96, "attention": False},
+        {"heads": 3, "qk_dim": 8, "v_dim": 8, "mlp_dim": 0, "mlp": False, "attn_scale": 0.25}])
+    small = vitrim.create(plan_cfg, seed=1)
+    with torch.no_grad():
+        for p in small.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    meta = hf_metadata(hf_model())
+    hf = from_canonical(small, meta["hf_class"], meta["hf_config"])
+    torch.testing.assert_close(logits(hf, images), small(images).detach(), atol=1e-5, rtol=1e-5)
+    assert [layer.attention.q_proj.out_features if hasattr(layer.attention, "q_proj") else 0
+            for layer in hf.vit.layers] == [32, 0, 24]
+
+
+def test_mismatched_qk_and_v_dims_are_refused():
+    canonical = to_canonical(hf_model())
+    cfg = canonical.config.replace(blocks=[{"heads": 3, "qk_dim": 8, "v_dim": 16, "mlp_dim": 96}] * 3)
+    meta = hf_metadata(hf_model())
+    with pytest.raises(ConfigError, match="one head_dim for queries, keys and values"):
+        from_canonical(vitrim.create(cfg), meta["hf_class"], meta["hf_config"])
+
+
+def test_prune_save_load_hf_model(tmp_path, images):
+    model = hf_model()
+    data = random_set(to_canonical(model).config, n=32)
+    result = vitrim.prune(model, "flops=0.5", data, recover="reconstruct", calib_images=32, round_to=4, progress=False)
+    pruned = result.model
+    assert type(pruned).__name__ == "ViTForImageClassification"
+    assert 0.49 <= result.kept_ratio <= 0.5
+    assert all(isinstance(b, BlockDims) and b.qk_dim in (0, 16) for b in to_canonical(pruned).config.blocks)
+    vitrim.save(pruned, tmp_path / "p")
+    again = vitrim.load(tmp_path / "p")
+    assert type(again) is type(pruned)
+    assert torch.equal(logits(again, images), logits(pruned, images))
+
+
+def test_unsupported_models_are_named():
+    with pytest.raises(ConfigError, match="not a supported Hugging Face ViT"):
+        to_canonical(torch.nn.Conv2d(3, 3, 3))
+    with pytest.raises(ConfigError, match="hidden_act"):
+        to_canonical(hf_model(hidden_act="relu"))
