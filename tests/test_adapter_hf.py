@@ -10,8 +10,9 @@ from vitrim.models import BlockDims
 
 
 def hf_model(cls="ViTForImageClassification", **overrides):
-    cfg = transformers.ViTConfig(image_size=32, patch_size=8, num_channels=3, hidden_size=48, num_hidden_layers=3,
-                                 num_attention_heads=3, intermediate_size=96, num_labels=5, **overrides)
+    settings = dict(image_size=32, patch_size=8, num_channels=3, hidden_size=48, num_hidden_layers=3,
+                    num_attention_heads=3, intermediate_size=96, num_labels=5)
+    cfg = transformers.ViTConfig(**{**settings, **overrides})
     torch.manual_seed(0)
     model = (transformers.ViTModel(cfg, add_pooling_layer=False) if cls == "ViTModel"
              else transformers.ViTForImageClassification(cfg))
@@ -90,3 +91,22 @@ def test_unsupported_models_are_named():
         to_canonical(torch.nn.Conv2d(3, 3, 3))
     with pytest.raises(ConfigError, match="hidden_act"):
         to_canonical(hf_model(hidden_act="relu"))
+
+
+def test_cli_prunes_a_saved_hf_model_in_its_family(capsys, tmp_path):
+    import json
+
+    from tests.test_cli import run
+    from tests.test_data import write_idx_dir
+
+    write_idx_dir(tmp_path / "data", n_train=48, n_test=8, size=32)
+    model = hf_model(num_labels=3, num_channels=1)
+    vitrim.save(model, tmp_path / "hf")
+    out = tmp_path / "pruned"
+    code, stdout, err = run(capsys, "prune", str(tmp_path / "hf"), "--data", f"idx:{tmp_path / 'data'}", "--calib", "32",
+                            "--round-to", "4", "--runs", "2", "--out", str(out), "--json")
+    assert code == 0, err
+    assert json.loads((out / "config.json").read_text())["family"] == "hf"
+    assert type(vitrim.load(out)).__name__ == "ViTForImageClassification"
+    code, stdout, err = run(capsys, "eval", str(out), "--data", f"idx:{tmp_path / 'data'}", "--json")
+    assert code == 0 and json.loads(stdout)["count"] == 8
