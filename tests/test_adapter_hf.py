@@ -12,10 +12,11 @@ from vitrim.models import BlockDims
 def hf_model(cls="ViTForImageClassification", **overrides):
     settings = dict(image_size=32, patch_size=8, num_channels=3, hidden_size=48, num_hidden_layers=3,
                     num_attention_heads=3, intermediate_size=96, num_labels=5)
-    cfg = transformers.ViTConfig(**{**settings, **overrides})
+    config_class = transformers.DeiTConfig if cls.startswith("DeiT") else transformers.ViTConfig
+    cfg = config_class(**{**settings, **overrides})
     torch.manual_seed(0)
-    model = (transformers.ViTModel(cfg, add_pooling_layer=False) if cls == "ViTModel"
-             else transformers.ViTForImageClassification(cfg))
+    model_class = getattr(transformers, cls)
+    model = model_class(cfg, add_pooling_layer=False) if cls.endswith("Model") else model_class(cfg)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
@@ -33,11 +34,15 @@ def images():
     return torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 
 
-@pytest.mark.parametrize("cls", ["ViTForImageClassification", "ViTModel"])
+FAMILY_CLASSES = ["ViTForImageClassification", "ViTModel", "DeiTForImageClassification",
+                  "DeiTForImageClassificationWithTeacher", "DeiTModel"]
+
+
+@pytest.mark.parametrize("cls", FAMILY_CLASSES)
 def test_round_trip_through_canonical_is_exact(cls, images):
     model = hf_model(cls)
     canonical = to_canonical(model)
-    if cls == "ViTForImageClassification":
+    if not cls.endswith("Model"):
         torch.testing.assert_close(canonical(images), logits(model, images), atol=1e-5, rtol=1e-5)
     else:
         torch.testing.assert_close(canonical.forward_features(images), logits(model, images), atol=1e-5, rtol=1e-5)
@@ -72,12 +77,13 @@ def test_mismatched_qk_and_v_dims_are_refused():
         from_canonical(vitrim.create(cfg), meta["hf_class"], meta["hf_config"])
 
 
-def test_prune_save_load_hf_model(tmp_path, images):
-    model = hf_model()
+@pytest.mark.parametrize("cls", ["ViTForImageClassification", "DeiTForImageClassificationWithTeacher"])
+def test_prune_save_load_hf_model(tmp_path, images, cls):
+    model = hf_model(cls)
     data = random_set(to_canonical(model).config, n=32)
     result = vitrim.prune(model, "flops=0.5", data, recover="reconstruct", calib_images=32, round_to=4, progress=False)
     pruned = result.model
-    assert type(pruned).__name__ == "ViTForImageClassification"
+    assert type(pruned).__name__ == cls
     assert 0.49 <= result.kept_ratio <= 0.5
     assert all(isinstance(b, BlockDims) and b.qk_dim in (0, 16) for b in to_canonical(pruned).config.blocks)
     vitrim.save(pruned, tmp_path / "p")

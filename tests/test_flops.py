@@ -20,6 +20,7 @@ def counted_flops(model, batch=1):
 @pytest.mark.parametrize("cfg", [
     uneven_config(),
     uneven_config(pool="mean", class_token=False, layer_scale_init=0.1, qkv_bias=False),
+    uneven_config(distill_token=True, distill_head=True),
     get_preset("fmnist-vit").build(),
     get_preset("fmnist-vit-micro").build(),
 ])

@@ -42,6 +42,18 @@ def test_forward_shapes_and_pooling():
     assert model(torch.randn(3, 1, 16, 16)).shape == (3, 5)
 
 
+def test_distillation_head_averages_both_tokens():
+    torch.manual_seed(0)
+    model = VisionTransformer(uneven_config(distill_token=True, distill_head=True)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+        tokens = model.forward_features(torch.randn(2, 1, 16, 16))
+        assert tokens.shape[1] == 16 + 2
+        expected = (model.head(tokens[:, 0]) + model.head_dist(tokens[:, 1])) / 2
+        torch.testing.assert_close(model.classify(tokens), expected)
+
+
 def test_removed_sublayer_is_identity(uneven_model):
     x = torch.randn(2, 17, 24)
     block = uneven_model.blocks[2]  # attention removed
@@ -78,6 +90,8 @@ def test_wrong_input_shape_is_reported(uneven_model):
     (dict(mean=(0.5, 0.5)), "one per input channel"),
     (dict(num_classes=0), "num_classes must be a positive integer"),
     (dict(class_names=["a"]), "class_names has 1 entries"),
+    (dict(distill_head=True), "distill_head needs distill_token"),
+    (dict(distill_token=True, class_token=False, pool="mean"), "distill_token needs class_token"),
 ])
 def test_invalid_configs_are_rejected(bad, message):
     with pytest.raises(ConfigError, match=message):

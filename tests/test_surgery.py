@@ -46,7 +46,8 @@ KIND_SETS = [["heads"], ["qk"], ["v"], ["mlp"], ["embed"], ["attn_layer"], ["mlp
 
 
 @pytest.mark.parametrize("kinds", KIND_SETS, ids=["+".join(k) for k in KIND_SETS])
-@pytest.mark.parametrize("variant", [{}, {"layer_scale_init": 0.5, "pool": "mean"}, {"qkv_bias": False}])
+@pytest.mark.parametrize("variant", [{}, {"layer_scale_init": 0.5, "pool": "mean"}, {"qkv_bias": False},
+                                     {"distill_token": True, "distill_head": True}])
 def test_sliced_model_equals_gated_model(uneven_model, kinds, variant):
     torch.manual_seed(1)
     model = VisionTransformer(uneven_config(**variant)).eval()

@@ -35,6 +35,20 @@ def test_zero_reduction_reproduces_the_model(model, images, method, mode):
         torch.testing.assert_close(reduced(images), model(images), atol=1e-5, rtol=1e-5)
 
 
+def test_distillation_token_is_kept(images):
+    torch.manual_seed(0)
+    m = VisionTransformer(uniform_config(2, 32, 2, 2.0, image_size=16, patch_size=2, in_chans=1, num_classes=5,
+                                         mean=(0.5,), std=(0.25,), distill_token=True, distill_head=True)).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+        reduced = reduce_tokens(m, "evit", layers=(0,), keep=1.0)
+        torch.testing.assert_close(reduced(images), m(images), atol=1e-5, rtol=1e-5)
+        reduced.keep = 0.5
+        reduced(images)
+    assert reduced.last_token_counts[1] == 2 + 32 + 1
+
+
 def test_mean_pool_zero_reduction(images):
     torch.manual_seed(0)
     m = VisionTransformer(uniform_config(2, 32, 2, 2.0, image_size=16, patch_size=2, in_chans=1, num_classes=5,

@@ -1,6 +1,6 @@
-"""Hugging Face ``transformers`` ViT <-> the canonical vitrim ViT, weights and dims both ways.
+"""Hugging Face ``transformers`` ViT / DeiT <-> the canonical vitrim ViT, weights and dims both ways.
 
-Pruning stays family-agnostic: a ``ViTForImageClassification`` is converted to the canonical
+Pruning stays family-agnostic: a ``ViTForImageClassification`` (or DeiT) is converted to the canonical
 model (exactly: same outputs), pruned there, and converted back into the same HF class with
 per-layer dims. HF's attention reads ``head_dim``/``scaling`` from the module and infers the
 head count from ``q_proj``, so per-layer heads and head dims need no code change; a removed
@@ -18,7 +18,15 @@ from torch import nn
 from vitrim.errors import ConfigError
 from vitrim.models import BlockDims, ViTConfig, VisionTransformer
 
-SUPPORTED = ("ViTForImageClassification", "ViTModel")
+# class -> (attribute holding the backbone or None, config class, classifier attributes)
+FAMILIES: dict[str, tuple[str | None, str, tuple[str, ...]]] = {
+    "ViTForImageClassification": ("vit", "ViTConfig", ("classifier",)),
+    "ViTModel": (None, "ViTConfig", ()),
+    "DeiTForImageClassification": ("deit", "DeiTConfig", ("classifier",)),
+    "DeiTForImageClassificationWithTeacher": ("deit", "DeiTConfig", ("cls_classifier", "distillation_classifier")),
+    "DeiTModel": (None, "DeiTConfig", ()),
+}
+SUPPORTED = tuple(FAMILIES)
 
 
 def is_hf_vit(model: Any) -> bool:
@@ -38,7 +46,13 @@ class RemovedMlp(nn.Module):
 
 
 def _backbone(model: nn.Module) -> nn.Module:
-    return model.vit if hasattr(model, "vit") else model
+    attr = FAMILIES[type(model).__name__][0]
+    return getattr(model, attr) if attr else model
+
+
+def _classifiers(model: nn.Module) -> list[nn.Linear]:
+    heads = [getattr(model, name) for name in FAMILIES[type(model).__name__][2]]
+    return [h for h in heads if isinstance(h, nn.Linear)]
 
 
 def _check(model: nn.Module) -> None:
@@ -46,7 +60,10 @@ def _check(model: nn.Module) -> None:
         raise ConfigError(f"{type(model).__name__} is not a supported Hugging Face ViT ({', '.join(SUPPORTED)})")
     cfg, vit = model.config, _backbone(model)
     if getattr(vit, "pooler", None) is not None:
-        raise ConfigError("ViTModel with a pooling layer is not supported yet; build it with add_pooling_layer=False")
+        raise ConfigError(f"{type(model).__name__} with a pooling layer is not supported yet; build it with "
+                          f"add_pooling_layer=False")
+    if FAMILIES[type(model).__name__][2] and len(_classifiers(model)) != len(FAMILIES[type(model).__name__][2]):
+        raise ConfigError(f"{type(model).__name__} has no classification head (num_labels=0 is not supported)")
     if cfg.hidden_act != "gelu":
         raise ConfigError(f"hidden_act {cfg.hidden_act!r} is not supported (vitrim's ViT uses exact GELU)")
     if not isinstance(cfg.image_size, int) or not isinstance(cfg.patch_size, int):
@@ -68,15 +85,16 @@ def to_canonical(model: nn.Module) -> VisionTransformer:
     """The equivalent canonical ViT (a copy; the HF model is not changed)."""
     _check(model)
     cfg, vit = model.config, _backbone(model)
-    classifier = getattr(model, "classifier", None)
-    num_classes = classifier.out_features if isinstance(classifier, nn.Linear) else 1
+    heads = _classifiers(model)
+    num_classes = heads[0].out_features if heads else 1
     C = vit.embeddings.patch_embeddings.projection.out_channels
+    distill = getattr(vit.embeddings, "distillation_token", None) is not None
     canonical_cfg = ViTConfig(
         image_size=cfg.image_size, patch_size=cfg.patch_size, in_chans=cfg.num_channels, num_classes=num_classes,
-        embed_dim=C, blocks=[block_dims(layer) for layer in vit.layers], class_token=True, pool="cls",
-        qkv_bias=bool(cfg.qkv_bias), norm_eps=float(cfg.layer_norm_eps), mean=(0.5,) * cfg.num_channels,
-        std=(0.5,) * cfg.num_channels,
-        class_names=[cfg.id2label[i] for i in range(num_classes)] if classifier is not None else None)
+        embed_dim=C, blocks=[block_dims(layer) for layer in vit.layers], class_token=True, distill_token=distill,
+        distill_head=len(heads) == 2, pool="cls", qkv_bias=bool(cfg.qkv_bias), norm_eps=float(cfg.layer_norm_eps),
+        mean=(0.5,) * cfg.num_channels, std=(0.5,) * cfg.num_channels,
+        class_names=[cfg.id2label[i] for i in range(num_classes)] if heads else None)
     canonical = VisionTransformer(canonical_cfg)
     canonical.load_state_dict(_hf_to_canonical_state(model), strict=True)
     return canonical.eval()
@@ -89,6 +107,8 @@ def _hf_to_canonical_state(model: nn.Module) -> dict[str, torch.Tensor]:
              "patch_embed.proj.bias": emb.patch_embeddings.projection.bias,
              "cls_token": emb.cls_token, "pos_embed": emb.position_embeddings,
              "norm.weight": vit.layernorm.weight, "norm.bias": vit.layernorm.bias}
+    if getattr(emb, "distillation_token", None) is not None:
+        state["dist_token"] = emb.distillation_token
     for i, layer in enumerate(vit.layers):
         p = f"blocks.{i}."
         if not isinstance(layer.attention, RemovedAttention):
@@ -103,10 +123,10 @@ def _hf_to_canonical_state(model: nn.Module) -> dict[str, torch.Tensor]:
                 fc = getattr(layer.mlp, name)
                 state[p + f"mlp.{name}.weight"], state[p + f"mlp.{name}.bias"] = fc.weight, fc.bias
             state[p + "norm2.weight"], state[p + "norm2.bias"] = layer.layernorm_after.weight, layer.layernorm_after.bias
-    classifier = getattr(model, "classifier", None)
-    if isinstance(classifier, nn.Linear):
-        state["head.weight"], state["head.bias"] = classifier.weight, classifier.bias
-    else:  # a backbone has no head: keep the canonical one's zero init
+    heads = _classifiers(model)
+    for name, head in zip(("head", "head_dist"), heads):
+        state[f"{name}.weight"], state[f"{name}.bias"] = head.weight, head.bias
+    if not heads:  # a backbone has no head: keep the canonical one's zero init
         C = emb.patch_embeddings.projection.out_channels
         state["head.weight"], state["head.bias"] = torch.zeros(1, C), torch.zeros(1)
     return {k: v.detach().clone() for k, v in state.items()}
@@ -121,11 +141,12 @@ def from_canonical(canonical: VisionTransformer, hf_class: str, hf_config: dict[
         if d.attention and d.qk_dim != d.v_dim:
             raise ConfigError(f"block {i} has qk_dim {d.qk_dim} != v_dim {d.v_dim}; Hugging Face ViT attention "
                               f"uses one head_dim for queries, keys and values (prune them together)")
-    config = transformers.ViTConfig.from_dict({**hf_config, "hidden_size": cfg.embed_dim})
-    if hf_class not in SUPPORTED:
+    if hf_class not in FAMILIES:
         raise ConfigError(f"unsupported Hugging Face class {hf_class!r} ({', '.join(SUPPORTED)})")
-    model = (transformers.ViTModel(config, add_pooling_layer=False) if hf_class == "ViTModel"
-             else transformers.ViTForImageClassification(config))
+    _, config_class, _ = FAMILIES[hf_class]
+    config = getattr(transformers, config_class).from_dict({**hf_config, "hidden_size": cfg.embed_dim})
+    model_class = getattr(transformers, hf_class)
+    model = model_class(config, add_pooling_layer=False) if hf_class.endswith("Model") else model_class(config)
     vit = _backbone(model)
     C = cfg.embed_dim
     for layer, d in zip(vit.layers, cfg.blocks):
@@ -151,13 +172,16 @@ def from_canonical(canonical: VisionTransformer, hf_class: str, hf_config: dict[
 
 
 def _canonical_to_hf_state(canonical: VisionTransformer, model: nn.Module) -> dict[str, torch.Tensor]:
-    prefix = "vit." if hasattr(model, "vit") else ""
+    attr = FAMILIES[type(model).__name__][0]
+    prefix = f"{attr}." if attr else ""
     src = canonical.state_dict()
     state = {prefix + "embeddings.patch_embeddings.projection.weight": src["patch_embed.proj.weight"],
              prefix + "embeddings.patch_embeddings.projection.bias": src["patch_embed.proj.bias"],
              prefix + "embeddings.cls_token": src["cls_token"],
              prefix + "embeddings.position_embeddings": src["pos_embed"],
              prefix + "layernorm.weight": src["norm.weight"], prefix + "layernorm.bias": src["norm.bias"]}
+    if "dist_token" in src:
+        state[prefix + "embeddings.distillation_token"] = src["dist_token"]
     for i, d in enumerate(canonical.config.blocks):
         p, q = f"blocks.{i}.", f"{prefix}layers.{i}."
         if d.attention:
@@ -174,8 +198,8 @@ def _canonical_to_hf_state(canonical: VisionTransformer, model: nn.Module) -> di
             for name in ("fc1", "fc2"):
                 state[q + f"mlp.{name}.weight"], state[q + f"mlp.{name}.bias"] = src[p + f"mlp.{name}.weight"], src[p + f"mlp.{name}.bias"]
             state[q + "layernorm_after.weight"], state[q + "layernorm_after.bias"] = src[p + "norm2.weight"], src[p + "norm2.bias"]
-    if hasattr(model, "classifier"):
-        state["classifier.weight"], state["classifier.bias"] = src["head.weight"], src["head.bias"]
+    for name, head in zip(FAMILIES[type(model).__name__][2], ("head", "head_dist")):
+        state[f"{name}.weight"], state[f"{name}.bias"] = src[f"{head}.weight"], src[f"{head}.bias"]
     return state
 
 

@@ -58,13 +58,13 @@ def block_cost(cfg: ViTConfig, index: int, tokens: int | None = None) -> dict[st
 def embedding_cost(cfg: ViTConfig) -> Cost:
     C, p = cfg.embed_dim, cfg.patch_size
     patch = cfg.in_chans * p * p
-    params = patch * C + C + cfg.num_tokens * C + (C if cfg.class_token else 0)
+    params = patch * C + C + cfg.num_tokens * C + cfg.num_prefix_tokens * C
     return Cost(params, 2 * cfg.num_patches * patch * C)
 
 
 def head_cost(cfg: ViTConfig) -> Cost:
-    C = cfg.embed_dim
-    return Cost(2 * C + C * cfg.num_classes + cfg.num_classes, 2 * C * cfg.num_classes)
+    C, heads = cfg.embed_dim, 1 + int(cfg.distill_head)
+    return Cost(2 * C + heads * (C * cfg.num_classes + cfg.num_classes), heads * 2 * C * cfg.num_classes)
 
 
 def cost_breakdown(cfg: ViTConfig) -> dict[str, Cost]:

@@ -69,6 +69,8 @@ class ViTConfig:
     embed_dim: int = 768
     blocks: list[BlockDims] = field(default_factory=list)
     class_token: bool = True
+    distill_token: bool = False  # DeiT's distillation token, right after the class token
+    distill_head: bool = False  # a second head on the distillation token; logits are the average
     pool: str = "cls"
     layer_scale_init: float | None = None
     qkv_bias: bool = True
@@ -99,6 +101,10 @@ class ViTConfig:
             raise ConfigError("a ViT needs at least one block")
         if self.pool not in ("cls", "mean"):
             raise ConfigError(f"pool must be 'cls' or 'mean', got {self.pool!r}")
+        if self.distill_token and not self.class_token:
+            raise ConfigError("distill_token needs class_token=True (DeiT puts it after the class token)")
+        if self.distill_head and not self.distill_token:
+            raise ConfigError("distill_head needs distill_token=True")
         if self.pool == "cls" and not self.class_token:
             raise ConfigError("pool='cls' needs class_token=True (use pool='mean' without one)")
         if len(self.mean) != self.in_chans or len(self.std) != self.in_chans:
@@ -127,7 +133,7 @@ class ViTConfig:
 
     @property
     def num_prefix_tokens(self) -> int:
-        return int(self.class_token)
+        return int(self.class_token) + int(self.distill_token)
 
     @property
     def num_tokens(self) -> int:

@@ -125,11 +125,13 @@ class VisionTransformer(nn.Module):
         C = cfg.embed_dim
         self.patch_embed = PatchEmbed(cfg)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, C)) if cfg.class_token else None
+        self.dist_token = nn.Parameter(torch.zeros(1, 1, C)) if cfg.distill_token else None
         self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_tokens, C))
         rates = torch.linspace(0, cfg.drop_path_rate, cfg.depth).tolist() if cfg.depth > 1 else [cfg.drop_path_rate]
         self.blocks = nn.ModuleList(Block(cfg, dims, rate) for dims, rate in zip(cfg.blocks, rates))
         self.norm = nn.LayerNorm(C, eps=cfg.norm_eps)
         self.head = nn.Linear(C, cfg.num_classes)
+        self.head_dist = nn.Linear(C, cfg.num_classes) if cfg.distill_head else None
         self.reset_parameters()
 
     @property
@@ -139,8 +141,9 @@ class VisionTransformer(nn.Module):
     def reset_parameters(self) -> None:
         """ViT initialisation: truncated normal (std 0.02) for linears and tokens, zero biases."""
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        if self.cls_token is not None:
-            nn.init.trunc_normal_(self.cls_token, std=0.02)
+        for token in (self.cls_token, self.dist_token):
+            if token is not None:
+                nn.init.trunc_normal_(token, std=0.02)
         w = self.patch_embed.proj.weight
         nn.init.trunc_normal_(w.view(w.shape[0], -1), std=math.sqrt(1.0 / w[0].numel()))
         nn.init.zeros_(self.patch_embed.proj.bias)
@@ -153,6 +156,8 @@ class VisionTransformer(nn.Module):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
         nn.init.zeros_(self.head.weight)
+        if self.head_dist is not None:
+            nn.init.zeros_(self.head_dist.weight)
 
     def check_input(self, x: torch.Tensor) -> None:
         cfg = self.config
@@ -165,8 +170,9 @@ class VisionTransformer(nn.Module):
     def embed(self, x: torch.Tensor) -> torch.Tensor:  # (B, in, H, W) -> (B, N, C)
         self.check_input(x)
         x = self.patch_embed(x)
-        if self.cls_token is not None:
-            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+        prefix = [t.expand(x.shape[0], -1, -1) for t in (self.cls_token, self.dist_token) if t is not None]
+        if prefix:
+            x = torch.cat([*prefix, x], dim=1)
         return x + self.pos_embed
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
@@ -181,5 +187,12 @@ class VisionTransformer(nn.Module):
             return tokens[:, 0]
         return tokens[:, self.num_prefix_tokens :].mean(dim=1)
 
+    def classify(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Logits from normalised tokens (B, N, C); with a distillation head, the two heads' mean."""
+        logits = self.head(self.pool(tokens))
+        if self.head_dist is not None:
+            logits = (logits + self.head_dist(tokens[:, 1])) / 2
+        return logits
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, in, H, W) -> (B, classes)
-        return self.head(self.pool(self.forward_features(x)))
+        return self.classify(self.forward_features(x))

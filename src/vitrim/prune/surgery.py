@@ -46,8 +46,9 @@ def slice_model(model: VisionTransformer, plan: PrunePlan) -> VisionTransformer:
     pe_src, pe_dst = model.patch_embed.proj, new.patch_embed.proj
     pe_dst.weight.copy_(pe_src.weight[E])
     pe_dst.bias.copy_(pe_src.bias[E])
-    if model.cls_token is not None:
-        _copy_vector(new.cls_token, model.cls_token, E)
+    for name in ("cls_token", "dist_token"):
+        if getattr(model, name) is not None:
+            _copy_vector(getattr(new, name), getattr(model, name), E)
     _copy_vector(new.pos_embed, model.pos_embed, E)
     for old_block, new_block, bp, dims in zip(model.blocks, new.blocks, plan.blocks, cfg.blocks):
         if bp.attention:
@@ -64,6 +65,8 @@ def slice_model(model: VisionTransformer, plan: PrunePlan) -> VisionTransformer:
             _copy_layer_scale(new_block.ls2, old_block.ls2, E)
     _copy_norm(new.norm, model.norm, E)
     _copy_linear(new.head, model.head, None, E)
+    if model.head_dist is not None:
+        _copy_linear(new.head_dist, model.head_dist, None, E)
     return new.train(model.training)
 
 

@@ -164,11 +164,14 @@ class TokenReducedViT(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:  # (B, in, H, W) -> (B, classes)
         tokens, sizes, valid = self.forward_features(images)
         if self.model.config.pool == "cls":
-            return self.model.head(tokens[:, 0])
+            return self.model.classify(tokens)  # prefix tokens are never reduced
         prefix = self.model.num_prefix_tokens
         w = sizes[:, prefix:] * (valid[:, prefix:] if valid is not None else 1)
         pooled = (tokens[:, prefix:] * w.unsqueeze(-1)).sum(1) / w.sum(1, keepdim=True)
-        return self.model.head(pooled)
+        logits = self.model.head(pooled)
+        if self.model.head_dist is not None:
+            logits = (logits + self.model.head_dist(tokens[:, 1])) / 2
+        return logits
 
 
 def reduce_tokens(model: VisionTransformer, method: str = "drop", **kwargs) -> TokenReducedViT:
