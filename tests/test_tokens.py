@@ -75,21 +75,45 @@ def test_drop_keeps_the_most_attended_tokens():
     x = torch.arange(5.0).view(1, 5, 1).expand(1, 5, 2).clone()
     sizes = torch.ones(1, 5)
     scores = torch.tensor([[0.5, 0.1, 0.4, 0.2, 0.3]])
-    kept, _ = drop_tokens(x, sizes, scores, keep=2, prefix=1)
+    kept, _, dest = drop_tokens(x, sizes, scores, keep=2, prefix=1)
     assert kept[0, :, 0].tolist() == [0.0, 2.0, 4.0]
-    fused, fused_sizes = drop_tokens(x, sizes, scores, keep=2, prefix=1, fuse=True)
+    assert dest[0].tolist() == [0, -1, 1, -1, 2]
+    fused, fused_sizes, dest = drop_tokens(x, sizes, scores, keep=2, prefix=1, fuse=True)
     assert fused[0, -1, 0].item() == pytest.approx((0.1 * 1 + 0.2 * 3) / 0.3)
     assert fused_sizes[0, -1].item() == 2
+    assert dest[0].tolist() == [0, 3, 1, 3, 2]
 
 
 def test_bipartite_merge_preserves_mass():
     torch.manual_seed(0)
     x = torch.randn(2, 9, 4)
     sizes = torch.ones(2, 9)
-    merged, new_sizes = bipartite_merge(x, x, sizes, r=3, prefix=1)
+    merged, new_sizes, dest = bipartite_merge(x, x, sizes, r=3, prefix=1)
     assert merged.shape == (2, 6, 4) and new_sizes.sum(1).tolist() == [9.0, 9.0]
     torch.testing.assert_close((merged * new_sizes.unsqueeze(-1)).sum(1), x.sum(1))
     torch.testing.assert_close(merged[:, 0], x[:, 0])
+    # every old token lands in a token whose size counts it, and the sizes add up
+    counted = torch.zeros(2, 6).scatter_add(1, dest, torch.ones(2, 9))
+    torch.testing.assert_close(counted, new_sizes)
+
+
+@pytest.mark.parametrize("method, mode", [("drop", "static"), ("evit", "static"), ("tome", "static"),
+                                          ("evit", "dynamic")])
+def test_restored_grid_for_dense_outputs(model, images, method, mode):
+    reduced = reduce_tokens(model, method, mode=mode, layers=(1, 2), keep=1.0)
+    with torch.no_grad():
+        full, _, _ = reduced.forward_features(images, restore=True)
+        torch.testing.assert_close(full, model.forward_features(images), atol=1e-5, rtol=1e-5)
+        if mode == "dynamic":
+            reduced.tau = 0.6
+        else:
+            reduced.keep = 0.4
+        grid, _, _ = reduced.forward_features(images, restore=True)
+        tokens, sizes, _ = reduced.forward_features(images)
+    assert grid.shape == (3, 65, 32) and tokens.shape[1] < 65
+    if method != "drop":  # fused or merged patches are filled from the token they went into
+        rows = {tuple(r.tolist()) for r in grid[0, 1:].round(decimals=4)}
+        assert rows <= {tuple(r.tolist()) for r in tokens[0, 1:].round(decimals=4)}
 
 
 def test_mass_counts_give_easy_images_fewer_tokens():

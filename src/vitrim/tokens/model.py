@@ -12,7 +12,7 @@ from torch import nn
 from vitrim.errors import ConfigError
 from vitrim.models import VisionTransformer
 from vitrim.tokens.primitives import (bipartite_merge, class_attention, drop_tokens, gather_tokens, mass_counts,
-                                      top_patches)
+                                      prefix_dest, top_patches)
 
 METHODS = ("drop", "evit", "tome")
 MODES = ("static", "dynamic")
@@ -108,23 +108,24 @@ class TokenReducedViT(nn.Module):
         return None if bias is None else bias[:, None, None, :]  # (B, 1, 1, N)
 
     def _reduce(self, x, sizes, valid, scores, keys):
+        """One reduction step: (tokens, sizes, valid, dest) — see ``primitives`` for ``dest``."""
         prefix = self.model.num_prefix_tokens
         patches = x.shape[1] - prefix
         if self.method == "tome":
             r = patches - max(1, round(self.keep * patches))
-            x, sizes = bipartite_merge(x, keys, sizes, r, prefix)
-            return x, sizes, valid
+            return self._merge(x, sizes, valid, keys, r)
         if self.mode == "static" or self.tau is None:
             keep = max(1, round(self.keep * patches))
             if keep >= patches:
-                return x, sizes, valid
-            x, sizes = drop_tokens(x, sizes, scores, keep, prefix, fuse=self.method == "evit")
-            return x, sizes, valid
+                return x, sizes, valid, torch.arange(x.shape[1]).expand(x.shape[0], -1)
+            x, sizes, dest = drop_tokens(x, sizes, scores, keep, prefix, fuse=self.method == "evit")
+            return x, sizes, valid, dest
         if valid is not None:
             scores = scores * valid
+        B = x.shape[0]
         counts = mass_counts(scores, self.tau, prefix)  # (B,)
         width = int(counts.max())
-        index = top_patches(scores[:, prefix:], width)  # (B, width), highest first then re-sorted
+        index = top_patches(scores[:, prefix:], width)  # (B, width)
         ranks = scores[:, prefix:].gather(1, index).argsort(dim=1, descending=True).argsort(dim=1)
         keep_mask = ranks < counts.unsqueeze(1)  # (B, width)
         kept = gather_tokens(x[:, prefix:], index)
@@ -132,6 +133,7 @@ class TokenReducedViT(nn.Module):
         new_valid = torch.cat([torch.ones_like(keep_mask[:, :prefix]) if prefix else keep_mask[:, :0],
                                keep_mask], dim=1)
         parts, size_parts = [x[:, :prefix], kept * keep_mask.unsqueeze(-1)], [sizes[:, :prefix], kept_sizes]
+        dest = prefix_dest(B, x.shape[1], prefix)
         if self.method == "evit":
             dropped_weight = scores[:, prefix:].clone()
             dropped_weight.scatter_(1, index, dropped_weight.gather(1, index) * (~keep_mask))
@@ -140,13 +142,31 @@ class TokenReducedViT(nn.Module):
             parts.append(fused)
             size_parts.append(torch.ones_like(total))
             new_valid = torch.cat([new_valid, total > 0], dim=1)
-        return torch.cat(parts, 1), torch.cat(size_parts, 1), new_valid
+            dest[:, prefix:] = prefix + width
+        slots = torch.where(keep_mask, prefix + torch.arange(width).expand(B, -1), dest[:, prefix:].gather(1, index))
+        dest[:, prefix:] = dest[:, prefix:].scatter(1, index, slots)
+        if valid is not None:
+            dest = dest.masked_fill(~valid, -1)
+        return torch.cat(parts, 1), torch.cat(size_parts, 1), new_valid, dest
 
-    def forward_features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Normalised tokens (B, N', C), their sizes (B, N') and validity mask (or None)."""
+    def _merge(self, x, sizes, valid, keys, r):
+        x, sizes, dest = bipartite_merge(x, keys, sizes, r, self.model.num_prefix_tokens)
+        return x, sizes, valid, dest
+
+    def forward_features(self, images: torch.Tensor, restore: bool = False):
+        """Normalised tokens (B, N', C), their sizes (B, N') and validity mask (or None).
+
+        With ``restore``, the normalised full grid (B, prefix + patches, C) instead: kept tokens
+        scattered back to their patches, fused or merged patches filled from the token they went
+        into, dropped patches from their last state before they were dropped.
+        """
         x = self.model.embed(images)
-        sizes = torch.ones(x.shape[:2], dtype=x.dtype)
+        B, N, C = x.shape
+        prefix = self.model.num_prefix_tokens
+        sizes = torch.ones(B, N, dtype=x.dtype)
         valid: torch.Tensor | None = None
+        source = torch.arange(prefix, N).expand(B, -1)  # (B, P): each patch's current token
+        frozen = torch.zeros(B, N - prefix, C, dtype=x.dtype)
         counts = []
         for i, block in enumerate(self.model.blocks):
             counts.append(float(valid.sum(1).float().mean()) if valid is not None else float(x.shape[1]))
@@ -157,8 +177,18 @@ class TokenReducedViT(nn.Module):
             if block.mlp is not None:
                 x = x + block.mlp_branch(x)
             if reduce_here:
-                x, sizes, valid = self._reduce(x, sizes, valid, scores, keys)
+                old = x
+                x, sizes, valid, dest = self._reduce(x, sizes, valid, scores, keys)
+                if restore:
+                    alive = source >= 0
+                    moved = torch.where(alive, dest.gather(1, source.clamp_min(0)), torch.full_like(source, -1))
+                    dropped_now = alive & (moved < 0)
+                    frozen = torch.where(dropped_now.unsqueeze(-1), gather_tokens(old, source.clamp_min(0)), frozen)
+                    source = moved
         self.last_token_counts = counts
+        if restore:
+            grid = torch.where((source >= 0).unsqueeze(-1), gather_tokens(x, source.clamp_min(0)), frozen)
+            return self.model.norm(torch.cat([x[:, :prefix], grid], dim=1)), None, None
         return self.model.norm(x), sizes, valid
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:  # (B, in, H, W) -> (B, classes)
