@@ -21,6 +21,8 @@ def counted_flops(model, batch=1):
     uneven_config(),
     uneven_config(pool="mean", class_token=False, layer_scale_init=0.1, qkv_bias=False),
     uneven_config(distill_token=True, distill_head=True),
+    uneven_config(reg_tokens=4, qk_norm=True, layer_scale_init=1e-2),
+    uneven_config(class_token=False, pool="mean", fc_norm=True, pos_embed_prefix=False, reg_tokens=2),
     get_preset("fmnist-vit").build(),
     get_preset("fmnist-vit-micro").build(),
 ])

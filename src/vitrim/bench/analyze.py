@@ -26,7 +26,7 @@ def component_callables(model: VisionTransformer, x: torch.Tensor) -> dict[str, 
             h = h + block.mlp_branch(h)
         else:
             calls[f"block{i}.mlp"] = None
-    calls["head"] = lambda t=h: model.classify(model.norm(t))
+    calls["head"] = lambda t=h: model.classify(model.final_norm(t))
     return calls
 
 

@@ -24,12 +24,13 @@ class Cost:
 ZERO = Cost(0, 0)
 
 
-def attention_cost(C: int, dims: BlockDims, tokens: int, qkv_bias: bool = True) -> Cost:
+def attention_cost(C: int, dims: BlockDims, tokens: int, qkv_bias: bool = True, qk_norm: bool = False) -> Cost:
     if not dims.attention:
         return ZERO
     H, qk, v, N = dims.heads, dims.qk_dim, dims.v_dim, tokens
     width = H * (2 * qk + v)
     params = C * width + (width if qkv_bias else 0) + H * v * C + C + 2 * C  # qkv, proj, norm1
+    params += 4 * qk if qk_norm else 0
     flops = 2 * N * C * width + 2 * N * N * H * (qk + v) + 2 * N * H * v * C
     return Cost(params, flops)
 
@@ -51,14 +52,14 @@ def block_cost(cfg: ViTConfig, index: int, tokens: int | None = None) -> dict[st
     dims = cfg.blocks[index]
     N = cfg.num_tokens if tokens is None else tokens
     ls = layer_scale_params(cfg, dims)
-    return {"attention": attention_cost(cfg.embed_dim, dims, N, cfg.qkv_bias) + Cost(ls // 2 if dims.mlp else ls, 0),
+    return {"attention": attention_cost(cfg.embed_dim, dims, N, cfg.qkv_bias, cfg.qk_norm) + Cost(ls // 2 if dims.mlp else ls, 0),
             "mlp": mlp_cost(cfg.embed_dim, dims, N) + Cost(ls - (ls // 2 if dims.mlp else ls), 0)}
 
 
 def embedding_cost(cfg: ViTConfig) -> Cost:
     C, p = cfg.embed_dim, cfg.patch_size
     patch = cfg.in_chans * p * p
-    params = patch * C + C + cfg.num_tokens * C + cfg.num_prefix_tokens * C
+    params = patch * C + C + cfg.num_pos_embed * C + cfg.num_prefix_tokens * C
     return Cost(params, 2 * cfg.num_patches * patch * C)
 
 

@@ -71,6 +71,10 @@ class ViTConfig:
     class_token: bool = True
     distill_token: bool = False  # DeiT's distillation token, right after the class token
     distill_head: bool = False  # a second head on the distillation token; logits are the average
+    reg_tokens: int = 0  # register tokens, after the class / distillation tokens
+    pos_embed_prefix: bool = True  # False: position embeddings cover the patches only (timm no_embed_class)
+    fc_norm: bool = False  # True: the final LayerNorm normalises the pooled vector, not the tokens
+    qk_norm: bool = False  # LayerNorm over each head's queries and keys (shared across heads)
     pool: str = "cls"
     layer_scale_init: float | None = None
     qkv_bias: bool = True
@@ -105,6 +109,8 @@ class ViTConfig:
             raise ConfigError("distill_token needs class_token=True (DeiT puts it after the class token)")
         if self.distill_head and not self.distill_token:
             raise ConfigError("distill_head needs distill_token=True")
+        if not isinstance(self.reg_tokens, int) or self.reg_tokens < 0:
+            raise ConfigError(f"reg_tokens must be a non-negative integer, got {self.reg_tokens!r}")
         if self.pool == "cls" and not self.class_token:
             raise ConfigError("pool='cls' needs class_token=True (use pool='mean' without one)")
         if len(self.mean) != self.in_chans or len(self.std) != self.in_chans:
@@ -133,7 +139,12 @@ class ViTConfig:
 
     @property
     def num_prefix_tokens(self) -> int:
-        return int(self.class_token) + int(self.distill_token)
+        return int(self.class_token) + int(self.distill_token) + self.reg_tokens
+
+    @property
+    def num_pos_embed(self) -> int:
+        """Rows of the position embedding."""
+        return self.num_tokens if self.pos_embed_prefix else self.num_patches
 
     @property
     def num_tokens(self) -> int:

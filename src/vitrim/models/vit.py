@@ -27,11 +27,14 @@ class Attention(nn.Module):
     One fused input projection, rows laid out as [q (H*qk) | k (H*qk) | v (H*v)].
     """
 
-    def __init__(self, embed_dim: int, dims: BlockDims, qkv_bias: bool = True) -> None:
+    def __init__(self, embed_dim: int, dims: BlockDims, qkv_bias: bool = True, qk_norm: bool = False,
+                 norm_eps: float = 1e-6) -> None:
         super().__init__()
         self.heads, self.qk_dim, self.v_dim = dims.heads, dims.qk_dim, dims.v_dim
         self.scale = dims.scale
         self.qkv = nn.Linear(embed_dim, dims.heads * (2 * dims.qk_dim + dims.v_dim), bias=qkv_bias)
+        self.q_norm = nn.LayerNorm(dims.qk_dim, eps=norm_eps) if qk_norm else None
+        self.k_norm = nn.LayerNorm(dims.qk_dim, eps=norm_eps) if qk_norm else None
         self.proj = nn.Linear(dims.heads * dims.v_dim, embed_dim)
 
     def split_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -41,6 +44,8 @@ class Attention(nn.Module):
         q = q.view(B, N, H, qk).transpose(1, 2)  # (B, H, N, qk)
         k = k.view(B, N, H, qk).transpose(1, 2)  # (B, H, N, qk)
         val = val.view(B, N, H, v).transpose(1, 2)  # (B, H, N, v)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         return q, k, val
 
     def mix(self, x: torch.Tensor) -> torch.Tensor:
@@ -92,7 +97,7 @@ class Block(nn.Module):
         C = cfg.embed_dim
         self.drop_path_rate = drop_path_rate
         self.norm1 = nn.LayerNorm(C, eps=cfg.norm_eps) if dims.attention else None
-        self.attn = Attention(C, dims, cfg.qkv_bias) if dims.attention else None
+        self.attn = Attention(C, dims, cfg.qkv_bias, cfg.qk_norm, cfg.norm_eps) if dims.attention else None
         self.ls1 = _layer_scale(C, cfg.layer_scale_init) if dims.attention else None
         self.norm2 = nn.LayerNorm(C, eps=cfg.norm_eps) if dims.mlp else None
         self.mlp = Mlp(C, dims.mlp_dim, cfg.dropout) if dims.mlp else None
@@ -126,10 +131,11 @@ class VisionTransformer(nn.Module):
         self.patch_embed = PatchEmbed(cfg)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, C)) if cfg.class_token else None
         self.dist_token = nn.Parameter(torch.zeros(1, 1, C)) if cfg.distill_token else None
-        self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_tokens, C))
+        self.reg_token = nn.Parameter(torch.zeros(1, cfg.reg_tokens, C)) if cfg.reg_tokens else None
+        self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_pos_embed, C))
         rates = torch.linspace(0, cfg.drop_path_rate, cfg.depth).tolist() if cfg.depth > 1 else [cfg.drop_path_rate]
         self.blocks = nn.ModuleList(Block(cfg, dims, rate) for dims, rate in zip(cfg.blocks, rates))
-        self.norm = nn.LayerNorm(C, eps=cfg.norm_eps)
+        self.norm = nn.LayerNorm(C, eps=cfg.norm_eps)  # on the tokens, or on the pooled vector (fc_norm)
         self.head = nn.Linear(C, cfg.num_classes)
         self.head_dist = nn.Linear(C, cfg.num_classes) if cfg.distill_head else None
         self.reset_parameters()
@@ -141,7 +147,7 @@ class VisionTransformer(nn.Module):
     def reset_parameters(self) -> None:
         """ViT initialisation: truncated normal (std 0.02) for linears and tokens, zero biases."""
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        for token in (self.cls_token, self.dist_token):
+        for token in (self.cls_token, self.dist_token, self.reg_token):
             if token is not None:
                 nn.init.trunc_normal_(token, std=0.02)
         w = self.patch_embed.proj.weight
@@ -170,17 +176,23 @@ class VisionTransformer(nn.Module):
     def embed(self, x: torch.Tensor) -> torch.Tensor:  # (B, in, H, W) -> (B, N, C)
         self.check_input(x)
         x = self.patch_embed(x)
-        prefix = [t.expand(x.shape[0], -1, -1) for t in (self.cls_token, self.dist_token) if t is not None]
+        if not self.config.pos_embed_prefix:
+            x = x + self.pos_embed
+        prefix = [t.expand(x.shape[0], -1, -1) for t in (self.cls_token, self.dist_token, self.reg_token)
+                  if t is not None]
         if prefix:
             x = torch.cat([*prefix, x], dim=1)
-        return x + self.pos_embed
+        return x + self.pos_embed if self.config.pos_embed_prefix else x
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Normalised output tokens ``(B, N, C)``, prefix tokens first."""
+        """Output tokens ``(B, N, C)``, prefix tokens first (normalised unless ``fc_norm``)."""
         x = self.embed(x)
         for block in self.blocks:
             x = block(x)
-        return self.norm(x)
+        return self.final_norm(x)
+
+    def final_norm(self, tokens: torch.Tensor) -> torch.Tensor:
+        return tokens if self.config.fc_norm else self.norm(tokens)
 
     def pool(self, tokens: torch.Tensor) -> torch.Tensor:  # (B, N, C) -> (B, C)
         if self.config.pool == "cls":
@@ -189,7 +201,8 @@ class VisionTransformer(nn.Module):
 
     def classify(self, tokens: torch.Tensor) -> torch.Tensor:
         """Logits from normalised tokens (B, N, C); with a distillation head, the two heads' mean."""
-        logits = self.head(self.pool(tokens))
+        pooled = self.pool(tokens)
+        logits = self.head(self.norm(pooled) if self.config.fc_norm else pooled)
         if self.head_dist is not None:
             logits = (logits + self.head_dist(tokens[:, 1])) / 2
         return logits

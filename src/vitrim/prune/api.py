@@ -146,6 +146,8 @@ def prune(model: VisionTransformer, target: str = "flops=0.5", data: ImageSet | 
                        progress=progress, log=log)
         result.model = from_canonical(result.model, meta["hf_class"], meta["hf_config"])
         return result
+    if isinstance(model, VisionTransformer) and model.config.qk_norm and "qk" in cfg.structures:
+        cfg.structures = tuple(s for s in cfg.structures if s != "qk")  # q/k norm spans each head's channels
     if not isinstance(model, VisionTransformer):
         raise ConfigError(f"vitrim.prune handles vitrim ViTs and Hugging Face ViTForImageClassification / "
                           f"ViTModel, got {type(model).__name__}")

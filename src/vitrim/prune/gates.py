@@ -43,6 +43,8 @@ def _per_sample(g: torch.Tensor, shape_ndim: int) -> torch.Tensor:
 
 def masked_layer_norm(x: torch.Tensor, g: torch.Tensor, norm: nn.LayerNorm) -> torch.Tensor:
     """LayerNorm over the channels weighted by ``g`` (B|1, 1, C); output masked by ``g``."""
+    if x.ndim == 2:  # a pooled (B, C) vector (fc_norm)
+        g = g[:, 0]
     denom = g.sum(-1, keepdim=True)
     mean = (x * g).sum(-1, keepdim=True) / denom
     var = (g * (x - mean) ** 2).sum(-1, keepdim=True) / denom
@@ -111,7 +113,8 @@ def gated(model: VisionTransformer, gates: dict[str, torch.Tensor]) -> Iterator[
                 lambda mod, inp, out, i=i: mask_residual(out, f"{i}.mlp_layer")))
     if embed is not None:
         handles.append(model.blocks[0].register_forward_pre_hook(lambda mod, args: (args[0] * embed,)))
-        for norm in [m for m in model.modules() if isinstance(m, nn.LayerNorm)]:
+        residual_norms = [model.norm] + [n for b in model.blocks for n in (b.norm1, b.norm2) if n is not None]
+        for norm in residual_norms:
             norm.forward = (lambda x, norm=norm: masked_layer_norm(x, embed, norm))  # type: ignore[method-assign]
             patched_norms.append(norm)
     try:

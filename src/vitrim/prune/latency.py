@@ -170,7 +170,7 @@ def measure_table(cfg: ViTConfig, key: dict[str, Any], *, points: int, runs: int
 def _embed_and_head(model: VisionTransformer, images: torch.Tensor):
     def run() -> torch.Tensor:
         tokens = model.embed(images)
-        return model.classify(model.norm(tokens))
+        return model.classify(model.final_norm(tokens))
 
     return run
 

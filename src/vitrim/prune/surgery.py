@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from vitrim.errors import ConfigError
 from vitrim.models import VisionTransformer
 from vitrim.prune.plan import PrunePlan
 
@@ -46,7 +47,7 @@ def slice_model(model: VisionTransformer, plan: PrunePlan) -> VisionTransformer:
     pe_src, pe_dst = model.patch_embed.proj, new.patch_embed.proj
     pe_dst.weight.copy_(pe_src.weight[E])
     pe_dst.bias.copy_(pe_src.bias[E])
-    for name in ("cls_token", "dist_token"):
+    for name in ("cls_token", "dist_token", "reg_token"):
         if getattr(model, name) is not None:
             _copy_vector(getattr(new, name), getattr(model, name), E)
     _copy_vector(new.pos_embed, model.pos_embed, E)
@@ -57,6 +58,12 @@ def slice_model(model: VisionTransformer, plan: PrunePlan) -> VisionTransformer:
             _copy_linear(new_block.attn.proj, old_block.attn.proj, E, proj_columns(bp.heads, bp.v, dims.v_dim))
             _copy_norm(new_block.norm1, old_block.norm1, E)
             _copy_layer_scale(new_block.ls1, old_block.ls1, E)
+            if old_block.attn.q_norm is not None:
+                if any(len(c) != dims.qk_dim for c in bp.qk):
+                    raise ConfigError("query/key channels of a model with q/k norm cannot be pruned (the norm's "
+                                      "statistics span the head); prune heads instead")
+                new_block.attn.q_norm.load_state_dict(old_block.attn.q_norm.state_dict())
+                new_block.attn.k_norm.load_state_dict(old_block.attn.k_norm.state_dict())
         if bp.mlp_on:
             M = torch.tensor(bp.mlp, dtype=torch.long)
             _copy_linear(new_block.mlp.fc1, old_block.mlp.fc1, M, E)

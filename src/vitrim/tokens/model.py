@@ -188,8 +188,8 @@ class TokenReducedViT(nn.Module):
         self.last_token_counts = counts
         if restore:
             grid = torch.where((source >= 0).unsqueeze(-1), gather_tokens(x, source.clamp_min(0)), frozen)
-            return self.model.norm(torch.cat([x[:, :prefix], grid], dim=1)), None, None
-        return self.model.norm(x), sizes, valid
+            return self.model.final_norm(torch.cat([x[:, :prefix], grid], dim=1)), None, None
+        return self.model.final_norm(x), sizes, valid
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:  # (B, in, H, W) -> (B, classes)
         tokens, sizes, valid = self.forward_features(images)
@@ -198,7 +198,7 @@ class TokenReducedViT(nn.Module):
         prefix = self.model.num_prefix_tokens
         w = sizes[:, prefix:] * (valid[:, prefix:] if valid is not None else 1)
         pooled = (tokens[:, prefix:] * w.unsqueeze(-1)).sum(1) / w.sum(1, keepdim=True)
-        logits = self.model.head(pooled)
+        logits = self.model.head(self.model.norm(pooled) if self.model.config.fc_norm else pooled)
         if self.model.head_dist is not None:
             logits = (logits + self.model.head_dist(tokens[:, 1])) / 2
         return logits
