@@ -3,10 +3,13 @@ VENV ?= .venv
 PYTHON ?= python3
 PY := $(VENV)/bin/python
 VITRIM := $(VENV)/bin/vitrim
+# timm imports torchvision, which has no CPU build beside torch 2.13: its tests get their own
+# environment with the torch/torchvision pair that installs here.
+TIMM_VENV ?= .venv-timm
 FMNIST_DIR := /usr/share/datasets/fashion-mnist
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test setup data clean
+.PHONY: demo test test-core test-timm setup data clean
 
 setup: $(VENV)/.installed
 
@@ -14,6 +17,12 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e '.[dev,plot,images,onnx,hf]'
+	touch $@
+
+$(TIMM_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(TIMM_VENV)
+	$(TIMM_VENV)/bin/python -m pip install --quiet torch==2.14.1 torchvision==0.29.1
+	$(TIMM_VENV)/bin/python -m pip install --quiet -e '.[dev,timm]'
 	touch $@
 
 # Fashion-MNIST from Debian's package when it is missing and apt-get is available.
@@ -30,8 +39,13 @@ demo: setup data
 	$(VITRIM) analyze fmnist-vit --threads 2
 	$(VITRIM) prune --target flops=0.5 --recover reconstruct --threads 2
 
-test: setup data
-	HF_HUB_OFFLINE=1 $(PY) -m pytest tests
+test: test-core test-timm
+
+test-core: setup data
+	HF_HUB_OFFLINE=1 $(PY) -m pytest tests --ignore=tests/test_adapter_timm.py
+
+test-timm: $(TIMM_VENV)/.installed
+	HF_HUB_OFFLINE=1 $(TIMM_VENV)/bin/python -m pytest tests/test_adapter_timm.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(TIMM_VENV) .pytest_cache

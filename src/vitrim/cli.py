@@ -27,14 +27,12 @@ def positive_int(text: str) -> int:
 def resolve_model(spec: str, allow_random: bool = False):
     """A model directory, a preset with bundled weights, or (if allowed) a random-init preset."""
     import vitrim
-    from vitrim.adapters.hf import is_hf_vit, to_canonical
+    from vitrim.adapters import to_canonical
     from vitrim.models import get_preset
 
     if Path(spec).is_dir() or not allow_random or get_preset(spec).weights_dir() is not None:
-        model = vitrim.load(spec)
-        if is_hf_vit(model):  # measured through its exact canonical equivalent (logits as tensors)
-            model = to_canonical(model)
-        return model, "trained"
+        # other families are measured through their exact canonical equivalent (logits as tensors)
+        return to_canonical(vitrim.load(spec)), "trained"
     return vitrim.create(spec, seed=0), "random"
 
 
@@ -185,10 +183,10 @@ def cmd_prune(args: argparse.Namespace) -> None:
                       step_kd_images=args.step_kd_images, latency_batch=args.latency_batch, seed=args.seed)
     name = args.model or "fmnist-vit"
     out = Path(args.out or f"runs/{Path(name).name}-{cfg.metric}{cfg.ratio:g}")
-    from vitrim.adapters.hf import is_hf_vit, to_canonical
+    from vitrim.adapters import to_canonical
 
-    original = vitrim.load(name)  # a vitrim ViT or a Hugging Face model, pruned in its own family
-    model = to_canonical(original) if is_hf_vit(original) else original
+    original = vitrim.load(name)  # pruned in its own family
+    model = to_canonical(original)
     limit, args.limit = args.limit, None
     train_set = load_data_for(model, args, "train")
     args.limit = limit
@@ -198,8 +196,7 @@ def cmd_prune(args: argparse.Namespace) -> None:
         result = prune(original, config=cfg, data=train_set, train_data=train_set, progress=progress,
                        log=(lambda text: print(text, file=sys.stderr)) if progress else None)
         pruned_family = result.model
-        if is_hf_vit(pruned_family):
-            result.model = to_canonical(pruned_family)
+        result.model = to_canonical(pruned_family)
         report: dict[str, Any] = {"model": name, "metric": result.metric, "kept_ratio": result.kept_ratio,
                                   "config": cfg.to_dict(), "steps": result.steps}
         for key, net in (("dense", model), ("pruned", result.model)):

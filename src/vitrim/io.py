@@ -87,16 +87,17 @@ def read_config(directory: Path) -> dict[str, Any]:
 def save(model: nn.Module, directory: str | Path, extra: dict[str, Any] | None = None) -> Path:
     """Save a vitrim (or Hugging Face ViT) model as a directory; files written atomically, config last.
 
-    A Hugging Face model is stored as its canonical equivalent plus its class and HF config, so
-    per-layer dims that one HF config cannot express survive; :func:`load_dir` rebuilds the HF class.
+    A Hugging Face or timm model is stored as its canonical equivalent plus what its family needs
+    to rebuild it (class, config), so per-layer dims that one family config cannot express
+    survive; :func:`load_dir` rebuilds the family's class.
     """
-    from vitrim.adapters.hf import hf_metadata, is_hf_vit, to_canonical
+    from vitrim.adapters import family_of, metadata, to_canonical
 
-    if is_hf_vit(model):
-        extra = {**(extra or {}), "family": "hf", **hf_metadata(model)}
+    if family_of(model) in ("hf", "timm"):
+        extra = {**(extra or {}), **metadata(model)}
         model = to_canonical(model)
     if not isinstance(model, VisionTransformer):
-        raise ConfigError(f"vitrim.save handles vitrim and Hugging Face ViT models, got {type(model).__name__}")
+        raise ConfigError(f"vitrim.save handles vitrim, Hugging Face and timm ViTs, got {type(model).__name__}")
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise ModelFileError(f"{directory} exists and is not a directory")
@@ -108,7 +109,7 @@ def save(model: nn.Module, directory: str | Path, extra: dict[str, Any] | None =
 
 
 def load_dir(directory: str | Path) -> nn.Module:
-    """Rebuild a saved model: a vitrim ViT, or the Hugging Face class it was saved from."""
+    """Rebuild a saved model: a vitrim ViT, or the Hugging Face / timm class it was saved from."""
     directory = Path(directory)
     data = read_config(directory)
     try:
@@ -117,11 +118,10 @@ def load_dir(directory: str | Path) -> nn.Module:
         raise ModelFileError(f"{directory / CONFIG_FILE}: {exc}") from None
     model = VisionTransformer(cfg)
     load_weights_into(model, load_state(directory / WEIGHTS_FILE), directory / WEIGHTS_FILE)
-    family = data.get("family", "vitrim")
-    if family == "hf":
-        from vitrim.adapters.hf import from_canonical
+    from vitrim.adapters import FAMILIES, from_canonical
 
-        return from_canonical(model, data["hf_class"], data["hf_config"])
-    if family != "vitrim":
-        raise ModelFileError(f"{directory / CONFIG_FILE} names an unknown model family {family!r} (vitrim, hf)")
-    return model.eval()
+    family = data.get("family", "vitrim")
+    if family not in FAMILIES:
+        raise ModelFileError(f"{directory / CONFIG_FILE} names an unknown model family {family!r} "
+                             f"({', '.join(FAMILIES)})")
+    return from_canonical(model.eval(), data)

@@ -133,19 +133,20 @@ def prune(model: VisionTransformer, target: str = "flops=0.5", data: ImageSet | 
     fields (``structures``, ``exclude``, ``saliency``, ``steps``, ``round_to``, ...).
     """
     cfg = config or PruneConfig(target=target, recover=recover, **options)
-    from vitrim.adapters.hf import from_canonical, hf_metadata, is_hf_vit, to_canonical
+    from vitrim.adapters import family_of, from_canonical, metadata, require_family, to_canonical
 
-    if is_hf_vit(model):
-        # HF attention has one head_dim for queries, keys and values in a layer; the search does
-        # not yet tie q/k and v channels together, so per-head dims stay whole for this family.
+    if family_of(model) in ("hf", "timm"):
+        # Both families' attention uses one head width for queries, keys and values (timm's fused
+        # kernel also derives the softmax scale from it): heads are pruned whole there.
         cfg.structures = tuple(s for s in cfg.structures if s not in ("qk", "v"))
         if not cfg.structures:
-            raise ConfigError("Hugging Face ViTs can be pruned by heads, mlp, embed, attn-layer, mlp-layer")
-        meta = hf_metadata(model)
+            raise ConfigError("Hugging Face and timm ViTs can be pruned by heads, mlp, embed, attn-layer, mlp-layer")
+        meta = metadata(model)
         result = prune(to_canonical(model), data=data, train_data=train_data, config=cfg, cost=cost, loss_fn=loss_fn,
                        progress=progress, log=log)
-        result.model = from_canonical(result.model, meta["hf_class"], meta["hf_config"])
+        result.model = from_canonical(result.model, meta)
         return result
+    require_family(model)
     if isinstance(model, VisionTransformer) and model.config.qk_norm and "qk" in cfg.structures:
         cfg.structures = tuple(s for s in cfg.structures if s != "qk")  # q/k norm spans each head's channels
     if not isinstance(model, VisionTransformer):
