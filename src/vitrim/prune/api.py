@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import tempfile
 from collections.abc import Callable
@@ -138,9 +139,10 @@ def prune(model: VisionTransformer, target: str = "flops=0.5", data: ImageSet | 
     if family_of(model) in ("hf", "timm"):
         # Both families' attention uses one head width for queries, keys and values (timm's fused
         # kernel also derives the softmax scale from it): heads are pruned whole there.
-        cfg.structures = tuple(s for s in cfg.structures if s not in ("qk", "v"))
-        if not cfg.structures:
+        kept = tuple(s for s in cfg.structures if s not in ("qk", "v"))
+        if not kept:
             raise ConfigError("Hugging Face and timm ViTs can be pruned by heads, mlp, embed, attn-layer, mlp-layer")
+        cfg = dataclasses.replace(cfg, structures=kept)
         meta = metadata(model)
         result = prune(to_canonical(model), data=data, train_data=train_data, config=cfg, cost=cost, loss_fn=loss_fn,
                        progress=progress, log=log)
@@ -148,7 +150,8 @@ def prune(model: VisionTransformer, target: str = "flops=0.5", data: ImageSet | 
         return result
     require_family(model)
     if isinstance(model, VisionTransformer) and model.config.qk_norm and "qk" in cfg.structures:
-        cfg.structures = tuple(s for s in cfg.structures if s != "qk")  # q/k norm spans each head's channels
+        # q/k norm spans each head's channels, so they cannot be pruned one by one
+        cfg = dataclasses.replace(cfg, structures=tuple(s for s in cfg.structures if s != "qk"))
     if not isinstance(model, VisionTransformer):
         raise ConfigError(f"vitrim.prune handles vitrim ViTs and Hugging Face ViTForImageClassification / "
                           f"ViTModel, got {type(model).__name__}")
