@@ -162,11 +162,11 @@ def from_canonical(canonical: VisionTransformer, timm_class: str, timm_global_po
             if cfg.qk_norm:
                 a.q_norm, a.k_norm = nn.LayerNorm(d.qk_dim, eps=cfg.norm_eps), nn.LayerNorm(d.qk_dim, eps=cfg.norm_eps)
         else:
-            block.attn = RemovedAttention()
+            block.attn, block.norm1, block.ls1 = RemovedAttention(), nn.Identity(), nn.Identity()
         if d.mlp:
             block.mlp.fc1, block.mlp.fc2 = nn.Linear(C, d.mlp_dim), nn.Linear(d.mlp_dim, C)
         else:
-            block.mlp = RemovedMlp()
+            block.mlp, block.norm2, block.ls2 = RemovedMlp(), nn.Identity(), nn.Identity()
     state = dict(canonical.state_dict())
     final = state.pop("norm.weight"), state.pop("norm.bias")
     prefix = "fc_norm." if cfg.fc_norm else "norm."
