@@ -99,6 +99,8 @@ def tp_prune_at_ratio(dense, pruning_ratio, importance_name, batches):
                 F.cross_entropy(model(x[i : i + 1]), y[i : i + 1]).backward()
                 importance.accumulate_grad(model)
     pruner.step()
+    if any(pruner.num_heads[block.attn.qkv] == 0 for block in model.blocks):
+        return None  # every head of a block removed: no valid attention left at this ratio
     for block in model.blocks:  # Torch-Pruning leaves these stale: the hand edits its users make
         block.attn.heads = pruner.num_heads[block.attn.qkv]
         block.attn.qk_dim = block.attn.v_dim = block.attn.qkv.out_features // (3 * block.attn.heads)
@@ -113,14 +115,15 @@ def tp_pruned(dense, ratio, importance_name, train, args):
     for _ in range(args.bisect):
         mid = (lo + hi) / 2
         candidate = tp_prune_at_ratio(dense, mid, importance_name, batches)
+        if candidate is None:  # over-pruned into an invalid model: prune less
+            hi = mid
+            continue
         kept = model_cost(candidate.config).flops / dense_flops
         if kept <= ratio:
             best, hi = candidate, mid
         else:
             lo = mid
-    if best is None:
-        best = tp_prune_at_ratio(dense, hi, importance_name, batches)
-    return best
+    return best  # None: no valid model at or below the target
 
 
 def distil(student, teacher, train, args):
@@ -136,7 +139,7 @@ def main() -> None:
     parser.add_argument("--model", default="fmnist-vit")
     parser.add_argument("--targets", type=float, nargs="+", default=[0.75, 0.5, 0.25])
     parser.add_argument("--methods", nargs="+",
-                        default=["vitrim-fisher", "vitrim-magnitude", "tp-taylor", "tp-hessian"])
+                        default=["vitrim-taylor2", "vitrim-fisher", "vitrim-magnitude", "tp-taylor", "tp-hessian"])
     parser.add_argument("--recover", nargs="+", default=["none", "reconstruct", "kd"],
                         help="recoveries; reconstruct applies to vitrim methods only")
     parser.add_argument("--calib", type=int, default=512)
@@ -166,6 +169,11 @@ def main() -> None:
                 base = vitrim_pruned(dense, ratio, method.split("-", 1)[1], "none", train, args)
             else:
                 base = tp_pruned(dense, ratio, method.split("-", 1)[1], train, args)
+                if base is None:
+                    rows.append({"target": ratio, "method": method, "recover": "none", "accuracy": None,
+                                 "note": "no valid model at this target (a block lost every head)"})
+                    print(rows[-1], flush=True)
+                    continue
             prune_seconds = time.perf_counter() - started
             for recover in args.recover:
                 if recover == "reconstruct" and not method.startswith("vitrim-"):
@@ -199,6 +207,9 @@ def main() -> None:
              "| FLOPs target | method | recovery | accuracy | drop (pt) | FLOPs kept | params | speedup b=1 | speedup b=64 |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        if r["accuracy"] is None:
+            lines.append(f"| {r['target']} | {r['method']} | {r['recover']} | {r['note']} | | | | | |")
+            continue
         lines.append(f"| {r['target']} | {r['method']} | {r['recover']} | {r['accuracy'] * 100:.2f}% | "
                      f"{r['drop_points']:.2f} | {r['flops_ratio']:.3f} | {r['params'] / 1e6:.2f} M | "
                      f"{r['speedup_b1']:.2f}x | {r['speedup_b64']:.2f}x |")

@@ -65,7 +65,7 @@ class SaliencyAccumulator:
 def gradient_saliency(model: VisionTransformer, batches: Iterable[Batch], method: str = "fisher",
                       loss_fn: LossFn = classification_loss, kinds: Iterable[str] | None = None,
                       progress: bool = False, total: int | None = None) -> dict[str, torch.Tensor]:
-    """Fisher or Taylor saliency of every gate key (restricted to ``kinds`` if given)."""
+    """Gradient saliency (fisher | taylor | taylor2) of every gate key (restricted to ``kinds`` if given)."""
     if method not in GRADIENT_METHODS:
         raise ConfigError(f"unknown gradient saliency {method!r}; use one of {', '.join(GRADIENT_METHODS)}")
     shapes = gate_shapes(model.config)
@@ -129,7 +129,7 @@ def magnitude_saliency(model: VisionTransformer) -> dict[str, torch.Tensor]:
 
 def saliency(model: VisionTransformer, batches: Iterable[Batch] | None, method: str = "fisher",
              **kwargs) -> dict[str, torch.Tensor]:
-    """Saliency of every structure by ``method`` (fisher | taylor | magnitude)."""
+    """Saliency of every structure by ``method`` (fisher | taylor | taylor2 | magnitude)."""
     if method not in METHODS:
         raise ConfigError(f"unknown saliency {method!r}; use one of {', '.join(METHODS)}")
     if method == "magnitude":
