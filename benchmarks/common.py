@@ -32,6 +32,19 @@ def write_results(name: str, data: dict[str, Any], markdown: str) -> None:
     print(f"wrote {RESULTS / (name + '.json')} and {RESULTS / (name + '.md')}")
 
 
+def load_reference(model_name: str, threads: int, eval_limit: int | None):
+    """The dense model, the test images (first ``eval_limit``) and its accuracy on them."""
+    import vitrim
+    from vitrim.data import load_dataset
+
+    torch.set_num_threads(threads)
+    dense = vitrim.load(model_name)
+    test = load_dataset("fashion-mnist", "test")
+    if eval_limit:
+        test = test.subset(eval_limit)
+    return dense, test, vitrim.evaluate(dense, test)["accuracy"]
+
+
 def spearman(a: list[float], b: list[float]) -> float:
     def ranks(values: list[float]) -> torch.Tensor:
         t = torch.tensor(values, dtype=torch.float64)

@@ -18,11 +18,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, write_results  # noqa: E402
+from common import environment, load_reference, write_results  # noqa: E402
 
 import vitrim  # noqa: E402
 from vitrim.bench.flops import model_cost  # noqa: E402
@@ -153,13 +152,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--name", default="prune_benchmark")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    dense = vitrim.load(args.model)
+    dense, test, dense_acc = load_reference(args.model, args.threads, args.eval_limit)
     train = load_dataset("fashion-mnist", "train")
-    test = load_dataset("fashion-mnist", "test")
-    if args.eval_limit:
-        test = test.subset(args.eval_limit)
-    dense_acc = vitrim.evaluate(dense, test)["accuracy"]
     dense_cost = model_cost(dense.config)
     rows: list[dict[str, Any]] = []
     for ratio in args.targets:

@@ -22,7 +22,7 @@ import vitrim  # noqa: E402
 from vitrim.data import load_dataset  # noqa: E402
 from vitrim.prune.api import calibration_batches  # noqa: E402
 from vitrim.prune.gates import gate_shapes, gated, kind_of  # noqa: E402
-from vitrim.prune.saliency import saliency  # noqa: E402
+from vitrim.prune.saliency import accumulate_gradients, magnitude_saliency  # noqa: E402
 
 
 @torch.no_grad()
@@ -48,7 +48,9 @@ def main() -> None:
     data = load_dataset("fashion-mnist", "train")
     batches = calibration_batches(data, args.calib, 128, model.config.image_size, args.seed)
     started = time.perf_counter()
-    scores = {m: saliency(model, batches if m != "magnitude" else None, m) for m in ("fisher", "taylor", "taylor2", "magnitude")}
+    gradients = accumulate_gradients(model, batches)
+    scores = {m: gradients.scores(m) for m in ("fisher", "taylor", "taylor2")}
+    scores["magnitude"] = magnitude_saliency(model)
     base = mean_loss(model, batches)
     shapes = gate_shapes(model.config)
     rng = random.Random(args.seed)

@@ -14,15 +14,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, environment, write_results  # noqa: E402
+from common import RESULTS, environment, load_reference, write_results  # noqa: E402
 
 import vitrim  # noqa: E402
 from vitrim.bench.flops import model_cost  # noqa: E402
 from vitrim.bench.latency import paired_latency  # noqa: E402
-from vitrim.data import load_dataset  # noqa: E402
 from vitrim.tokens import reduce_tokens, reduced_flops  # noqa: E402
 
 SWEEPS = {
@@ -66,12 +64,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--name", default="token_benchmark")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    dense = vitrim.load(args.model)
-    test = load_dataset("fashion-mnist", "test")
-    if args.eval_limit:
-        test = test.subset(args.eval_limit)
-    dense_acc = vitrim.evaluate(dense, test)["accuracy"]
+    dense, test, dense_acc = load_reference(args.model, args.threads, args.eval_limit)
     dense_flops = model_cost(dense.config).flops
     sample = next(test.batches(256))[0]
     rows = []

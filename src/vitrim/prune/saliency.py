@@ -68,6 +68,13 @@ def gradient_saliency(model: VisionTransformer, batches: Iterable[Batch], method
     """Gradient saliency (fisher | taylor | taylor2) of every gate key (restricted to ``kinds`` if given)."""
     if method not in GRADIENT_METHODS:
         raise ConfigError(f"unknown gradient saliency {method!r}; use one of {', '.join(GRADIENT_METHODS)}")
+    return accumulate_gradients(model, batches, loss_fn, kinds, progress, total).scores(method)
+
+
+def accumulate_gradients(model: VisionTransformer, batches: Iterable[Batch], loss_fn: LossFn = classification_loss,
+                         kinds: Iterable[str] | None = None, progress: bool = False,
+                         total: int | None = None) -> SaliencyAccumulator:
+    """One pass over ``batches``: per-sample gate gradients summed for every gradient method."""
     shapes = gate_shapes(model.config)
     if kinds is not None:
         wanted = set(kinds)
@@ -94,7 +101,7 @@ def gradient_saliency(model: VisionTransformer, batches: Iterable[Batch], method
         for p, flag in zip(params, flags):
             p.requires_grad_(flag)
         model.train(was_training)
-    return acc.scores(method)
+    return acc
 
 
 @torch.no_grad()
