@@ -175,7 +175,10 @@ class VisionTransformer(nn.Module):
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:  # (B, in, H, W) -> (B, N, C)
         self.check_input(x)
-        x = self.patch_embed(x)
+        return self.add_prefix_and_position(self.patch_embed(x))
+
+    def add_prefix_and_position(self, x: torch.Tensor) -> torch.Tensor:  # (B, P, C) -> (B, N, C)
+        """Patch tokens in, the sequence the blocks see out: prefix tokens and position embedding."""
         if not self.config.pos_embed_prefix:
             x = x + self.pos_embed
         prefix = [t.expand(x.shape[0], -1, -1) for t in (self.cls_token, self.dist_token, self.reg_token)

@@ -153,6 +153,24 @@ class TokenReducedViT(nn.Module):
         x, sizes, dest = bipartite_merge(x, keys, sizes, r, self.model.num_prefix_tokens)
         return x, sizes, valid, dest
 
+    def embed(self, images: torch.Tensor) -> tuple[torch.Tensor, object]:
+        """Initial tokens (B, N, C) and whatever :meth:`refine` needs later (nothing here)."""
+        return self.model.embed(images), None
+
+    def embedding_flops(self) -> float:
+        """FLOPs per image spent turning pixels into tokens in the last call."""
+        from vitrim.bench.flops import embedding_cost
+
+        return float(embedding_cost(self.config).flops)
+
+    def reduces_after(self, block: int) -> bool:
+        """Whether tokens are reduced after ``block`` with the current knobs."""
+        return block in self.layers and (self.keep < 1 or (self.mode == "dynamic" and self.tau is not None))
+
+    def refine(self, x: torch.Tensor, dest: torch.Tensor, valid: torch.Tensor | None, context: object) -> torch.Tensor:
+        """Hook after each reduction: the reduced tokens, given where every old token went."""
+        return x
+
     def forward_features(self, images: torch.Tensor, restore: bool = False):
         """Normalised tokens (B, N', C), their sizes (B, N') and validity mask (or None).
 
@@ -160,7 +178,7 @@ class TokenReducedViT(nn.Module):
         scattered back to their patches, fused or merged patches filled from the token they went
         into, dropped patches from their last state before they were dropped.
         """
-        x = self.model.embed(images)
+        x, context = self.embed(images)
         B, N, C = x.shape
         prefix = self.model.num_prefix_tokens
         sizes = torch.ones(B, N, dtype=x.dtype)
@@ -170,7 +188,7 @@ class TokenReducedViT(nn.Module):
         counts = []
         for i, block in enumerate(self.model.blocks):
             counts.append(float(valid.sum(1).float().mean()) if valid is not None else float(x.shape[1]))
-            reduce_here = i in self.layers and (self.keep < 1 or (self.mode == "dynamic" and self.tau is not None))
+            reduce_here = self.reduces_after(i)
             if block.attn is not None:
                 out, scores, keys = self._attention(block, x, self._bias(sizes, valid), reduce_here)
                 x = x + out
@@ -179,6 +197,7 @@ class TokenReducedViT(nn.Module):
             if reduce_here:
                 old = x
                 x, sizes, valid, dest = self._reduce(x, sizes, valid, scores, keys)
+                x = self.refine(x, dest, valid, context)
                 if restore:
                     alive = source >= 0
                     moved = torch.where(alive, dest.gather(1, source.clamp_min(0)), torch.full_like(source, -1))
@@ -211,12 +230,12 @@ def reduce_tokens(model: VisionTransformer, method: str = "drop", **kwargs) -> T
 
 def reduced_flops(model: TokenReducedViT, images: torch.Tensor) -> float:
     """Matrix-product FLOPs per image of one call, from the token count each block saw."""
-    from vitrim.bench.flops import block_cost, embedding_cost, head_cost
+    from vitrim.bench.flops import block_cost, head_cost
 
     with torch.no_grad():
         model(images)
     cfg = model.config
-    total = embedding_cost(cfg).flops + head_cost(cfg).flops
+    total = model.embedding_flops() + head_cost(cfg).flops
     for i, tokens in enumerate(model.last_token_counts):
         total += sum(c.flops for c in block_cost(cfg, i, tokens=round(tokens)).values())
     return float(total)

@@ -1,0 +1,174 @@
+"""The incremental-resolution ViT: coarse tokens first, detail only where the class token looks.
+
+Every patch enters as a *coarse* token embedded from its low band (LL) of a one-level 2-D
+lifting scheme — a quarter of the pixels' values. After block ``detail_layer`` the class
+token's attention ranks the patches; the most-attended ones receive their three detail bands
+(LH, HL, HH) through a second embedding, added to their token, and the rest are dropped. The
+knob is the same as :class:`~vitrim.tokens.TokenReducedViT`'s: ``keep`` (static, one count per
+batch) or ``tau`` (dynamic, the share of attention the kept patches must cover, per image).
+
+Built from a trained ViT (:func:`incremental_from_vit`), the two embeddings start as the exact
+split of its patch embedding over the bands, so a short fine-tune (``vitrim train --arch iret``)
+adapts the blocks to coarse tokens; in training mode each batch draws its own keep ratio, so one
+set of weights serves the whole knob range.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from vitrim.errors import ConfigError
+from vitrim.iret.lifting import Lifting2D
+from vitrim.models import VisionTransformer
+from vitrim.tokens.model import TokenReducedViT
+
+
+@dataclass(frozen=True)
+class IretOptions:
+    """``detail_layer``: the block after which details arrive and tokens are dropped (0-based);
+    ``kernel``: lifting filter length; ``learnable``: train the lifting filters (else fixed Haar);
+    ``train_keep``: range of the keep ratio drawn per training batch."""
+
+    detail_layer: int = 1
+    kernel: int = 3
+    learnable: bool = True
+    train_keep: tuple[float, float] = (0.1, 1.0)
+
+    def __post_init__(self) -> None:
+        low, high = self.train_keep
+        if not 0 < low <= high <= 1:
+            raise ConfigError(f"train_keep must satisfy 0 < low <= high <= 1, got {self.train_keep}")
+        if self.kernel < 1 or self.kernel % 2 == 0:
+            raise ConfigError(f"the lifting kernel length must be odd and positive, got {self.kernel}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "train_keep": list(self.train_keep)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "IretOptions":
+        unknown = set(data) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ConfigError(f"unknown incremental-resolution options: {', '.join(sorted(unknown))}")
+        data = dict(data)
+        if "train_keep" in data:
+            data["train_keep"] = tuple(data["train_keep"])
+        return cls(**data)
+
+
+def patchify(bands: torch.Tensor, size: int) -> torch.Tensor:
+    """(B, K, H', W') band images -> (B, P, K * size * size): one row per ``size`` x ``size`` patch."""
+    B, K, H, W = bands.shape
+    gh, gw = H // size, W // size
+    x = bands.view(B, K, gh, size, gw, size).permute(0, 2, 4, 1, 3, 5)  # (B, gh, gw, K, s, s)
+    return x.reshape(B, gh * gw, K * size * size)
+
+
+class IncrementalViT(TokenReducedViT):
+    """A ViT that starts from coarse tokens and adds detail where its class token attends.
+
+    Wraps a canonical :class:`VisionTransformer` whose patch embedding it replaces (the wrapped
+    model's ``patch_embed`` becomes ``None``). ``keep=1`` gives every patch its detail.
+    """
+
+    def __init__(self, model: VisionTransformer, options: IretOptions | None = None, *, keep: float = 1.0,
+                 tau: float | None = None, mode: str = "static") -> None:
+        options = options or IretOptions()
+        cfg = model.config
+        if cfg.patch_size % 2:
+            raise ConfigError(f"the incremental-resolution ViT halves each patch; patch size {cfg.patch_size} "
+                              f"is odd")
+        if not cfg.class_token:
+            raise ConfigError("the incremental-resolution ViT ranks patches by the class token's attention, "
+                              "and this model has no class token")
+        if not 0 <= options.detail_layer < cfg.depth - 1:
+            raise ConfigError(f"detail_layer {options.detail_layer} must leave at least one block after it "
+                              f"(0..{cfg.depth - 2} for depth {cfg.depth})")
+        super().__init__(model, "drop", layers=(options.detail_layer,), keep=keep, tau=tau, mode=mode)
+        self.options = options
+        half = cfg.patch_size // 2
+        band = cfg.in_chans * half * half
+        self.lifting = Lifting2D(cfg.in_chans, options.kernel, options.learnable)
+        self.coarse_embed = nn.Linear(band, cfg.embed_dim)  # from LL
+        self.detail_embed = nn.Linear(3 * band, cfg.embed_dim)  # from LH, HL, HH
+        model.patch_embed = None
+        self._kept_patches = float(cfg.num_patches)
+
+    def reduces_after(self, block: int) -> bool:
+        return block in self.layers  # details arrive here even when every patch is kept
+
+    def embed(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.model.check_input(images)
+        half = self.config.patch_size // 2
+        ll, details = self.lifting(images)  # (B, in, H/2, W/2), (B, 3 in, H/2, W/2)
+        coarse = self.coarse_embed(patchify(ll, half))  # (B, P, C)
+        return self.model.add_prefix_and_position(coarse), patchify(details, half)
+
+    def refine(self, x: torch.Tensor, dest: torch.Tensor, valid: torch.Tensor | None,
+               details: torch.Tensor) -> torch.Tensor:
+        prefix = self.model.num_prefix_tokens
+        B, N, _ = x.shape
+        P = details.shape[1]
+        moved = dest[:, prefix:]  # (B, P): each patch's new slot, -1 if dropped
+        slot = torch.where(moved >= 0, moved, N)  # dropped patches go to a spare slot
+        source = torch.full((B, N + 1), -1, dtype=torch.long)
+        source.scatter_(1, slot, torch.arange(P).expand(B, -1))
+        source = source[:, prefix:N]  # (B, N - prefix): which patch each slot holds
+        present = source >= 0
+        picked = details.gather(1, source.clamp_min(0).unsqueeze(-1).expand(-1, -1, details.shape[-1]))
+        added = self.detail_embed(picked) * present.unsqueeze(-1).to(x.dtype)  # (B, N - prefix, C)
+        self._kept_patches = float(present.sum(1).float().mean())
+        return torch.cat([x[:, :prefix], x[:, prefix:] + added], dim=1)
+
+    def embedding_flops(self) -> float:
+        cfg = self.config
+        band = cfg.in_chans * (cfg.patch_size // 2) ** 2
+        pixels = cfg.in_chans * cfg.image_size ** 2
+        lifting = 2 * 2 * self.options.kernel * pixels  # predict + update along rows, then columns
+        return float(2 * cfg.num_patches * band * cfg.embed_dim
+                     + 2 * self._kept_patches * 3 * band * cfg.embed_dim + lifting)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:  # (B, in, H, W) -> (B, classes)
+        if not (self.training and self.mode == "static"):
+            return super().forward(images)
+        low, high = self.options.train_keep
+        chosen = self._keep
+        self._keep = low + (high - low) * float(torch.rand(()))
+        try:
+            return super().forward(images)
+        finally:
+            self._keep = chosen
+
+
+@torch.no_grad()
+def split_patch_embedding(vit: VisionTransformer, iret: IncrementalViT) -> None:
+    """Set ``iret``'s coarse and detail embeddings so that, with the lifting as initialised,
+    coarse(LL) + detail(LH, HL, HH) equals ``vit``'s patch embedding of the same patch exactly."""
+    cfg = vit.config
+    p, c = cfg.patch_size, cfg.in_chans
+    basis = torch.eye(c * p * p).view(-1, c, p, p)  # every one-pixel patch
+    ll, details = iret.lifting(basis)
+    half = p // 2
+    bands = torch.cat([patchify(ll, half)[:, 0], patchify(details, half)[:, 0]], dim=1)  # (cpp, cpp)
+    weight = vit.patch_embed.proj.weight.reshape(cfg.embed_dim, -1)  # (C, cpp)
+    split = weight @ torch.linalg.inv(bands.T.double()).float()  # W · M^-1, M maps pixels to bands
+    band = c * half * half
+    iret.coarse_embed.weight.copy_(split[:, :band])
+    iret.coarse_embed.bias.copy_(vit.patch_embed.proj.bias)
+    iret.detail_embed.weight.copy_(split[:, band:])
+    iret.detail_embed.bias.zero_()
+
+
+def incremental_from_vit(vit: VisionTransformer, options: IretOptions | None = None, **knobs: Any) -> IncrementalViT:
+    """An incremental-resolution ViT initialised from a trained canonical ViT (which is not modified)."""
+    if not isinstance(vit, VisionTransformer):
+        raise ConfigError(f"the incremental-resolution ViT is built from a vitrim ViT, got {type(vit).__name__}")
+    if vit.patch_embed is None:
+        raise ConfigError("this ViT has no patch embedding to start from")
+    iret = IncrementalViT(copy.deepcopy(vit), options, **knobs)
+    split_patch_embedding(vit, iret)
+    return iret.eval()
