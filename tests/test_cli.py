@@ -122,3 +122,47 @@ def test_train_failure_leaves_no_model(capsys, idx_model):
     code, _, err = run(capsys, "train", "--model", "fmnist-vit-micro", "--data", f"idx:{idx_model / 'data'}",
                        "--out", str(out_dir), "--lr", "-1")
     assert code == 2 and "lr=-1.0" in err and not out_dir.exists()
+
+
+@pytest.mark.parametrize("spec, kind, target, stem", [
+    ("hf:/data/my-vit", "hf", "/data/my-vit", "my-vit"),
+    ("timm:deit_small_patch16_224", "timm", "deit_small_patch16_224", "deit_small_patch16_224"),
+    ("timm:hf-hub:timm/vit_tiny", "timm", "hf-hub:timm/vit_tiny", "timm_vit_tiny"),
+    ("fmnist-vit", "preset", "fmnist-vit", "fmnist-vit"),
+    ("no/such/dir", "preset", "no/such/dir", "no/such/dir"),
+])
+def test_model_specs_parse(spec, kind, target, stem):
+    from vitrim.adapters.sources import parse_spec
+
+    parsed = parse_spec(spec)
+    assert (parsed.kind, parsed.target, parsed.stem) == (kind, target, stem)
+
+
+def test_existing_directories_are_directory_specs(idx_model):
+    from vitrim.adapters.sources import parse_spec
+
+    assert parse_spec(idx_model / "model").kind == "dir"
+    assert parse_spec(str(idx_model / "model")).stem == "model"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["bench", "timm:"], "model spec 'timm:' is incomplete: use hf:DIR or timm:NAME"),
+    (["analyze", "fmnist-vit", "--pretrained"], "--pretrained (pretrained=True) applies to timm:NAME models"),
+    (["eval", "fmnist-vit-micro", "--pretrained"], "applies to timm:NAME models"),
+])
+def test_spec_errors_exit_2(capsys, argv, message):
+    code, out, err = run(capsys, *argv)
+    assert code == 2 and out == "" and message in err and err.count("\n") == 1
+
+
+def test_prune_with_random_calibration(capsys, tmp_path):
+    out = tmp_path / "pruned"
+    code, stdout, err = run(capsys, "prune", "fmnist-vit-micro", "--data", "random", "--calib", "8", "--steps", "1",
+                            "--round-to", "4", "--runs", "2", "--out", str(out), "--json")
+    assert code == 0, err
+    report = json.loads(stdout)
+    assert (report["family"], report["weights"], report["calibration"]) == ("vitrim", "random", "random images")
+    assert "accuracy" not in report["pruned"] and report["kept_ratio"] <= 0.5
+    from vitrim.prune.report import dimension_plan
+
+    assert dimension_plan(vitrim.load(out).config) == report["pruned"]["dimension_plan"]

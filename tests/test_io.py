@@ -84,3 +84,28 @@ def test_saved_files_get_ordinary_permissions(uneven_model, tmp_path):
         os.umask(umask)
     for name in (CONFIG_FILE, WEIGHTS_FILE):
         assert stat.S_IMODE((tmp_path / "m" / name).stat().st_mode) == 0o644
+
+
+def test_directory_that_is_no_known_format(tmp_path):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / CONFIG_FILE).write_text(json.dumps({"hidden_size": 8}))
+    with pytest.raises(ModelFileError, match=r"neither a vitrim model config .* nor a Hugging Face one"):
+        vitrim.load(tmp_path / "m")
+
+
+def test_timm_specs_without_timm_say_how_to_install(monkeypatch):
+    import sys
+
+    from vitrim.errors import ConfigError
+
+    monkeypatch.setitem(sys.modules, "timm", None)  # as if timm were not installed
+    with pytest.raises(ConfigError, match=r"timm:NAME needs timm: pip install 'vitrim\[timm\]'"):
+        vitrim.load("timm:deit_small_patch16_224")
+
+
+def test_pretrained_applies_to_timm_only(uneven_model, tmp_path):
+    from vitrim.errors import ConfigError
+
+    vitrim.save(uneven_model, tmp_path / "m")
+    with pytest.raises(ConfigError, match="applies to timm:NAME models"):
+        vitrim.load(tmp_path / "m", pretrained=True)

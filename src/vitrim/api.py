@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from torch import nn
 
-from vitrim.errors import UnknownModelError
-from vitrim.io import load_dir, save
+from vitrim.io import save
 from vitrim.models import ViTConfig, VisionTransformer, get_preset
 
 
@@ -19,20 +19,19 @@ def create(name_or_config: str | ViTConfig, seed: int | None = None) -> VisionTr
     return VisionTransformer(cfg).eval()
 
 
-def load(path_or_name: str | Path) -> VisionTransformer:
-    """Load a model directory, or a preset that ships trained weights (e.g. ``"fmnist-vit"``)."""
-    path = Path(path_or_name)
-    if path.is_dir():
-        return load_dir(path)
-    name = str(path_or_name)
-    preset = get_preset(name)
-    weights = preset.weights_dir()
-    if weights is None:
-        raise UnknownModelError(
-            f"preset {name!r} has no trained weights; use vitrim.create({name!r}) for a randomly "
-            f"initialised model, or train one with `vitrim train --model {name}`"
-        )
-    return load_dir(weights)
+def load(path_or_name: str | Path, pretrained: bool = False) -> nn.Module:
+    """Load a model in its own family.
+
+    * a vitrim model directory (``vitrim.save``): a vitrim ViT, or the Hugging Face / timm class
+      it was saved from (e.g. a pruned ``ViTForImageClassification``);
+    * a Hugging Face ViT/DeiT directory (``save_pretrained``), or ``"hf:DIR"``;
+    * ``"timm:NAME"`` (e.g. ``"timm:deit_small_patch16_224"``): timm's model, random weights unless
+      ``pretrained=True`` (which needs the network or timm's local cache);
+    * a preset that ships trained weights (e.g. ``"fmnist-vit"``).
+    """
+    from vitrim.adapters.sources import load_model
+
+    return load_model(path_or_name, pretrained=pretrained).model
 
 
 __all__ = ["create", "load", "save"]

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from vitrim.errors import DataError, VitrimError
+from vitrim.errors import ConfigError, DataError, VitrimError
 
 
 def positive_int(text: str) -> int:
@@ -24,16 +24,42 @@ def positive_int(text: str) -> int:
     return value
 
 
-def resolve_model(spec: str, allow_random: bool = False):
-    """A model directory, a preset with bundled weights, or (if allowed) a random-init preset."""
-    import vitrim
-    from vitrim.adapters import to_canonical
-    from vitrim.models import get_preset
+def resolve_model(spec: str, allow_random: bool = False, pretrained: bool = False,
+                  native: bool = False) -> tuple[Any, str]:
+    """``(model, weights)`` for a model spec (see :mod:`vitrim.adapters.sources`).
 
-    if Path(spec).is_dir() or not allow_random or get_preset(spec).weights_dir() is not None:
-        # other families are measured through their exact canonical equivalent (logits as tensors)
-        return to_canonical(vitrim.load(spec)), "trained"
-    return vitrim.create(spec, seed=0), "random"
+    ``weights`` is "trained", "pretrained" or "random"; random weights (a preset without bundled
+    weights, ``timm:NAME`` without ``pretrained``) only if ``allow_random``. Hugging Face and timm
+    models come back as their exact canonical equivalent, or with ``native`` run by their own
+    forward (for latency and accuracy).
+    """
+    from vitrim.adapters import family_of, to_canonical
+    from vitrim.adapters.native import NativeModel
+    from vitrim.adapters.sources import load_model
+
+    loaded = load_model(spec, pretrained=pretrained, allow_random=allow_random)
+    if loaded.weights == "random" and not allow_random:
+        raise ConfigError(f"{spec} has random weights here; add --pretrained for timm's trained weights "
+                          f"(needs the network or timm's local cache)")
+    model = loaded.model
+    if family_of(model) in ("hf", "timm"):
+        model = NativeModel(model) if native else to_canonical(model)
+    return model, loaded.weights
+
+
+def add_pretrained(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--pretrained", action="store_true",
+                   help="timm:NAME only: timm's pretrained weights (needs the network or timm's local cache; "
+                        "default: random weights)")
+
+
+def resolve_torch_or_onnx(args: argparse.Namespace, allow_random: bool = False) -> tuple[Any, str]:
+    """A ``.onnx`` file through ONNX Runtime, else :func:`resolve_model` run natively with ``--pretrained``."""
+    from vitrim.quant.cli import is_onnx_spec, resolve_model_or_onnx
+
+    if is_onnx_spec(args.model):
+        return resolve_model_or_onnx(args, allow_random=allow_random)
+    return resolve_model(args.model, allow_random=allow_random, pretrained=args.pretrained, native=True)
 
 
 def load_data_for(model, args: argparse.Namespace, split: str):
@@ -53,9 +79,27 @@ def load_data_for(model, args: argparse.Namespace, split: str):
     return data
 
 
-def add_data_args(p: argparse.ArgumentParser, limit_help: str) -> None:
+FAMILY_DATA_HINT = ("For a Hugging Face or timm model, pass --data folder:DIR (class sub-folders of images, "
+                    "resized to the model's input)")
+
+
+def data_for_family(model: Any, args: argparse.Namespace, split: str, family: str) -> Any:
+    """:func:`load_data_for`, its error telling Hugging Face / timm users which data fits."""
+    try:
+        return load_data_for(model, args, split)
+    except DataError as exc:
+        if family not in ("hf", "timm"):
+            raise
+        hint = FAMILY_DATA_HINT + (", or --data random (random images labelled by the model itself, for speed "
+                                   "checks)" if args.command == "prune" else "")
+        raise DataError(f"{exc}. {hint}") from None
+
+
+def add_data_args(p: argparse.ArgumentParser, limit_help: str, random: bool = False) -> None:
+    kinds = "fashion-mnist | idx:DIR (MNIST-format IDX files) | folder:DIR (class sub-folders)"
     p.add_argument("--data", default="fashion-mnist",
-                   help="fashion-mnist | idx:DIR (MNIST-format IDX files) | folder:DIR (class sub-folders)")
+                   help=kinds + (" | random (random images labelled by the dense model: calibration for speed "
+                                 "checks, no accuracy)" if random else ""))
     p.add_argument("--data-dir", default=None, help="directory holding the Fashion-MNIST IDX files")
     p.add_argument("--resize", action="store_true", help="resize images to the model's input size")
     p.add_argument("--limit", type=positive_int, default=None, help=limit_help)
@@ -84,12 +128,16 @@ def cmd_models(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
+    from vitrim.adapters import head_kind
+    from vitrim.adapters.native import NativeModel
     from vitrim.bench import evaluate
 
-    from vitrim.quant.cli import resolve_model_or_onnx
-
-    model, _ = resolve_model_or_onnx(args)
-    data = load_data_for(model, args, args.split)
+    model, _ = resolve_torch_or_onnx(args)
+    family = model.family if isinstance(model, NativeModel) else "vitrim"
+    if isinstance(model, NativeModel) and head_kind(model.model) != "classifier":
+        raise ConfigError(f"{args.model} is a {type(model.model).__name__} without a classifier; eval needs "
+                          f"class logits (bench, analyze and prune take backbones)")
+    data = data_for_family(model, args, args.split, family)
     with _threads(args.threads):
         metrics = evaluate(model, data, batch_size=args.batch_size, image_size=model.config.image_size,
                            progress=not args.json)
@@ -119,10 +167,9 @@ def bench_text(name: str, result: dict[str, Any]) -> str:
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
+    from vitrim.quant.cli import measure_any
 
-    from vitrim.quant.cli import measure_any, resolve_model_or_onnx
-
-    model, weights = resolve_model_or_onnx(args, allow_random=True)
+    model, weights = resolve_torch_or_onnx(args, allow_random=True)
     result = measure_any(model, args.batch or [1, 64], threads=args.threads, runs=args.runs)
     result.update(model=args.model, weights=weights)
     emit(args, result, bench_text(args.model, result))
@@ -132,7 +179,7 @@ def cmd_analyze(args: argparse.Namespace) -> None:
     from vitrim.bench import analyze
     from vitrim.report import format_table, human
 
-    model, _ = resolve_model(args.model, allow_random=True)
+    model, _ = resolve_model(args.model, allow_random=True, pretrained=args.pretrained)
     rows = analyze(model, batch_size=args.batch, threads=args.threads, runs=args.runs)
     table = [[r["component"], human(r["params"]), f"{r['params_share'] * 100:.1f}%", human(r["flops"]),
               f"{r['flops_share'] * 100:.1f}%", f"{r['latency_ms']:.3f}", f"{r['latency_share'] * 100:.1f}%"]
@@ -152,9 +199,7 @@ def cmd_train(args: argparse.Namespace) -> None:
                       seed=args.seed, precision=args.precision, distill_alpha=args.distill_alpha,
                       distill_temperature=args.distill_temperature, limit_train=args.limit)
     torch.manual_seed(args.seed)
-    model = vitrim.create(args.model)
-    if args.drop_path is not None:
-        model = vitrim.create(model.config.replace(drop_path_rate=args.drop_path), seed=args.seed)
+    model = training_model(args)
     teacher = resolve_model(args.teacher)[0] if args.teacher else None
     args.limit = None  # --limit applies to the training split only
     train_set = load_data_for(model, args, "train")
@@ -171,6 +216,33 @@ def cmd_train(args: argparse.Namespace) -> None:
           + (f", test accuracy {final['test_accuracy'] * 100:.2f}%" if "test_accuracy" in final else "") + ")")
 
 
+def training_model(args: argparse.Namespace):
+    """The model ``vitrim train`` starts from: a fresh preset, or ``--init``'s weights; for
+    ``--arch iret``, the incremental-resolution ViT built from that ViT."""
+    import vitrim
+
+    if args.init:
+        model = resolve_model(args.init)[0]
+    else:
+        model = vitrim.create(args.model)
+        if args.drop_path is not None:
+            model = vitrim.create(model.config.replace(drop_path_rate=args.drop_path), seed=args.seed)
+    if args.arch == "vit":
+        return model
+    from vitrim.iret import IretOptions, incremental_from_vit
+
+    options = IretOptions(detail_layer=args.detail_layer, kernel=args.lifting_kernel,
+                          learnable=args.lifting == "learned", train_keep=tuple(args.train_keep))
+    return incremental_from_vit(model, options)
+
+
+def keep_range(text: str) -> list[float]:
+    values = parse_floats(text)
+    if len(values) != 2 or not 0 < values[0] <= values[1] <= 1:
+        raise argparse.ArgumentTypeError(f"expected LOW,HIGH with 0 < LOW <= HIGH <= 1, got {text!r}")
+    return values
+
+
 def cmd_prune(args: argparse.Namespace) -> None:
     import vitrim
     from vitrim.bench import evaluate, measure
@@ -182,27 +254,30 @@ def cmd_prune(args: argparse.Namespace) -> None:
                       recover=args.recover, kd_epochs=args.epochs, kd_images=args.kd_images, kd_lr=args.kd_lr,
                       step_kd_images=args.step_kd_images, latency_batch=args.latency_batch, seed=args.seed)
     name = args.model or "fmnist-vit"
-    out = Path(args.out or f"runs/{Path(name).name}-{cfg.metric}{cfg.ratio:g}")
-    from vitrim.adapters import to_canonical
+    from vitrim.adapters import family_of, to_canonical
+    from vitrim.adapters.native import native
+    from vitrim.adapters.sources import load_model
 
-    original = vitrim.load(name)  # pruned in its own family
+    loaded = load_model(name, pretrained=args.pretrained, allow_random=True)
+    out = Path(args.out or f"runs/{loaded.spec.stem}-{cfg.metric}{cfg.ratio:g}")
+    original = loaded.model  # pruned in its own family, saved as that family's class
+    family = family_of(original) or "vitrim"
     model = to_canonical(original)
-    limit, args.limit = args.limit, None
-    train_set = load_data_for(model, args, "train")
-    args.limit = limit
-    test_set = load_data_for(model, args, "test")
+    train_set, test_set = prune_data(model, args, family)
     progress = not args.json
     with _threads(args.threads):
         result = prune(original, config=cfg, data=train_set, train_data=train_set, progress=progress,
                        log=(lambda text: print(text, file=sys.stderr)) if progress else None)
         pruned_family = result.model
         result.model = to_canonical(pruned_family)
-        report: dict[str, Any] = {"model": name, "metric": result.metric, "kept_ratio": result.kept_ratio,
-                                  "config": cfg.to_dict(), "steps": result.steps}
-        for key, net in (("dense", model), ("pruned", result.model)):
-            entry = measure(net, [1, 64], threads=args.threads, runs=args.runs, memory=False)
-            if not args.no_eval:
-                entry["accuracy"] = evaluate(net, test_set, image_size=net.config.image_size,
+        report: dict[str, Any] = {"model": name, "family": family, "weights": loaded.weights,
+                                  "calibration": train_set.name, "metric": result.metric,
+                                  "kept_ratio": result.kept_ratio, "config": cfg.to_dict(), "steps": result.steps}
+        for key, net, runnable in (("dense", model, original), ("pruned", result.model, pruned_family)):
+            runner = native(runnable)  # latency and accuracy of the family's own forward
+            entry = measure(runner, [1, 64], threads=args.threads, runs=args.runs, memory=False)
+            if test_set is not None:
+                entry["accuracy"] = evaluate(runner, test_set, image_size=net.config.image_size,
                                              progress=progress, desc=f"eval {key}")["accuracy"]
             entry["dimension_plan"] = dimension_plan(net.config)
             entry["embed_dim"] = net.config.embed_dim
@@ -215,6 +290,19 @@ def cmd_prune(args: argparse.Namespace) -> None:
     text = (f"{summary_table(report)}\n\n{plan_table(model.config, result.model.config)}\n\n"
             f"saved the pruned model to {out} and the report to {out / 'report'}")
     emit(args, report, text)
+
+
+def prune_data(model: Any, args: argparse.Namespace, family: str) -> tuple[Any, Any]:
+    """Calibration/training images and test images (None: no evaluation) for ``vitrim prune``."""
+    if args.data == "random":
+        from vitrim.adapters.random_data import pseudo_labelled
+
+        # the labels are the dense model's own predictions: accuracy against them means nothing
+        return pseudo_labelled(model, args.calib, seed=args.seed), None
+    limit, args.limit = args.limit, None
+    train_set = data_for_family(model, args, "train", family)
+    args.limit = limit
+    return train_set, None if args.no_eval else data_for_family(model, args, "test", family)
 
 
 def parse_floats(text: str) -> list[float]:
@@ -231,7 +319,7 @@ def cmd_tokens(args: argparse.Namespace) -> None:
     from vitrim.report import format_table
     from vitrim.tokens import reduce_tokens, reduced_flops
 
-    model, _ = resolve_model(args.model or "fmnist-vit")
+    model, _ = resolve_model(args.model or "fmnist-vit", allow_random=args.no_eval, pretrained=args.pretrained)
     knob = "tau" if args.mode == "dynamic" else "keep"
     values = args.sweep or [args.tau if knob == "tau" else args.keep]
     reduced = reduce_tokens(model, args.method, layers=args.layers, mode=args.mode)
@@ -271,12 +359,14 @@ def cmd_compress(args: argparse.Namespace) -> None:
                          quant=None if args.quant == "none" else args.quant, calib=args.calib,
                          calib_method=args.calib_method, threads=args.threads, runs=args.runs)
     name = args.model or "fmnist-vit"
-    model, _ = resolve_model(name)
+    model, _ = resolve_model(name, pretrained=args.pretrained)
     limit, args.limit = args.limit, None
     train_set = load_data_for(model, args, "train")
     args.limit = limit
     test_set = load_data_for(model, args, "test")
-    out = Path(args.out or f"runs/{Path(name).name}-compressed")
+    from vitrim.adapters.sources import parse_spec
+
+    out = Path(args.out or f"runs/{parse_spec(name).stem}-compressed")
     progress = not args.json
     with _threads(args.threads):
         report = compress(model, train_set, test_set, cfg, out, progress=progress,
@@ -292,7 +382,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vitrim", description="Make Vision Transformers smaller and faster.")
     parser.add_argument("--version", action="version", version=f"vitrim {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    model_help = "a model directory or a preset name (see `vitrim models`)"
+    from vitrim.adapters.sources import SPEC_HELP
+
+    model_help = SPEC_HELP
 
     p = sub.add_parser("models", help="list the model presets")
     p.set_defaults(func=cmd_models)
@@ -305,6 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_threads(p)
     p.add_argument("--json", action="store_true", help="print a JSON object")
     add_onnx_input_args(p)
+    add_pretrained(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("bench", help="params, FLOPs, latency and memory")
@@ -314,6 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_threads(p)
     p.add_argument("--json", action="store_true", help="print a JSON object")
     add_onnx_input_args(p)
+    add_pretrained(p)
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("analyze", help="per-block complexity: params, FLOPs and latency shares")
@@ -322,6 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", type=positive_int, default=20)
     add_threads(p)
     p.add_argument("--json", action="store_true", help="print a JSON object")
+    add_pretrained(p)
     p.set_defaults(func=cmd_analyze)
 
     p = sub.add_parser("prune", help="prune a model to a FLOPs or params budget, then recover accuracy")
@@ -347,12 +442,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=positive_int, default=3, help="pruning steps, saliency re-estimated between")
     p.add_argument("--round-to", type=positive_int, default=8, help="kept dims are multiples of this")
     p.add_argument("--seed", type=int, default=0)
-    add_data_args(p, "evaluate on the first N test images only")
+    add_data_args(p, "evaluate on the first N test images only", random=True)
     p.add_argument("--no-eval", action="store_true", help="skip the accuracy evaluation")
     p.add_argument("--runs", type=positive_int, default=30, help="timed runs per latency measurement")
     p.add_argument("--out", default=None, help="output directory (default runs/MODEL-METRICRATIO)")
     add_threads(p)
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    add_pretrained(p)
     p.set_defaults(func=cmd_prune)
 
     p = sub.add_parser("tokens", help="run-time token reduction: accuracy, FLOPs and speed per knob value")
@@ -371,6 +467,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", type=positive_int, default=30)
     add_threads(p)
     p.add_argument("--json", action="store_true")
+    add_pretrained(p)
     p.set_defaults(func=cmd_tokens)
 
     p = sub.add_parser("compress", help="prune, reduce tokens and quantize in one pipeline, with one report")
@@ -390,10 +487,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output directory (default runs/MODEL-compressed)")
     add_threads(p)
     p.add_argument("--json", action="store_true")
+    add_pretrained(p)
     p.set_defaults(func=cmd_compress)
 
     p = sub.add_parser("train", help="train a model (optionally distilling from a teacher)")
     p.add_argument("--model", default="fmnist-vit", help="preset to train (see `vitrim models`)")
+    p.add_argument("--init", default=None, metavar="MODEL",
+                   help="start from this trained model (directory or preset with weights) instead of a fresh preset")
+    p.add_argument("--arch", choices=["vit", "iret"], default="vit",
+                   help="iret: the incremental-resolution ViT (coarse tokens, detail where attention looks), "
+                        "built from --init or the preset")
+    p.add_argument("--detail-layer", type=int, default=1, help="iret: block after which details arrive (0-based)")
+    p.add_argument("--lifting", choices=["learned", "haar"], default="learned",
+                   help="iret: learn the 2-D lifting filters, or keep the fixed Haar transform")
+    p.add_argument("--lifting-kernel", type=positive_int, default=3, help="iret: lifting filter length (odd)")
+    p.add_argument("--train-keep", type=keep_range, default=[0.1, 1.0], metavar="LOW,HIGH",
+                   help="iret: each training batch keeps a random share of patches in this range")
     add_data_args(p, "train on the first N training images only (quick trials)")
     p.add_argument("--out", required=True, help="output model directory (checkpoints go to OUT/checkpoint)")
     p.add_argument("--epochs", type=positive_int, default=10)

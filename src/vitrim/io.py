@@ -75,9 +75,11 @@ def read_json_file(path: Path, missing: str, fix: str) -> Any:
 def read_config(directory: Path) -> dict[str, Any]:
     path = directory / CONFIG_FILE
     data = read_json_file(path, f"{directory} has no {CONFIG_FILE}",
-                          f"a vitrim model directory holds {CONFIG_FILE} and {WEIGHTS_FILE} (write one with vitrim.save)")
+                          f"a model directory holds {CONFIG_FILE} and {WEIGHTS_FILE} (written by vitrim.save, "
+                          f"or by save_pretrained for a Hugging Face ViT/DeiT)")
     if not isinstance(data, dict) or data.get("format") != FORMAT or "config" not in data:
-        raise ModelFileError(f"{path} is not a vitrim model config (missing \"format\": \"vitrim\")")
+        raise ModelFileError(f"{path} is neither a vitrim model config (\"format\": \"vitrim\") nor a Hugging "
+                             f"Face one (\"model_type\")")
     if data.get("version", 0) > FORMAT_VERSION:
         raise ModelFileError(f"{path} was written by a newer vitrim (format version "
                              f"{data['version']}); upgrade vitrim")
@@ -85,25 +87,33 @@ def read_config(directory: Path) -> dict[str, Any]:
 
 
 def save(model: nn.Module, directory: str | Path, extra: dict[str, Any] | None = None) -> Path:
-    """Save a vitrim (or Hugging Face ViT) model as a directory; files written atomically, config last.
+    """Save a vitrim, Hugging Face or timm ViT as a directory; files written atomically, config last.
 
     A Hugging Face or timm model is stored as its canonical equivalent plus what its family needs
     to rebuild it (class, config), so per-layer dims that one family config cannot express
     survive; :func:`load_dir` rebuilds the family's class.
     """
     from vitrim.adapters import family_of, metadata, to_canonical
+    from vitrim.iret import IncrementalViT
 
+    if isinstance(model, IncrementalViT):
+        extra = {**(extra or {}), "family": "iret", "iret": model.options.to_dict()}
+        return _write_model_dir(model, model.config, directory, extra)
     if family_of(model) in ("hf", "timm"):
         extra = {**(extra or {}), **metadata(model)}
         model = to_canonical(model)
     if not isinstance(model, VisionTransformer):
         raise ConfigError(f"vitrim.save handles vitrim, Hugging Face and timm ViTs, got {type(model).__name__}")
+    return _write_model_dir(model, model.config, directory, extra)
+
+
+def _write_model_dir(model: nn.Module, config: ViTConfig, directory: str | Path, extra: dict[str, Any] | None) -> Path:
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise ModelFileError(f"{directory} exists and is not a directory")
     save_state(directory / WEIGHTS_FILE, model.state_dict(), metadata={"format": FORMAT})
     payload = {"format": FORMAT, "version": FORMAT_VERSION, "family": "vitrim", **(extra or {}),
-               "config": model.config.to_dict()}
+               "config": config.to_dict()}
     write_json(directory / CONFIG_FILE, payload)
     return directory
 
@@ -117,10 +127,19 @@ def load_dir(directory: str | Path) -> nn.Module:
     except ConfigError as exc:
         raise ModelFileError(f"{directory / CONFIG_FILE}: {exc}") from None
     model = VisionTransformer(cfg)
+    family = data.get("family", "vitrim")
+    if family == "iret":
+        from vitrim.iret import IncrementalViT, IretOptions
+
+        try:
+            model = IncrementalViT(model, IretOptions.from_dict(data.get("iret", {})))
+        except (ConfigError, TypeError) as exc:
+            raise ModelFileError(f"{directory / CONFIG_FILE}: {exc}") from None
     load_weights_into(model, load_state(directory / WEIGHTS_FILE), directory / WEIGHTS_FILE)
+    if family == "iret":
+        return model.eval()
     from vitrim.adapters import FAMILIES, from_canonical
 
-    family = data.get("family", "vitrim")
     if family not in FAMILIES:
         raise ModelFileError(f"{directory / CONFIG_FILE} names an unknown model family {family!r} "
                              f"({', '.join(FAMILIES)})")

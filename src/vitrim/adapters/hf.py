@@ -6,6 +6,10 @@ per-layer dims. HF's attention reads ``head_dim``/``scaling`` from the module an
 head count from ``q_proj``, so per-layer heads and head dims need no code change; a removed
 sub-layer becomes a module that adds nothing. One HF config cannot express per-layer dims, so
 vitrim saves such a model in its own format (family ``hf``, the HF config, the dimension plan).
+
+A ``ViTModel``/``DeiTModel`` pooler (dense + activation on the class token) becomes the canonical
+model's head: the canonical logits are the pooler's pre-activation, so pruning the embedding
+channels slices the pooler's input columns like any head's, and its output width stays.
 """
 
 from __future__ import annotations
@@ -55,19 +59,36 @@ def _classifiers(model: nn.Module) -> list[nn.Linear]:
     return [h for h in heads if isinstance(h, nn.Linear)]
 
 
-def _check(model: nn.Module) -> None:
+def check(model: nn.Module) -> None:
+    """Raise a :class:`ConfigError` naming what vitrim cannot convert in ``model``."""
     if not is_hf_vit(model):
         raise ConfigError(f"{type(model).__name__} is not a supported Hugging Face ViT ({', '.join(SUPPORTED)})")
-    cfg, vit = model.config, _backbone(model)
-    if getattr(vit, "pooler", None) is not None:
-        raise ConfigError(f"{type(model).__name__} with a pooling layer is not supported yet; build it with "
-                          f"add_pooling_layer=False")
+    cfg = model.config
     if FAMILIES[type(model).__name__][2] and len(_classifiers(model)) != len(FAMILIES[type(model).__name__][2]):
         raise ConfigError(f"{type(model).__name__} has no classification head (num_labels=0 is not supported)")
     if cfg.hidden_act != "gelu":
         raise ConfigError(f"hidden_act {cfg.hidden_act!r} is not supported (vitrim's ViT uses exact GELU)")
     if not isinstance(cfg.image_size, int) or not isinstance(cfg.patch_size, int):
         raise ConfigError("only square images and patches (int image_size / patch_size) are supported")
+
+
+def _pooler(model: nn.Module) -> nn.Linear | None:
+    """The pooler's dense layer of a ``ViTModel``/``DeiTModel`` built with ``add_pooling_layer=True``."""
+    pooler = getattr(_backbone(model), "pooler", None)
+    return pooler.dense if pooler is not None else None
+
+
+def head_kind(model: nn.Module) -> str:
+    """``"classifier"``, ``"pooler"`` or ``"none"``."""
+    if _classifiers(model):
+        return "classifier"
+    return "pooler" if _pooler(model) is not None else "none"
+
+
+def _heads(model: nn.Module) -> list[nn.Linear]:
+    """The layers that become the canonical head(s): the classifier(s), else the pooler's dense."""
+    pooler = _pooler(model)
+    return _classifiers(model) or ([pooler] if pooler is not None else [])
 
 
 def block_dims(layer: nn.Module) -> BlockDims:
@@ -83,10 +104,11 @@ def block_dims(layer: nn.Module) -> BlockDims:
 
 def to_canonical(model: nn.Module) -> VisionTransformer:
     """The equivalent canonical ViT (a copy; the HF model is not changed)."""
-    _check(model)
+    check(model)
     cfg, vit = model.config, _backbone(model)
-    heads = _classifiers(model)
+    heads = _heads(model)
     num_classes = heads[0].out_features if heads else 1
+    labelled = bool(_classifiers(model))
     C = vit.embeddings.patch_embeddings.projection.out_channels
     distill = getattr(vit.embeddings, "distillation_token", None) is not None
     canonical_cfg = ViTConfig(
@@ -94,7 +116,7 @@ def to_canonical(model: nn.Module) -> VisionTransformer:
         embed_dim=C, blocks=[block_dims(layer) for layer in vit.layers], class_token=True, distill_token=distill,
         distill_head=len(heads) == 2, pool="cls", qkv_bias=bool(cfg.qkv_bias), norm_eps=float(cfg.layer_norm_eps),
         mean=(0.5,) * cfg.num_channels, std=(0.5,) * cfg.num_channels,
-        class_names=[cfg.id2label[i] for i in range(num_classes)] if heads else None)
+        class_names=[cfg.id2label[i] for i in range(num_classes)] if labelled else None)
     canonical = VisionTransformer(canonical_cfg)
     canonical.load_state_dict(_hf_to_canonical_state(model), strict=True)
     return canonical.eval()
@@ -123,17 +145,21 @@ def _hf_to_canonical_state(model: nn.Module) -> dict[str, torch.Tensor]:
                 fc = getattr(layer.mlp, name)
                 state[p + f"mlp.{name}.weight"], state[p + f"mlp.{name}.bias"] = fc.weight, fc.bias
             state[p + "norm2.weight"], state[p + "norm2.bias"] = layer.layernorm_after.weight, layer.layernorm_after.bias
-    heads = _classifiers(model)
+    heads = _heads(model)
     for name, head in zip(("head", "head_dist"), heads):
         state[f"{name}.weight"], state[f"{name}.bias"] = head.weight, head.bias
-    if not heads:  # a backbone has no head: keep the canonical one's zero init
+    if not heads:  # a backbone without a pooler has no head: keep the canonical one's zero init
         C = emb.patch_embeddings.projection.out_channels
         state["head.weight"], state["head.bias"] = torch.zeros(1, C), torch.zeros(1)
     return {k: v.detach().clone() for k, v in state.items()}
 
 
-def from_canonical(canonical: VisionTransformer, hf_class: str, hf_config: dict[str, Any]) -> nn.Module:
-    """An HF model of class ``hf_class`` carrying ``canonical``'s dims and weights."""
+def from_canonical(canonical: VisionTransformer, hf_class: str, hf_config: dict[str, Any],
+                   pooler: bool = False) -> nn.Module:
+    """An HF model of class ``hf_class`` carrying ``canonical``'s dims and weights.
+
+    ``pooler``: a ``ViTModel``/``DeiTModel`` whose pooler is ``canonical``'s head.
+    """
     import transformers
 
     cfg = canonical.config
@@ -143,10 +169,13 @@ def from_canonical(canonical: VisionTransformer, hf_class: str, hf_config: dict[
                               f"uses one head_dim for queries, keys and values (prune them together)")
     if hf_class not in FAMILIES:
         raise ConfigError(f"unsupported Hugging Face class {hf_class!r} ({', '.join(SUPPORTED)})")
+    backbone_only = hf_class.endswith("Model")
+    if pooler and not backbone_only:
+        raise ConfigError(f"{hf_class} has no pooler (only ViTModel and DeiTModel do)")
     _, config_class, _ = FAMILIES[hf_class]
-    config = getattr(transformers, config_class).from_dict({**hf_config, "hidden_size": cfg.embed_dim})
+    config = getattr(transformers, config_class).from_dict({**hf_config, **config_sizes(cfg, pooler)})
     model_class = getattr(transformers, hf_class)
-    model = model_class(config, add_pooling_layer=False) if hf_class.endswith("Model") else model_class(config)
+    model = model_class(config, add_pooling_layer=pooler) if backbone_only else model_class(config)
     vit = _backbone(model)
     C = cfg.embed_dim
     for layer, d in zip(vit.layers, cfg.blocks):
@@ -169,6 +198,20 @@ def from_canonical(canonical: VisionTransformer, hf_class: str, hf_config: dict[
     if unexpected or [k for k in missing if "norm" not in k or "layers" not in k]:
         raise ConfigError(f"weights did not map onto {hf_class}: missing {missing[:5]}, unexpected {unexpected[:5]}")
     return model.eval()
+
+
+def config_sizes(cfg: ViTConfig, pooler: bool = False) -> dict[str, int]:
+    """The HF config fields a dimension plan sets: the embedding (and pooler) width always; the head
+    count, head width and MLP width only when every block shares them, as one config cannot say more
+    (the other fields keep the dense model's values; the modules carry the per-layer widths)."""
+    sizes = {"hidden_size": cfg.embed_dim, **({"pooler_output_size": cfg.num_classes} if pooler else {})}
+    attention = {(d.heads, d.qk_dim) for d in cfg.blocks if d.attention}
+    if len(attention) == 1 and all(d.attention for d in cfg.blocks):
+        (sizes["num_attention_heads"], sizes["head_dim"]), = attention
+    mlp = {d.mlp_dim for d in cfg.blocks if d.mlp}
+    if len(mlp) == 1 and all(d.mlp for d in cfg.blocks):
+        sizes["intermediate_size"], = mlp
+    return sizes
 
 
 def _canonical_to_hf_state(canonical: VisionTransformer, model: nn.Module) -> dict[str, torch.Tensor]:
@@ -198,10 +241,13 @@ def _canonical_to_hf_state(canonical: VisionTransformer, model: nn.Module) -> di
             for name in ("fc1", "fc2"):
                 state[q + f"mlp.{name}.weight"], state[q + f"mlp.{name}.bias"] = src[p + f"mlp.{name}.weight"], src[p + f"mlp.{name}.bias"]
             state[q + "layernorm_after.weight"], state[q + "layernorm_after.bias"] = src[p + "norm2.weight"], src[p + "norm2.bias"]
-    for name, head in zip(FAMILIES[type(model).__name__][2], ("head", "head_dist")):
+    targets = FAMILIES[type(model).__name__][2] or (("pooler.dense",) if _pooler(model) is not None else ())
+    for name, head in zip(targets, ("head", "head_dist")):
         state[f"{name}.weight"], state[f"{name}.bias"] = src[f"{head}.weight"], src[f"{head}.bias"]
     return state
 
 
 def hf_metadata(model: nn.Module) -> dict[str, Any]:
-    return {"hf_class": type(model).__name__, "hf_config": model.config.to_dict()}
+    """Class, config and pooler presence: what :func:`from_canonical` needs (JSON-serialisable)."""
+    return {"hf_class": type(model).__name__, "hf_config": model.config.to_dict(),
+            "hf_pooler": _pooler(model) is not None}

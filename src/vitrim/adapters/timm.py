@@ -39,7 +39,8 @@ def _is_ln(module: nn.Module) -> bool:
     return isinstance(module, nn.LayerNorm)
 
 
-def _check(model: nn.Module) -> None:
+def check(model: nn.Module) -> None:
+    """Raise a :class:`ConfigError` naming what vitrim cannot convert in ``model``."""
     if not is_timm_vit(model):
         raise ConfigError(f"{type(model).__name__} is not a supported timm model ({', '.join(CLASSES)})")
     problems = []
@@ -81,7 +82,7 @@ def _first(blocks, predicate):
 
 def to_canonical(model: nn.Module) -> VisionTransformer:
     """The equivalent canonical ViT (a copy; the timm model is not changed)."""
-    _check(model)
+    check(model)
     pe = model.patch_embed
     img, patch = pe.img_size, pe.patch_size
     if img[0] != img[1] or patch[0] != patch[1]:
@@ -123,14 +124,33 @@ def to_canonical(model: nn.Module) -> VisionTransformer:
     return canonical.eval()
 
 
+def _json_safe(cfg: dict[str, Any]) -> dict[str, Any]:
+    """``pretrained_cfg`` with tuples as lists and only JSON values (it is stored in config.json)."""
+    plain = (str, int, float, bool, type(None))
+    out: dict[str, Any] = {}
+    for key, value in cfg.items():
+        if isinstance(value, (tuple, list)) and all(isinstance(v, plain) for v in value):
+            out[key] = list(value)
+        elif isinstance(value, plain):
+            out[key] = value
+    return out
+
+
 def timm_metadata(model: nn.Module) -> dict[str, Any]:
+    """Class, pooling, class count and ``pretrained_cfg``: what :func:`from_canonical` needs."""
     return {"timm_class": type(model).__name__, "timm_global_pool": model.global_pool,
-            "timm_num_classes": model.num_classes}
+            "timm_num_classes": model.num_classes,
+            "timm_pretrained_cfg": _json_safe(dict(getattr(model, "pretrained_cfg", None) or {}))}
 
 
 def from_canonical(canonical: VisionTransformer, timm_class: str, timm_global_pool: str = "token",
-                   timm_num_classes: int | None = None) -> nn.Module:
-    """A timm model of class ``timm_class`` with ``canonical``'s dims and weights."""
+                   timm_num_classes: int | None = None,
+                   timm_pretrained_cfg: dict[str, Any] | None = None) -> nn.Module:
+    """A timm model of class ``timm_class`` with ``canonical``'s dims and weights.
+
+    ``timm_pretrained_cfg`` is restored as the model's ``pretrained_cfg`` (input size, mean, std,
+    interpolation: what ``timm.data.resolve_model_data_config`` reads).
+    """
     from timm.models.deit import VisionTransformerDistilled
     from timm.models.vision_transformer import VisionTransformer as TimmViT
 
@@ -177,4 +197,7 @@ def from_canonical(canonical: VisionTransformer, timm_class: str, timm_global_po
     if unexpected or [k for k in missing if k.startswith("blocks.")]:
         raise ConfigError(f"weights did not map onto timm's {timm_class}: missing {missing[:4]}, "
                           f"unexpected {unexpected[:4]}")
+    if timm_pretrained_cfg:
+        restored = {k: tuple(v) if isinstance(v, list) else v for k, v in timm_pretrained_cfg.items()}
+        model.pretrained_cfg = model.default_cfg = restored
     return model.eval()

@@ -134,9 +134,14 @@ def prune(model: VisionTransformer, target: str = "flops=0.5", data: ImageSet | 
     fields (``structures``, ``exclude``, ``saliency``, ``steps``, ``round_to``, ...).
     """
     cfg = config or PruneConfig(target=target, recover=recover, **options)
-    from vitrim.adapters import family_of, from_canonical, metadata, require_family, to_canonical
+    from vitrim.adapters import family_of, from_canonical, head_kind, metadata, require_family, to_canonical
 
     if family_of(model) in ("hf", "timm"):
+        if head_kind(model) == "none" and cfg.saliency != "magnitude":
+            # a backbone's canonical head is a zero placeholder: no loss gradient reaches the gates
+            raise ConfigError(f"{type(model).__name__} has no head (no classifier or pooler), so the {cfg.saliency} "
+                              f"saliency has no loss to differentiate; use saliency='magnitude' "
+                              f"(--saliency magnitude)")
         # Both families' attention uses one head width for queries, keys and values (timm's fused
         # kernel also derives the softmax scale from it): heads are pruned whole there.
         kept = tuple(s for s in cfg.structures if s not in ("qk", "v"))
