@@ -331,3 +331,17 @@ def test_cli_errors_on_hf_models_are_one_line(capsys, tmp_path, argv, message):
     code, stdout, err = run(capsys, *[a.format(**dirs) for a in argv])
     assert code == 2 and stdout == "" and err.count("\n") == 1
     assert re.search(message, err), err
+
+
+def test_token_reduction_wraps_an_hf_model(images):
+    from vitrim.tokens import reduce_tokens
+
+    model = hf_model()
+    torch.testing.assert_close(reduce_tokens(model, "evit", keep=1.0)(images), logits(model, images),
+                               atol=1e-5, rtol=1e-5)
+    reduced = reduce_tokens(model, "evit", layers=(0,), keep=0.5)
+    with torch.no_grad():
+        out = reduced(images)
+    assert reduced.last_token_counts == [17.0, 10.0, 10.0] and out.shape == (2, 5)
+    with pytest.raises(ConfigError, match="supported"):
+        reduce_tokens(torch.nn.Conv2d(3, 3, 1))

@@ -159,3 +159,16 @@ def test_cli_rejects_a_bad_keep_range(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--arch", "iret", "--train-keep", "0.9,0.1", "--out", "unused"])
     assert "LOW <= HIGH" in capsys.readouterr().err
+
+
+def test_cli_tokens_sweeps_the_incremental_models_own_knob(tmp_path, capsys):
+    import json
+
+    torch.manual_seed(0)
+    vitrim.save(incremental_from_vit(vitrim.create("fmnist-vit-micro"), IretOptions(detail_layer=0)), tmp_path / "m")
+    code = main(["tokens", str(tmp_path / "m"), "--sweep", "1,0.25", "--no-eval", "--batch", "1", "--runs", "2",
+                 "--threads", "1", "--json"])
+    assert code == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["method"] == "iret" and [r["keep"] for r in report["rows"]] == [1.0, 0.25]
+    assert report["rows"][1]["flops_ratio"] < 0.8 * report["rows"][0]["flops_ratio"]

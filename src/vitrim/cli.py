@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import shlex
 import sys
@@ -322,7 +323,13 @@ def cmd_tokens(args: argparse.Namespace) -> None:
     model, _ = resolve_model(args.model or "fmnist-vit", allow_random=args.no_eval, pretrained=args.pretrained)
     knob = "tau" if args.mode == "dynamic" else "keep"
     values = args.sweep or [args.tau if knob == "tau" else args.keep]
-    reduced = reduce_tokens(model, args.method, layers=args.layers, mode=args.mode)
+    from vitrim.iret import IncrementalViT
+
+    if isinstance(model, IncrementalViT):  # its own knob; compared against itself with every detail
+        reduced, model = model, copy.deepcopy(model)
+        reduced.mode, args.method = args.mode, "iret"
+    else:
+        reduced = reduce_tokens(model, args.method, layers=args.layers, mode=args.mode)
     for value in values:  # validate every knob value before any work
         setattr(reduced, knob, value)
     test_set = None if args.no_eval else load_data_for(model, args, "test")
@@ -453,7 +460,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("tokens", help="run-time token reduction: accuracy, FLOPs and speed per knob value")
     p.add_argument("model", nargs="?", default=None, help=model_help + " (default: the bundled fmnist-vit)")
-    p.add_argument("--method", choices=["drop", "evit", "tome"], default="drop")
+    p.add_argument("--method", choices=["drop", "evit", "tome"], default="drop",
+                   help="ignored for incremental-resolution models (vitrim train --arch iret), which sweep their own knob")
     p.add_argument("--mode", choices=["static", "dynamic"], default="static",
                    help="static: same count for the whole batch (--keep); dynamic: per-image counts (--tau)")
     p.add_argument("--keep", type=float, default=0.7, help="fraction of patch tokens kept at each reduction layer")

@@ -223,8 +223,16 @@ class TokenReducedViT(nn.Module):
         return logits
 
 
-def reduce_tokens(model: VisionTransformer, method: str = "drop", **kwargs) -> TokenReducedViT:
-    """A token-reduced view of ``model`` (shares its weights); see :class:`TokenReducedViT`."""
+def reduce_tokens(model: nn.Module, method: str = "drop", **kwargs) -> TokenReducedViT:
+    """A token-reduced view of ``model``; see :class:`TokenReducedViT`.
+
+    A vitrim ViT shares its weights with the result; a Hugging Face or timm ViT is first
+    converted to its exact vitrim equivalent (an unknown model gets an error naming the families).
+    """
+    if not isinstance(model, VisionTransformer):
+        from vitrim.adapters import to_canonical
+
+        model = to_canonical(model)
     return TokenReducedViT(model, method, **kwargs).eval()
 
 
