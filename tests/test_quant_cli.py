@@ -165,3 +165,40 @@ def test_eval_hook_needs_flags_for_foreign_onnx(setup, tmp_path):
     model, _ = resolve_model_or_onnx(parser.parse_args([str(tmp_path / "bare.onnx"), "--image-size", "8",
                                                         "--in-chans", "1", "--mean", "0.5", "--std", "0.5"]))
     assert model(torch.zeros(2, 1, 8, 8)).shape == (2, 3)
+
+
+def test_blockwise_from_model_directory(setup, capsys, tmp_path):
+    root = setup
+    code, out, err = run(capsys, "quantize", str(root / "model"), "--calib-method", "blockwise", "--calib", "16",
+                         "--round-steps", "5", "--search-images", "8", "--data", f"idx:{root / 'data'}",
+                         "--out", str(tmp_path / "q"), "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["calibrator"] == "blockwise" and result["calibration"]["images"] == 16
+    assert [s["name"] for s in result["calibration"]["stages"]] == ["embed", "block 0", "head"]
+    assert OnnxModel(tmp_path / "q" / "model.onnx").quantization["blockwise"]["layers"] == "6 of 6"
+
+
+@pytest.mark.parametrize("extra", [["--calib-method", "blockwise"], ["--scheme", "int-only"]])
+def test_torch_side_methods_refuse_an_onnx_file(setup, capsys, tmp_path, extra):
+    code, _, err = run(capsys, "quantize", str(setup / "model.onnx"), *extra, "--out", str(tmp_path / "q"))
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "runs the model in PyTorch; give the model directory or preset, not the .onnx file" in err
+    assert not (tmp_path / "q").exists()
+
+
+def test_eval_cli_on_foreign_or_corrupt_onnx(setup, capsys, tmp_path):
+    proto = onnx.load(str(setup / "model.onnx"))
+    del proto.metadata_props[:]
+    onnx.save(proto, str(tmp_path / "bare.onnx"))
+    (tmp_path / "bad.onnx").write_bytes(b"not an onnx model")
+    data = f"idx:{setup / 'data'}"
+    code, _, err = run(capsys, "eval", str(tmp_path / "bare.onnx"), "--data", data)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "has no vitrim preprocessing metadata" in err and "--image-size, --in-chans, --mean and --std" in err
+    code, out, err = run(capsys, "eval", str(tmp_path / "bare.onnx"), "--data", data, "--image-size", "8",
+                         "--in-chans", "1", "--mean", "0.5", "--std", "0.5", "--json")
+    assert code == 0, err
+    assert json.loads(out)["count"] == 12
+    code, _, err = run(capsys, "eval", str(tmp_path / "bad.onnx"), "--data", data)
+    assert code == 2 and "bad.onnx is not a valid ONNX model" in err and len(err.strip().splitlines()) == 1

@@ -117,3 +117,14 @@ def test_bad_arguments_fail_before_exporting(tmp_path):
     with pytest.raises(CalibrationError, match="empty"):
         export(model, tmp_path / "m.onnx", check_images=torch.zeros(0, 1, 16, 16))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_per_image_token_model_is_refused(tmp_path):
+    from vitrim.quant import ExportError
+    from vitrim.tokens import reduce_tokens
+
+    model = VisionTransformer(uneven_config()).eval()
+    dynamic = reduce_tokens(model, "drop", layers=[0], mode="dynamic", tau=0.9)
+    with pytest.raises(ExportError, match="different number of tokens per image.*mode='static' and keep=RATIO"):
+        export(dynamic, tmp_path / "m.onnx")
+    assert list(tmp_path.iterdir()) == []

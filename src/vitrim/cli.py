@@ -478,6 +478,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_pretrained(p)
     p.set_defaults(func=cmd_tokens)
 
+    from vitrim.quant.quantize import CALIBRATORS as COMPRESS_CALIBRATORS
+
     p = sub.add_parser("compress", help="prune, reduce tokens and quantize in one pipeline, with one report")
     p.add_argument("model", nargs="?", default=None, help=model_help + " (default: the bundled fmnist-vit)")
     p.add_argument("--prune", default="flops=0.5", help="pruning target, or none")
@@ -489,7 +491,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="blocks after which tokens are reduced")
     p.add_argument("--quant", default="w8a8", help="w8a8 | w8-dynamic | w4 | none")
     p.add_argument("--calib", type=positive_int, default=128, help="calibration images for quantization")
-    p.add_argument("--calib-method", choices=["minmax", "entropy", "percentile"], default="minmax")
+    p.add_argument("--calib-method", choices=list(COMPRESS_CALIBRATORS), default="minmax")
     add_data_args(p, "evaluate on the first N test images only")
     p.add_argument("--runs", type=positive_int, default=30)
     p.add_argument("--out", default=None, help="output directory (default runs/MODEL-compressed)")

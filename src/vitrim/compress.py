@@ -56,7 +56,7 @@ class CompressConfig:
 
     def __post_init__(self) -> None:
         from vitrim.prune.api import PruneConfig
-        from vitrim.quant.quantize import CALIBRATORS, SCHEMES
+        from vitrim.quant.quantize import CALIBRATORS, SCHEME_CALIBRATORS, SCHEMES
 
         if self.prune is not None:
             PruneConfig(target=self.prune, recover=self.recover)
@@ -65,6 +65,9 @@ class CompressConfig:
             raise ConfigError(f"unknown quantization scheme {self.quant!r}; use one of {', '.join(SCHEMES)}")
         if self.calib_method not in CALIBRATORS:
             raise ConfigError(f"unknown calibrator {self.calib_method!r}; use one of {', '.join(CALIBRATORS)}")
+        if self.quant is not None and self.calib_method not in SCHEME_CALIBRATORS[self.quant]:
+            raise ConfigError(f"{self.quant} takes the calibrator(s) {', '.join(SCHEME_CALIBRATORS[self.quant])}, "
+                              f"not {self.calib_method!r}")
         if min(self.calib, self.prune_calib, self.runs) < 1:
             raise ConfigError("calib, prune_calib and runs must be positive")
 
@@ -116,8 +119,11 @@ def compress(model: VisionTransformer, train: ImageSet, test: ImageSet, cfg: Com
         add("ORT fp32", OnnxModel(exported.path, threads=cfg.threads), exported.size_bytes, flops,
             check=exported.check.to_dict())
         quantized = quantize(exported.path, out_dir / f"model-{cfg.quant}.onnx", cfg.quant,
-                             calib=train.subset(cfg.calib), calibrator=cfg.calib_method, threads=cfg.threads)
-        add(f"ORT {cfg.quant}", OnnxModel(quantized.path, threads=cfg.threads), quantized.size_bytes, flops,
+                             calib=train.subset(cfg.calib), calibrator=cfg.calib_method, threads=cfg.threads,
+                             torch_model=current, log=log)
+        calibrated = cfg.quant == "w8a8" or cfg.calib_method == "blockwise"
+        add(f"ORT {cfg.quant}" + (f" ({cfg.calib_method})" if calibrated else ""),
+            OnnxModel(quantized.path, threads=cfg.threads), quantized.size_bytes, flops,
             check=quantized.check.to_dict())
     dense = stages[0]
     for entry in stages:

@@ -23,7 +23,9 @@ MODEL_HELP = "a model directory or a preset name (see `vitrim models`); presets 
 def register(sub: Any) -> None:
     """Add the ``export`` and ``quantize`` sub-commands to ``vitrim``'s sub-parser object."""
     from vitrim.cli import add_threads, positive_int
+    from vitrim.quant.blockwise import ROUNDINGS, BlockwiseConfig
     from vitrim.quant.export import EXPORTERS, MIN_OPSET
+    from vitrim.quant.intonly import GELUS
     from vitrim.quant.quantize import CALIBRATORS, SCHEMES
 
     p = sub.add_parser("export", help="export to ONNX (checked against PyTorch in ONNX Runtime)")
@@ -39,17 +41,38 @@ def register(sub: Any) -> None:
     p.add_argument("--json", action="store_true", help="print a JSON object")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("quantize", help="int8 / 4-bit quantization through ONNX Runtime")
+    p = sub.add_parser("quantize", help="int8 / 4-bit quantization through ONNX Runtime, or an integer-only simulation",
+                       description="Quantize a model. The ORT schemes write DIR/model.onnx (run it with `vitrim eval` "
+                                   "/ `vitrim bench`); --scheme int-only writes an integer-only PyTorch simulation "
+                                   "(I-ViT style) that `vitrim eval DIR` runs. Calibrators: ONNX Runtime's minmax, "
+                                   "entropy, percentile, or blockwise (stage-by-stage clipping search and learned "
+                                   "rounding in PyTorch, carried into the ORT model; needs the model directory or "
+                                   "preset, not a .onnx file).")
     p.add_argument("model", help=MODEL_HELP + "; or a .onnx file written by `vitrim export`")
-    p.add_argument("--scheme", choices=SCHEMES, default="w8a8",
-                   help="w8-dynamic: int8 weights, dynamic activations | w8a8: static int8 QDQ, "
-                        "calibrated | w4: 4-bit block-wise weights (MatMulNBits)")
+    p.add_argument("--scheme", choices=[*SCHEMES, "int-only"], default="w8a8",
+                   help="w8-dynamic: int8 weights, dynamic activations | w8a8: static int8 QDQ of every linear "
+                        "layer's input and weights, calibrated | w4: 4-bit block-wise weights (MatMulNBits) | "
+                        "int-only: integer-only inference simulated in PyTorch (Shiftmax, integer GELU and "
+                        "LayerNorm, dyadic requantization)")
     p.add_argument("--calib", type=positive_int, default=None,
-                   help="calibration images (w8a8 default 128; other schemes use them for the check only)")
-    p.add_argument("--calib-method", choices=list(CALIBRATORS), default="minmax", help="w8a8 calibrator")
+                   help="calibration images (default 128 for w8a8, blockwise and int-only; other schemes use "
+                        "them for the check only)")
+    p.add_argument("--calib-method", choices=list(CALIBRATORS), default="minmax",
+                   help="w8a8: any; w4: minmax (ORT's round-to-nearest) or blockwise")
     p.add_argument("--percentile", type=float, default=99.999, help="percentile calibrator's percentile")
     p.add_argument("--block-size", type=positive_int, default=32, help="w4 weights per scale (power of 2)")
     p.add_argument("--no-per-channel", action="store_true", help="w8a8: one scale per weight tensor")
+    defaults = BlockwiseConfig()
+    g = p.add_argument_group("blockwise calibration")
+    g.add_argument("--rounding", choices=ROUNDINGS, default=defaults.rounding,
+                   help="learned: AdaRound-style per block, kept only where it beats nearest rounding")
+    g.add_argument("--round-steps", type=positive_int, default=defaults.steps, help="learned-rounding steps per block")
+    g.add_argument("--search-images", type=positive_int, default=defaults.search_images,
+                   help="images the clipping search scores each candidate on")
+    g = p.add_argument_group("int-only")
+    g.add_argument("--int-gelu", choices=GELUS, default="shift",
+                   help="shift: I-ViT's ShiftGELU | poly: I-BERT's polynomial GELU (closer without retraining)")
+    g.add_argument("--residual-bits", type=positive_int, default=8, help="width of the residual stream (8 or 16)")
     p.add_argument("--out", required=True, help="output directory (receives model.onnx and quantize.json)")
     _add_data_args(p, "calibration dataset", "train")
     add_threads(p)
@@ -76,9 +99,12 @@ def add_onnx_input_args(p: argparse.ArgumentParser) -> None:
 
 
 def is_onnx_spec(spec: str) -> bool:
-    """True for a ``*.onnx`` path or any existing regular file (model directories are not files)."""
+    """True for what :mod:`vitrim.quant` runs itself: a ``*.onnx`` path or any existing regular file
+    (model directories are not files), or an integer-only model directory."""
+    from vitrim.quant.intonly_file import is_int_only_dir
+
     path = Path(spec)
-    return path.suffix.lower() == ".onnx" or path.is_file()
+    return path.suffix.lower() == ".onnx" or path.is_file() or is_int_only_dir(path)
 
 
 def preprocessing_from_args(args: argparse.Namespace) -> Any:
@@ -97,7 +123,8 @@ def preprocessing_from_args(args: argparse.Namespace) -> Any:
 
 
 def resolve_model_or_onnx(args: argparse.Namespace, allow_random: bool = False) -> tuple[Any, str]:
-    """``vitrim.cli.resolve_model`` that also opens ``.onnx`` files in ONNX Runtime.
+    """``vitrim.cli.resolve_model`` that also opens ``.onnx`` files in ONNX Runtime and integer-only
+    model directories (simulated in PyTorch).
 
     The ORT session gets ``--threads`` intra-op threads (default: torch's thread count).
     """
@@ -105,7 +132,11 @@ def resolve_model_or_onnx(args: argparse.Namespace, allow_random: bool = False) 
 
     if not is_onnx_spec(args.model):
         return resolve_model(args.model, allow_random=allow_random)
+    from vitrim.quant.intonly_file import is_int_only_dir, load_int_only
     from vitrim.quant.runtime import OnnxModel
+
+    if is_int_only_dir(args.model):
+        return load_int_only(args.model), "int-only"
 
     return OnnxModel(args.model, threads=getattr(args, "threads", None),
                      preprocessing=preprocessing_from_args(args)), "onnx"
@@ -141,8 +172,8 @@ def _images(model_config: Any, args: argparse.Namespace, count: int) -> Any:
 def cmd_export(args: argparse.Namespace) -> None:
     from vitrim.bench.latency import fixed_threads
     from vitrim.cli import emit, resolve_model
-    from vitrim.report import human
     from vitrim.quant.export import export
+    from vitrim.report import human
 
     model, weights = resolve_model(args.model, allow_random=True)
     images = _images(model.config, args, args.check_images) if args.data else None
@@ -163,37 +194,73 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 
 def cmd_quantize(args: argparse.Namespace) -> None:
+    import sys
+
     from vitrim.bench.latency import fixed_threads
     from vitrim.cli import emit, resolve_model
-    from vitrim.report import human
-    from vitrim.quant.onnxfile import load_proto
+    from vitrim.quant.blockwise import BlockwiseConfig
+    from vitrim.quant.errors import QuantConfigError
     from vitrim.quant.metadata import Preprocessing, read_props
+    from vitrim.quant.onnxfile import load_proto
     from vitrim.quant.quantize import output_file, quantize
 
     out_dir = Path(args.out)
     if out_dir.suffix == ".onnx" or out_dir.is_file():
-        raise ConfigError(f"--out is a directory (it receives model.onnx and quantize.json), got {out_dir}")
+        raise ConfigError(f"--out is a directory (it receives the model and quantize.json), got {out_dir}")
+    int_only = args.scheme == "int-only"
+    if int_only and args.calib_method != "minmax":
+        raise QuantConfigError("int-only sets its scales from the calibration images' min/max ranges; "
+                               "drop --calib-method")
     if is_onnx_spec(args.model):
+        if int_only or args.calib_method == "blockwise":
+            what = "--scheme int-only" if int_only else "--calib-method blockwise"
+            raise QuantConfigError(f"{what} runs the model in PyTorch; give the model directory or preset, "
+                                   f"not the .onnx file")
         source: Any = load_proto(args.model)
         prep = Preprocessing.from_props(read_props(source), args.model)
         config, weights = prep.config or prep, "onnx"
     else:
         source, weights = resolve_model(args.model, allow_random=True)
         config = source.config
-    count = args.calib or (128 if args.scheme == "w8a8" else None)
+    calibrated = args.scheme == "w8a8" or args.calib_method == "blockwise" or int_only
+    count = args.calib or (128 if calibrated else None)
     calib = None
     if count is not None:
         if args.data is None:
             args.data = "fashion-mnist"
         calib = _images(config, args, count)
+    log = (lambda text: None) if args.json else (lambda text: print(text, file=sys.stderr, flush=True))
     with fixed_threads(args.threads):
-        result = quantize(source, output_file(out_dir), args.scheme, calib=calib, calib_size=count,
-                          calibrator=args.calib_method, per_channel=not args.no_per_channel,
-                          percentile=args.percentile, block_size=args.block_size, threads=args.threads)
+        if int_only:
+            result = _int_only(args, source, out_dir, calib, count)
+        else:
+            blockwise = BlockwiseConfig(rounding=args.rounding, steps=args.round_steps,
+                                        search_images=args.search_images)
+            result = quantize(source, output_file(out_dir), args.scheme, calib=calib, calib_size=count,
+                              calibrator=args.calib_method, per_channel=not args.no_per_channel,
+                              percentile=args.percentile, block_size=args.block_size, threads=args.threads,
+                              blockwise=blockwise, log=log)
     command = "vitrim " + " ".join(shlex.quote(a) for a in getattr(args, "argv", []))
     data = {"model": args.model, "weights": weights, "command": command, **result.to_dict()}
     write_json(out_dir / "quantize.json", data)
-    method = f", {result.calibrator} calibration on {result.calib_images} images" if result.calibrator else ""
-    emit(args, data, f"quantized {args.model} ({weights}) with {result.scheme}{method} to {result.path}: "
-                     f"{human(result.size_bytes, 'B')} vs fp32 {human(result.fp32_size_bytes, 'B')} "
-                     f"({result.compression:.2f}x smaller)\ncheck: {result.check.summary()}")
+    emit(args, data, _summary(args.model, weights, result))
+
+
+def _int_only(args: argparse.Namespace, model: Any, out_dir: Path, calib: Any, count: int) -> Any:
+    from vitrim.quant.intonly import IntOnlyOptions
+    from vitrim.quant.intonly_file import quantize_int_only
+
+    options = IntOnlyOptions(residual_bits=args.residual_bits, gelu=args.int_gelu)
+    return quantize_int_only(model, out_dir, calib=calib, calib_size=count, options=options)
+
+
+def _summary(model: str, weights: str, result: Any) -> str:
+    from vitrim.report import human
+
+    scheme = result.to_dict()["scheme"]
+    calibrator = getattr(result, "calibrator", None)
+    method = f", {calibrator} calibration on {result.calib_images} images" if calibrator else ""
+    where = result.path if scheme != "int-only" else f"{result.path} (run it with `vitrim eval {result.path}`)"
+    return (f"quantized {model} ({weights}) with {scheme}{method} to {where}: {human(result.size_bytes, 'B')} vs "
+            f"fp32 {human(result.fp32_size_bytes, 'B')} ({result.compression:.2f}x smaller)\n"
+            f"check: {result.check.summary()}")

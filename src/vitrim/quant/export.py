@@ -73,6 +73,9 @@ def export_proto(model: nn.Module, *, opset: int = MIN_OPSET, check_images: Cali
         raise ConfigError(f"unknown exporter {exporter!r}; use one of: {', '.join(EXPORTERS)}")
     if opset < MIN_OPSET:
         raise ConfigError(f"opset {opset} is too old; vitrim exports with opset >= {MIN_OPSET}")
+    if getattr(model, "mode", None) == "dynamic" and getattr(model, "tau", None) is not None:
+        raise ExportError("this token-reduced model keeps a different number of tokens per image (tau=...), "
+                          "which an ONNX graph cannot express; build it with mode='static' and keep=RATIO")
     prep = preprocessing or _preprocessing_of(model)
     if check_images is None:
         generator = torch.Generator().manual_seed(0)
