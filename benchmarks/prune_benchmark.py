@@ -6,6 +6,8 @@ Fashion-MNIST test set, params, FLOPs, and latency measured against the dense mo
 process (alternating runs, median, fixed threads) at batch 1 and 64.
 
     python benchmarks/prune_benchmark.py --targets 0.75 0.5 0.25 --kd-images 60000
+
+A method ``vitrim-fisher@latency`` budgets measured latency instead of FLOPs (same target value).
 """
 
 from __future__ import annotations
@@ -33,9 +35,12 @@ from vitrim.prune.api import calibration_batches  # noqa: E402
 from vitrim.train import TrainConfig, fit  # noqa: E402
 
 
-def vitrim_pruned(model, ratio, saliency, recover, train, args):
-    result = prune(model, f"flops={ratio}", train, recover=recover, saliency=saliency, calib_images=args.calib,
-                   steps=args.steps, progress=False)
+def vitrim_pruned(model, ratio, method, recover, train, args):
+    """``method`` is ``vitrim-SALIENCY`` (a FLOPs budget) or ``vitrim-SALIENCY@latency`` (the same
+    fraction of measured latency, from the lookup table at batch 1)."""
+    saliency, _, metric = method.split("-", 1)[1].partition("@")
+    result = prune(model, f"{metric or 'flops'}={ratio}", train, recover=recover, saliency=saliency,
+                   calib_images=args.calib, steps=args.steps, progress=False)
     return result.model
 
 
@@ -141,6 +146,7 @@ def main() -> None:
                         default=["vitrim-taylor2", "vitrim-fisher", "vitrim-magnitude", "tp-taylor", "tp-hessian"])
     parser.add_argument("--recover", nargs="+", default=["none", "reconstruct", "kd"],
                         help="recoveries; reconstruct applies to vitrim methods only")
+    parser.add_argument("--note", default="", help="a sentence for the summary (what this run covers)")
     parser.add_argument("--calib", type=int, default=512)
     parser.add_argument("--tp-calib", type=int, default=256)
     parser.add_argument("--steps", type=int, default=3)
@@ -160,7 +166,7 @@ def main() -> None:
         for method in args.methods:
             started = time.perf_counter()
             if method.startswith("vitrim-"):
-                base = vitrim_pruned(dense, ratio, method.split("-", 1)[1], "none", train, args)
+                base = vitrim_pruned(dense, ratio, method, "none", train, args)
             else:
                 base = tp_pruned(dense, ratio, method.split("-", 1)[1], train, args)
                 if base is None:
@@ -174,7 +180,7 @@ def main() -> None:
                     continue
                 t0 = time.perf_counter()
                 if recover == "reconstruct":
-                    model = vitrim_pruned(dense, ratio, method.split("-", 1)[1], "reconstruct", train, args)
+                    model = vitrim_pruned(dense, ratio, method, "reconstruct", train, args)
                 elif recover == "kd":
                     model = distil(copy.deepcopy(base), dense, train, args)
                 else:
@@ -197,8 +203,8 @@ def main() -> None:
     lines = [f"# Pruning benchmark: {args.model}", "",
              f"Dense accuracy {dense_acc * 100:.2f}%, {dense_cost.params / 1e6:.2f} M params, "
              f"{dense_cost.flops / 1e6:.1f} MFLOPs. Distillation budget: {args.kd_images} images. "
-             f"Command: `{result['environment']['command']}`", "",
-             "| FLOPs target | method | recovery | accuracy | drop (pt) | FLOPs kept | params | speedup b=1 | speedup b=64 |",
+             f"Command: `{result['environment']['command']}`", *([args.note] if args.note else []), "",
+             "| target | method | recovery | accuracy | drop (pt) | FLOPs kept | params | speedup b=1 | speedup b=64 |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r["accuracy"] is None:

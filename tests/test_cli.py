@@ -149,6 +149,8 @@ def test_existing_directories_are_directory_specs(idx_model):
     (["bench", "timm:"], "model spec 'timm:' is incomplete: use hf:DIR or timm:NAME"),
     (["analyze", "fmnist-vit", "--pretrained"], "--pretrained (pretrained=True) applies to timm:NAME models"),
     (["eval", "fmnist-vit-micro", "--pretrained"], "applies to timm:NAME models"),
+    (["export", "fmnist-vit-micro", "--pretrained", "--out", "never.onnx"], "applies to timm:NAME models"),
+    (["quantize", "fmnist-vit-micro", "--pretrained", "--out", "never"], "applies to timm:NAME models"),
 ])
 def test_spec_errors_exit_2(capsys, argv, message):
     code, out, err = run(capsys, *argv)

@@ -22,7 +22,7 @@ MODEL_HELP = "a model directory or a preset name (see `vitrim models`); presets 
 
 def register(sub: Any) -> None:
     """Add the ``export`` and ``quantize`` sub-commands to ``vitrim``'s sub-parser object."""
-    from vitrim.cli import add_threads, positive_int
+    from vitrim.cli import add_pretrained, add_threads, positive_int
     from vitrim.quant.blockwise import ROUNDINGS, BlockwiseConfig
     from vitrim.quant.export import EXPORTERS, MIN_OPSET
     from vitrim.quant.intonly import GELUS
@@ -37,6 +37,7 @@ def register(sub: Any) -> None:
     p.add_argument("--tolerance", type=float, default=1e-3, help="max abs logit difference allowed")
     p.add_argument("--check-images", type=positive_int, default=8, help="images for the numeric check")
     _add_data_args(p, "check on this dataset's first images (default: seeded random images)", "test")
+    add_pretrained(p)
     add_threads(p)
     p.add_argument("--json", action="store_true", help="print a JSON object")
     p.set_defaults(func=cmd_export)
@@ -75,6 +76,7 @@ def register(sub: Any) -> None:
     g.add_argument("--residual-bits", type=positive_int, default=8, help="width of the residual stream (8 or 16)")
     p.add_argument("--out", required=True, help="output directory (receives model.onnx and quantize.json)")
     _add_data_args(p, "calibration dataset", "train")
+    add_pretrained(p)
     add_threads(p)
     p.add_argument("--json", action="store_true", help="print a JSON object")
     p.set_defaults(func=cmd_quantize)
@@ -175,7 +177,7 @@ def cmd_export(args: argparse.Namespace) -> None:
     from vitrim.quant.export import export
     from vitrim.report import human
 
-    model, weights = resolve_model(args.model, allow_random=True)
+    model, weights = resolve_model(args.model, allow_random=True, pretrained=args.pretrained)
     images = _images(model.config, args, args.check_images) if args.data else None
     if images is None:
         import torch
@@ -220,7 +222,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         prep = Preprocessing.from_props(read_props(source), args.model)
         config, weights = prep.config or prep, "onnx"
     else:
-        source, weights = resolve_model(args.model, allow_random=True)
+        source, weights = resolve_model(args.model, allow_random=True, pretrained=args.pretrained)
         config = source.config
     calibrated = args.scheme == "w8a8" or args.calib_method == "blockwise" or int_only
     count = args.calib or (128 if calibrated else None)
