@@ -19,9 +19,10 @@ def data():
 @pytest.mark.parametrize("method", ["fisher", "taylor", "taylor2"])
 def test_accumulation_across_batches_equals_one_big_batch(uneven_model, data, method):
     x, y = data
-    one = gradient_saliency(uneven_model, batches_of(x, y, 12), method)
-    many = gradient_saliency(uneven_model, batches_of(x, y, 5), method)  # 5 + 5 + 2, uneven
-    assert one.keys() == many.keys() == gate_shapes(uneven_model.config).keys()
+    model, x = uneven_model.double(), x.double()  # float64 end to end: only the accumulation can differ
+    one = gradient_saliency(model, batches_of(x, y, 12), method)
+    many = gradient_saliency(model, batches_of(x, y, 5), method)  # 5 + 5 + 2, uneven
+    assert one.keys() == many.keys() == gate_shapes(model.config).keys()
     for key in one:
         torch.testing.assert_close(one[key], many[key], rtol=1e-6, atol=1e-12)
 

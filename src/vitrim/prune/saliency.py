@@ -84,11 +84,12 @@ def accumulate_gradients(model: VisionTransformer, batches: Iterable[Batch], los
     model.eval()
     params = [p for p in model.parameters()]
     flags = [p.requires_grad for p in params]
+    dtype = params[0].dtype if params else torch.float32
     for p in params:
         p.requires_grad_(False)
     try:
         for x, y in progress_bar(batches, total=total, desc="saliency", enabled=progress):
-            gates = {k: torch.ones((x.shape[0],) + s, requires_grad=True) for k, s in shapes.items()}
+            gates = {k: torch.ones((x.shape[0],) + s, dtype=dtype, requires_grad=True) for k, s in shapes.items()}
             with gated(model, gates):
                 losses = loss_fn(model(x), y)
             if losses.ndim != 1 or losses.shape[0] != x.shape[0]:
