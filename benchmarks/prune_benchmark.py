@@ -145,7 +145,7 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+",
                         default=["vitrim-taylor2", "vitrim-fisher", "vitrim-magnitude", "tp-taylor", "tp-hessian"])
     parser.add_argument("--recover", nargs="+", default=["none", "reconstruct", "kd"],
-                        help="recoveries; reconstruct applies to vitrim methods only")
+                        help="none | reconstruct | kd | reconstruct+kd; reconstruct applies to vitrim methods only")
     parser.add_argument("--note", default="", help="a sentence for the summary (what this run covers)")
     parser.add_argument("--calib", type=int, default=512)
     parser.add_argument("--tp-calib", type=int, default=256)
@@ -175,16 +175,15 @@ def main() -> None:
                     print(rows[-1], flush=True)
                     continue
             prune_seconds = time.perf_counter() - started
+            reconstructed = None
             for recover in args.recover:
-                if recover == "reconstruct" and not method.startswith("vitrim-"):
+                if recover.startswith("reconstruct") and not method.startswith("vitrim-"):
                     continue
                 t0 = time.perf_counter()
-                if recover == "reconstruct":
-                    model = vitrim_pruned(dense, ratio, method, "reconstruct", train, args)
-                elif recover == "kd":
-                    model = distil(copy.deepcopy(base), dense, train, args)
-                else:
-                    model = base
+                if recover.startswith("reconstruct") and reconstructed is None:
+                    reconstructed = vitrim_pruned(dense, ratio, method, "reconstruct", train, args)
+                start = reconstructed if recover.startswith("reconstruct") else base
+                model = distil(copy.deepcopy(start), dense, train, args) if recover.endswith("kd") else start
                 cost = model_cost(model.config)
                 row = {"target": ratio, "method": method, "recover": recover,
                        "accuracy": vitrim.evaluate(model, test)["accuracy"],

@@ -23,6 +23,7 @@ def test_token_specs():
 @pytest.mark.parametrize("kwargs, message", [
     (dict(prune="flops=3"), r"\(0, 1\]"), (dict(quant="int3"), "unknown quantization scheme"),
     (dict(calib_method="mse"), "unknown calibrator"), (dict(tokens="tau=0.5"), "cannot be exported"),
+    (dict(token_method="merge"), "unknown token method 'merge'; use one of drop, evit, tome"),
 ])
 def test_bad_pipeline_settings(kwargs, message):
     with pytest.raises(ConfigError, match=message):

@@ -1,3 +1,4 @@
+import copy
 import json
 
 import pytest
@@ -119,6 +120,27 @@ def test_reconstruction_moves_pruned_outputs_towards_dense(wide_model):
         with torch.no_grad():
             errors[recover] = (pruned(x) - wide_model(x)).pow(2).mean().item()
     assert errors["reconstruct"] < 0.5 * errors["none"]
+
+
+def test_distillation_recoveries_move_outputs_towards_dense(wide_model):
+    wide_model = copy.deepcopy(wide_model)
+    with torch.no_grad():
+        wide_model.head.weight.mul_(30)  # confident logits, so that pruning errors show in the KL
+    data = random_set(wide_model.config, n=128)
+    x = next(data.batches(64))[0]  # distillation images: the check is that the student learnt them
+    outputs = {}
+    for recover in ("none", "kd", "reconstruct", "reconstruct+kd"):
+        torch.manual_seed(0)
+        pruned = prune(wide_model, "flops=0.5", data, recover=recover, calib_images=128, round_to=2, kd_lr=1e-3,
+                       kd_epochs=10, kd_batch_size=16, progress=False).model
+        with torch.no_grad():
+            outputs[recover] = pruned(x)
+    with torch.no_grad():
+        dense = wide_model(x).log_softmax(-1)
+    kl = {k: torch.nn.functional.kl_div(v.log_softmax(-1), dense, log_target=True, reduction="batchmean").item()
+          for k, v in outputs.items()}
+    assert kl["kd"] < 0.5 * kl["none"]
+    assert kl["reconstruct+kd"] < kl["reconstruct"] < kl["none"]
 
 
 def test_pruned_model_round_trips(wide_model, tmp_path):

@@ -128,3 +128,18 @@ def test_per_image_token_model_is_refused(tmp_path):
     with pytest.raises(ExportError, match="different number of tokens per image.*mode='static' and keep=RATIO"):
         export(dynamic, tmp_path / "m.onnx")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("method", ["drop", "evit", "tome"])
+def test_static_token_models_export_and_match(tmp_path, exported, method):
+    from vitrim.tokens import reduce_tokens
+
+    model, _, _ = exported
+    reduced = reduce_tokens(model, method, layers=[0], keep=0.5)
+    images = torch.randn(6, 1, 16, 16, generator=torch.Generator().manual_seed(1))
+    result = export(reduced, tmp_path / "m.onnx", check_images=images, threads=1)
+    assert result.check.passed
+    with torch.no_grad():
+        expected = reduced(images)
+    assert not torch.allclose(expected, model(images), atol=1e-3)  # the reduction changed the outputs
+    torch.testing.assert_close(OnnxModel(tmp_path / "m.onnx", threads=1)(images), expected, atol=1e-5, rtol=1e-4)

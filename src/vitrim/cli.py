@@ -384,6 +384,7 @@ def cmd_compress(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from vitrim import __version__
+    from vitrim.prune.api import RECOVERY
     from vitrim.quant.cli import add_onnx_input_args, register as register_quant
 
     parser = argparse.ArgumentParser(prog="vitrim", description="Make Vision Transformers smaller and faster.")
@@ -432,8 +433,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fraction of the cost to keep: flops=0.5, params=0.6 or latency=0.5 (measured on this "
                         "machine; the table is cached)")
     p.add_argument("--latency-batch", type=positive_int, default=1, help="batch size for latency=... targets")
-    p.add_argument("--recover", choices=["none", "reconstruct", "kd"], default="reconstruct",
-                   help="reconstruct: least-squares refit, no training; kd: distillation from the dense model")
+    p.add_argument("--recover", choices=list(RECOVERY), default="reconstruct",
+                   help="reconstruct: least-squares refit, no training; kd: distillation from the dense model; "
+                        "reconstruct+kd: the refit, then distillation")
     p.add_argument("--epochs", type=positive_int, default=1, help="distillation epochs for --recover kd")
     p.add_argument("--kd-images", type=positive_int, default=None, help="distil on the first N training images only")
     p.add_argument("--kd-lr", type=float, default=2e-4)
@@ -483,10 +485,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compress", help="prune, reduce tokens and quantize in one pipeline, with one report")
     p.add_argument("model", nargs="?", default=None, help=model_help + " (default: the bundled fmnist-vit)")
     p.add_argument("--prune", default="flops=0.5", help="pruning target, or none")
-    p.add_argument("--recover", choices=["none", "reconstruct", "kd"], default="reconstruct")
+    p.add_argument("--recover", choices=list(RECOVERY), default="reconstruct")
     p.add_argument("--prune-calib", type=positive_int, default=512, help="calibration images for pruning")
     p.add_argument("--tokens", default="keep=0.7", help="static token reduction keep=RATIO, or none")
-    p.add_argument("--token-method", choices=["drop", "evit", "tome"], default="evit")
+    p.add_argument("--token-method", choices=["drop", "evit", "tome"], default="tome",
+                   help="tome merges similar tokens (default: keeps accuracy best without training); "
+                        "drop/evit keep the tokens the class token attends to")
     p.add_argument("--layers", type=lambda t: [int(v) for v in t.split(",")], default=None,
                    help="blocks after which tokens are reduced")
     p.add_argument("--quant", default="w8a8", help="w8a8 | w8-dynamic | w4 | none")

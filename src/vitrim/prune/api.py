@@ -22,7 +22,7 @@ from vitrim.prune.saliency import METHODS, LossFn, classification_loss, saliency
 from vitrim.prune.search import STRUCTURES, Search
 from vitrim.prune.surgery import slice_model
 
-RECOVERY = ("none", "reconstruct", "kd")
+RECOVERY = ("none", "reconstruct", "kd", "reconstruct+kd")  # the last: least squares, then distillation
 TARGET_METRICS = ("flops", "params", "latency")
 STRUCTURE_ALIASES = {"attn-layer": "attn_layer", "mlp-layer": "mlp_layer", "head": "heads"}
 
@@ -160,7 +160,7 @@ def prune(model: VisionTransformer, target: str = "flops=0.5", data: ImageSet | 
     if not isinstance(model, VisionTransformer):
         raise ConfigError(f"vitrim.prune handles vitrim ViTs and Hugging Face ViTForImageClassification / "
                           f"ViTModel, got {type(model).__name__}")
-    if data is None and (cfg.saliency != "magnitude" or cfg.recover == "reconstruct"):
+    if data is None and (cfg.saliency != "magnitude" or cfg.recover.startswith("reconstruct")):
         raise DataError("pruning needs calibration data (pass data=ImageSet)")
     if cost is None and cfg.metric == "latency":
         from vitrim.prune.latency import LatencyTable
@@ -207,10 +207,10 @@ def prune(model: VisionTransformer, target: str = "flops=0.5", data: ImageSet | 
             with tempfile.TemporaryDirectory() as tmp:
                 distill(current, dense, train_data, tmp, images=cfg.step_kd_images, lr=cfg.kd_lr,
                         batch_size=cfg.kd_batch_size, seed=cfg.seed, progress=progress)
-    if cfg.recover == "reconstruct":
+    if cfg.recover.startswith("reconstruct"):
         images = torch.cat([x for x, _ in batches])
         reconstruct(dense, current, embed_index, images, batch_size=cfg.batch_size, progress=progress)
-    elif cfg.recover == "kd":
+    if cfg.recover.endswith("kd"):
         train = train_data if train_data is not None else data
         if train is None:
             raise DataError("recover='kd' needs training images (train_data=ImageSet)")
