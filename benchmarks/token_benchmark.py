@@ -24,6 +24,7 @@ import vitrim  # noqa: E402
 from vitrim.bench.flops import model_cost  # noqa: E402
 from vitrim.bench.latency import paired_latency  # noqa: E402
 from vitrim.tokens import reduce_tokens, reduced_flops  # noqa: E402
+from vitrim.tokens.model import default_layers  # noqa: E402
 
 KEEPS = [0.8, 0.6, 0.4, 0.25]
 TAUS = [0.95, 0.9, 0.8, 0.6]
@@ -81,13 +82,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="fmnist-vit")
     parser.add_argument("--iret", nargs="*", default=[], help="incremental-resolution model directories")
-    parser.add_argument("--layers", type=lambda t: [int(v) for v in t.split(",")], default=[1, 3])
+    parser.add_argument("--layers", type=lambda t: [int(v) for v in t.split(",")], default=None,
+                        help="blocks after which training-free methods reduce (default: vitrim's default layers)")
     parser.add_argument("--eval-limit", type=int, default=None)
     parser.add_argument("--runs", type=int, default=40, help="timed runs per model at batch 1 (batch 64: half)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--name", default="token_benchmark")
     args = parser.parse_args()
     dense, test, dense_acc = load_reference(args.model, args.threads, args.eval_limit)
+    args.layers = list(args.layers or default_layers(dense.config.depth))
     dense_flops = model_cost(dense.config).flops
     sample = next(test.batches(256))[0]
     rows = []

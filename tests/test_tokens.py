@@ -116,6 +116,22 @@ def test_restored_grid_for_dense_outputs(model, images, method, mode):
         assert rows <= {tuple(r.tolist()) for r in tokens[0, 1:].round(decimals=4)}
 
 
+@pytest.mark.parametrize("method, mode, knob", [("evit", "static", {"keep": 0.4}), ("evit", "dynamic", {"tau": 0.6}),
+                                               ("tome", "static", {"keep": 0.4}), ("drop", "static", {"keep": 0.4})])
+def test_fused_and_merged_tokens_count_their_patches(model, images, method, mode, knob):
+    """Sizes are what proportional attention weighs tokens by: fusing and merging keep every patch."""
+    reduced = reduce_tokens(model, method, layers=(0, 2), mode=mode, **knob)
+    with torch.no_grad():
+        _, sizes, valid = reduced.forward_features(images)
+    counted = (sizes[:, 1:] * (valid[:, 1:] if valid is not None else 1)).sum(1)
+    patches = model.config.num_patches
+    if method == "drop":
+        assert counted.tolist() == [round(round(0.4 * patches) * 0.4)] * len(images)
+    else:
+        torch.testing.assert_close(counted, torch.full((len(images),), float(patches)))
+        assert sizes[:, 1:].max() > 1
+
+
 def test_mass_counts_give_easy_images_fewer_tokens():
     peaked = torch.tensor([[0.0, 0.9, 0.05, 0.03, 0.02]])
     flat = torch.tensor([[0.0, 0.25, 0.25, 0.25, 0.25]])

@@ -98,10 +98,11 @@ class TokenReducedViT(nn.Module):
         keys = k.mean(dim=1) if need_scores and self.method == "tome" else None  # (B, N, d)
         return block.ls1(out), scores, keys
 
-    def _bias(self, sizes: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor | None:
-        bias = None
-        if self.method == "tome":
-            bias = sizes.clamp_min(1e-12).log()
+    def _bias(self, sizes: torch.Tensor, valid: torch.Tensor | None, weighted: bool) -> torch.Tensor | None:
+        """Additive attention logits (B, 1, 1, N): ``log(size)`` once tokens stand for several
+        patches (proportional attention: merged and fused tokens keep their patches' attention
+        mass), ``-inf`` on padding."""
+        bias = sizes.clamp_min(1e-12).log() if weighted else None
         if valid is not None:
             pad = torch.zeros_like(sizes).masked_fill(~valid, float("-inf"))
             bias = pad if bias is None else bias + pad
@@ -140,7 +141,7 @@ class TokenReducedViT(nn.Module):
             total = dropped_weight.sum(1, keepdim=True)
             fused = (dropped_weight.unsqueeze(-1) * x[:, prefix:]).sum(1, keepdim=True) / total.clamp_min(1e-12).unsqueeze(-1)
             parts.append(fused)
-            size_parts.append(torch.ones_like(total))
+            size_parts.append(sizes[:, prefix:].sum(1, keepdim=True) - kept_sizes.sum(1, keepdim=True))
             new_valid = torch.cat([new_valid, total > 0], dim=1)
             dest[:, prefix:] = prefix + width
         slots = torch.where(keep_mask, prefix + torch.arange(width).expand(B, -1), dest[:, prefix:].gather(1, index))
@@ -186,17 +187,19 @@ class TokenReducedViT(nn.Module):
         source = torch.arange(prefix, N).expand(B, -1)  # (B, P): each patch's current token
         frozen = torch.zeros(B, N - prefix, C, dtype=x.dtype)
         counts = []
+        weighted = False  # whether some token stands for several patches yet
         for i, block in enumerate(self.model.blocks):
             counts.append(float(valid.sum(1).float().mean()) if valid is not None else float(x.shape[1]))
             reduce_here = self.reduces_after(i)
             if block.attn is not None:
-                out, scores, keys = self._attention(block, x, self._bias(sizes, valid), reduce_here)
+                out, scores, keys = self._attention(block, x, self._bias(sizes, valid, weighted), reduce_here)
                 x = x + out
             if block.mlp is not None:
                 x = x + block.mlp_branch(x)
             if reduce_here:
                 old = x
                 x, sizes, valid, dest = self._reduce(x, sizes, valid, scores, keys)
+                weighted = weighted or self.method in ("tome", "evit")
                 x = self.refine(x, dest, valid, context)
                 if restore:
                     alive = source >= 0
