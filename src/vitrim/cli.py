@@ -385,6 +385,7 @@ def cmd_compress(args: argparse.Namespace) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from vitrim import __version__
     from vitrim.prune.api import RECOVERY
+    from vitrim.tokens.model import METHODS as TOKEN_METHODS
     from vitrim.quant.cli import add_onnx_input_args, register as register_quant
 
     parser = argparse.ArgumentParser(prog="vitrim", description="Make Vision Transformers smaller and faster.")
@@ -462,7 +463,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("tokens", help="run-time token reduction: accuracy, FLOPs and speed per knob value")
     p.add_argument("model", nargs="?", default=None, help=model_help + " (default: the bundled fmnist-vit)")
-    p.add_argument("--method", choices=["drop", "evit", "tome"], default="drop",
+    p.add_argument("--method", choices=list(TOKEN_METHODS), default="drop",
                    help="ignored for incremental-resolution models (vitrim train --arch iret), which sweep their own knob")
     p.add_argument("--mode", choices=["static", "dynamic"], default="static",
                    help="static: same count for the whole batch (--keep); dynamic: per-image counts (--tau)")
@@ -488,7 +489,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recover", choices=list(RECOVERY), default="reconstruct")
     p.add_argument("--prune-calib", type=positive_int, default=512, help="calibration images for pruning")
     p.add_argument("--tokens", default="keep=0.7", help="static token reduction keep=RATIO, or none")
-    p.add_argument("--token-method", choices=["drop", "evit", "tome"], default="tome",
+    p.add_argument("--token-method", choices=list(TOKEN_METHODS), default="tome",
                    help="tome merges similar tokens (default: keeps accuracy best without training); "
                         "drop/evit keep the tokens the class token attends to")
     p.add_argument("--layers", type=lambda t: [int(v) for v in t.split(",")], default=None,

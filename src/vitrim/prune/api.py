@@ -130,8 +130,9 @@ def prune(model: VisionTransformer, target: str = "flops=0.5", data: ImageSet | 
     """Prune ``model`` to ``target`` (e.g. ``"flops=0.5"``) and recover; ``model`` is not modified.
 
     ``data`` supplies calibration images (labels are used by the default loss); ``train_data``
-    the images for ``recover="kd"`` (defaults to ``data``). ``options`` are :class:`PruneConfig`
-    fields (``structures``, ``exclude``, ``saliency``, ``steps``, ``round_to``, ...).
+    the images for ``recover="kd"`` or ``"reconstruct+kd"`` (defaults to ``data``). ``options``
+    are :class:`PruneConfig` fields (``structures``, ``exclude``, ``saliency``, ``steps``,
+    ``round_to``, ...).
     """
     cfg = config or PruneConfig(target=target, recover=recover, **options)
     from vitrim.adapters import family_of, from_canonical, head_kind, metadata, require_family, to_canonical
