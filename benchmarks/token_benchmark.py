@@ -35,7 +35,7 @@ TRAINING_FREE = {
     ("drop", "dynamic"): ("tau", TAUS),
     ("evit", "dynamic"): ("tau", TAUS),
 }
-IRET = {"static": ("keep", [1.0, 0.8, 0.6, 0.4, 0.25, 0.1]), "dynamic": ("tau", [0.95, 0.9, 0.8, 0.6, 0.4])}
+IRET = {"static": ("keep", [1.0, 0.8, 0.6, 0.4, 0.25, 0.1, 0.05]), "dynamic": ("tau", [0.95, 0.9, 0.8, 0.6, 0.4])}
 
 
 def plot(rows: list[dict[str, Any]], dense_acc: float, path: Path) -> None:
@@ -65,9 +65,9 @@ def plot(rows: list[dict[str, Any]], dense_acc: float, path: Path) -> None:
     plt.close(fig)
 
 
-def sweeps(dense, iret_dirs: list[str], layers: list[int]):
-    """(label, model, knob, values, time it) for every curve."""
-    for (method, mode), (knob, values) in TRAINING_FREE.items():
+def sweeps(dense, iret_dirs: list[str], layers: list[int], training_free: bool = True):
+    """(label, model, knob, values) for every curve."""
+    for (method, mode), (knob, values) in TRAINING_FREE.items() if training_free else ():
         yield f"{method} ({mode}, no training)", reduce_tokens(dense, method, layers=layers, mode=mode), knob, values
     for directory in iret_dirs:
         model = vitrim.load(directory)
@@ -84,6 +84,7 @@ def main() -> None:
     parser.add_argument("--iret", nargs="*", default=[], help="incremental-resolution model directories")
     parser.add_argument("--layers", type=lambda t: [int(v) for v in t.split(",")], default=None,
                         help="blocks after which training-free methods reduce (default: vitrim's default layers)")
+    parser.add_argument("--iret-only", action="store_true", help="sweep only the --iret models")
     parser.add_argument("--eval-limit", type=int, default=None)
     parser.add_argument("--runs", type=int, default=40, help="timed runs per model at batch 1 (batch 64: half)")
     parser.add_argument("--threads", type=int, default=2)
@@ -94,7 +95,7 @@ def main() -> None:
     dense_flops = model_cost(dense.config).flops
     sample = next(test.batches(256))[0]
     rows = []
-    for label, model, knob, values in sweeps(dense, args.iret, args.layers):
+    for label, model, knob, values in sweeps(dense, args.iret, args.layers, not args.iret_only):
         for value in values:
             setattr(model, knob, value)
             row = {"label": label, "knob": knob, "value": value,
@@ -112,8 +113,9 @@ def main() -> None:
     result = {"environment": environment(), "model": args.model, "layers": args.layers, "iret": args.iret,
               "dense_accuracy": dense_acc, "eval_images": len(test), "rows": rows}
     lines = [f"# Token reduction: {args.model}", "",
-             f"Dense accuracy {dense_acc * 100:.2f}% on {len(test)} test images. Training-free methods reduce "
-             f"after blocks {args.layers}; incremental-resolution models: {', '.join(args.iret) or 'none'}. "
+             f"Dense accuracy {dense_acc * 100:.2f}% on {len(test)} test images. "
+             + ("" if args.iret_only else f"Training-free methods reduce after blocks {args.layers}; ")
+             + f"incremental-resolution models: {', '.join(args.iret) or 'none'}. "
              f"Command: `{result['environment']['command']}`", "", f"![accuracy vs compute]({args.name}.png)", "",
              "| method | knob | accuracy | drop (pt) | FLOPs kept | speed-up b=1 | speed-up b=64 |",
              "|---|---|---|---|---|---|---|"]
