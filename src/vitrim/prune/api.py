@@ -96,6 +96,14 @@ class PruneConfig:
         if not 0 <= self.tolerance < 0.5:
             raise ConfigError(f"tolerance must be in [0, 0.5), got {self.tolerance}")
 
+    @property
+    def reconstructs(self) -> bool:
+        return self.recover in ("reconstruct", "reconstruct+kd")
+
+    @property
+    def distils(self) -> bool:
+        return self.recover in ("kd", "reconstruct+kd")
+
     def to_dict(self) -> dict[str, Any]:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()}
 
@@ -161,7 +169,7 @@ def prune(model: VisionTransformer, target: str = "flops=0.5", data: ImageSet | 
     if not isinstance(model, VisionTransformer):
         raise ConfigError(f"vitrim.prune handles vitrim ViTs and Hugging Face ViTForImageClassification / "
                           f"ViTModel, got {type(model).__name__}")
-    if data is None and (cfg.saliency != "magnitude" or cfg.recover.startswith("reconstruct")):
+    if data is None and (cfg.saliency != "magnitude" or cfg.reconstructs):
         raise DataError("pruning needs calibration data (pass data=ImageSet)")
     if cost is None and cfg.metric == "latency":
         from vitrim.prune.latency import LatencyTable
@@ -208,13 +216,13 @@ def prune(model: VisionTransformer, target: str = "flops=0.5", data: ImageSet | 
             with tempfile.TemporaryDirectory() as tmp:
                 distill(current, dense, train_data, tmp, images=cfg.step_kd_images, lr=cfg.kd_lr,
                         batch_size=cfg.kd_batch_size, seed=cfg.seed, progress=progress)
-    if cfg.recover.startswith("reconstruct"):
+    if cfg.reconstructs:
         images = torch.cat([x for x, _ in batches])
         reconstruct(dense, current, embed_index, images, batch_size=cfg.batch_size, progress=progress)
-    if cfg.recover.endswith("kd"):
+    if cfg.distils:
         train = train_data if train_data is not None else data
         if train is None:
-            raise DataError("recover='kd' needs training images (train_data=ImageSet)")
+            raise DataError(f"recover={cfg.recover!r} needs training images (train_data=ImageSet)")
         with tempfile.TemporaryDirectory() as tmp:
             distill(current, dense, train, tmp, epochs=cfg.kd_epochs, images=cfg.kd_images, lr=cfg.kd_lr,
                     batch_size=cfg.kd_batch_size, seed=cfg.seed, progress=progress)
