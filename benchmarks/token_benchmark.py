@@ -1,13 +1,16 @@
 """Token reduction: accuracy against FLOPs and measured speed-up, per method and knob value.
 
 Training-free methods (attention-guided dropping, EViT fusion, ToMe-style merging; static and
-per-image dynamic) are swept on the bundled model; incremental-resolution models (``--iret``
-directories, e.g. trained with ``vitrim train --arch iret``) sweep their own knob. Accuracy on
-the Fashion-MNIST test set, FLOPs from the token counts each block saw, latency against the
-dense model in this process (alternating runs, median, fixed threads) at batch 1 and 64.
-Writes JSON, markdown and a plot.
+per-image dynamic) are swept on the bundled model at vitrim's default layers, and merging also
+after every block but the last (``--merge-layers``); models fine-tuned for a reduction
+(``--tuned`` directories, ``vitrim train --arch tokens``) sweep their reduction in both modes;
+incremental-resolution models (``--iret`` directories, ``vitrim train --arch iret``) sweep their
+own knob. Accuracy on the Fashion-MNIST test set, always measured against the bundled dense
+model; FLOPs from the token counts each block saw; latency against the dense model in this
+process (alternating runs, median, fixed threads) at batch 1 and 64. Writes JSON, markdown (with
+the aims: best speed-up within 0.5 points, dynamic against static at equal FLOPs) and a plot.
 
-    python benchmarks/token_benchmark.py --iret runs/iret-learned runs/iret-haar --threads 1
+    python benchmarks/token_benchmark.py --tuned runs/tome-tuned --iret runs/iret --threads 2
 """
 
 from __future__ import annotations
@@ -34,7 +37,9 @@ TRAINING_FREE = {
     ("tome", "static"): ("keep", [0.8, 0.6, 0.5]),
     ("drop", "dynamic"): ("tau", TAUS),
     ("evit", "dynamic"): ("tau", TAUS),
+    ("tome", "dynamic"): ("tau", [0.9, 0.7, 0.5]),  # cosine similarity above which tokens merge
 }
+MERGE_EVERYWHERE = {"static": ("keep", [0.9, 0.85, 0.8, 0.75, 0.7]), "dynamic": ("tau", [0.9, 0.85, 0.8, 0.75, 0.7])}
 IRET = {"static": ("keep", [1.0, 0.8, 0.6, 0.4, 0.25, 0.1, 0.05]), "dynamic": ("tau", [0.95, 0.9, 0.8, 0.6, 0.4])}
 
 
@@ -65,10 +70,19 @@ def plot(rows: list[dict[str, Any]], dense_acc: float, path: Path) -> None:
     plt.close(fig)
 
 
-def sweeps(dense, iret_dirs: list[str], layers: list[int], training_free: bool = True):
+def sweeps(dense, iret_dirs: list[str], tuned_dirs: list[str], layers: list[int], merge_layers: list[int],
+           training_free: bool = True):
     """(label, model, knob, values) for every curve."""
     for (method, mode), (knob, values) in TRAINING_FREE.items() if training_free else ():
         yield f"{method} ({mode}, no training)", reduce_tokens(dense, method, layers=layers, mode=mode), knob, values
+    for mode, (knob, values) in MERGE_EVERYWHERE.items() if training_free and merge_layers else ():
+        yield f"tome every block ({mode}, no training)", reduce_tokens(dense, "tome", layers=merge_layers,
+                                                                       mode=mode), knob, values
+    for directory in tuned_dirs:
+        tuned = vitrim.load(directory)
+        for mode, (knob, values) in MERGE_EVERYWHERE.items():
+            model = reduce_tokens(tuned, mode=mode)
+            yield f"{model.method} fine-tuned, {Path(directory).name} ({mode})", model, knob, [1.0] + values
     for directory in iret_dirs:
         model = vitrim.load(directory)
         lifting = "learned lifting" if model.options.learnable else "Haar"
@@ -78,13 +92,48 @@ def sweeps(dense, iret_dirs: list[str], layers: list[int], training_free: bool =
             yield f"iret {lifting} ({mode})", model, knob, values
 
 
+def static_accuracy_at(rows: list[dict[str, Any]], flops: float) -> float | None:
+    """Static curve's accuracy interpolated at ``flops`` (None outside its range)."""
+    pts = sorted((r["flops_ratio"], r["accuracy"]) for r in rows)
+    for (f0, a0), (f1, a1) in zip(pts, pts[1:]):
+        if f0 <= flops <= f1:
+            return a0 + (a1 - a0) * (flops - f0) / max(f1 - f0, 1e-12)
+    return None
+
+
+def aims(rows: list[dict[str, Any]], dense_acc: float) -> list[str]:
+    """Markdown lines: best speed-up within 0.5 points; dynamic against static at equal FLOPs."""
+    lines = ["## Aims", ""]
+    close = [r for r in rows if r["drop_points"] <= 0.5 and r["flops_ratio"] < 0.999]
+    for batch in (1, 64):
+        if close:
+            best = max(close, key=lambda r: r[f"speedup_b{batch}"])
+            lines.append(f"- Best measured speed-up at batch {batch} within 0.5 points of dense: "
+                         f"{best[f'speedup_b{batch}']:.2f}x — {best['label']}, {best['knob']}={best['value']:g} "
+                         f"({best['accuracy'] * 100:.2f}%, FLOPs {best['flops_ratio']:.3f}); aim 2x.")
+    for label in dict.fromkeys(r["label"] for r in rows if "(dynamic" in r["label"]):
+        static = [r for r in rows if r["label"] == label.replace("(dynamic", "(static")]
+        compared = []
+        for r in (r for r in rows if r["label"] == label and r["flops_ratio"] < 0.999):
+            at = static_accuracy_at(static, r["flops_ratio"])
+            if at is not None:
+                compared.append(f"{r['knob']}={r['value']:g} {(r['accuracy'] - at) * 100:+.2f}")
+        if compared:
+            lines.append(f"- {label} minus static at equal FLOPs (points, interpolated): {', '.join(compared)}.")
+    return lines + [""]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="fmnist-vit")
     parser.add_argument("--iret", nargs="*", default=[], help="incremental-resolution model directories")
     parser.add_argument("--layers", type=lambda t: [int(v) for v in t.split(",")], default=None,
                         help="blocks after which training-free methods reduce (default: vitrim's default layers)")
-    parser.add_argument("--iret-only", action="store_true", help="sweep only the --iret models")
+    parser.add_argument("--merge-layers", type=lambda t: [int(v) for v in t.split(",")], default=None,
+                        help="blocks after which the 'tome every block' curves merge (default: all but the last)")
+    parser.add_argument("--tuned", nargs="*", default=[], help="directories of models fine-tuned for a reduction")
+    parser.add_argument("--iret-only", action="store_true",
+                        help="sweep only the --iret and --tuned models, not the training-free methods")
     parser.add_argument("--eval-limit", type=int, default=None)
     parser.add_argument("--runs", type=int, default=40, help="timed runs per model at batch 1 (batch 64: half)")
     parser.add_argument("--threads", type=int, default=2)
@@ -92,10 +141,12 @@ def main() -> None:
     args = parser.parse_args()
     dense, test, dense_acc = load_reference(args.model, args.threads, args.eval_limit)
     args.layers = list(args.layers or default_layers(dense.config.depth))
+    args.merge_layers = list(args.merge_layers or range(dense.config.depth - 1))
     dense_flops = model_cost(dense.config).flops
     sample = next(test.batches(256))[0]
     rows = []
-    for label, model, knob, values in sweeps(dense, args.iret, args.layers, not args.iret_only):
+    for label, model, knob, values in sweeps(dense, args.iret, args.tuned, args.layers, args.merge_layers,
+                                             not args.iret_only):
         for value in values:
             setattr(model, knob, value)
             row = {"label": label, "knob": knob, "value": value,
@@ -110,13 +161,17 @@ def main() -> None:
             print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
     plot(rows, dense_acc, RESULTS / f"{args.name}.png")
-    result = {"environment": environment(), "model": args.model, "layers": args.layers, "iret": args.iret,
+    result = {"environment": environment(), "model": args.model, "layers": args.layers,
+              "merge_layers": args.merge_layers, "tuned": args.tuned, "iret": args.iret,
               "dense_accuracy": dense_acc, "eval_images": len(test), "rows": rows}
     lines = [f"# Token reduction: {args.model}", "",
              f"Dense accuracy {dense_acc * 100:.2f}% on {len(test)} test images. "
-             + ("" if args.iret_only else f"Training-free methods reduce after blocks {args.layers}; ")
+             + ("" if args.iret_only else f"Training-free methods reduce after blocks {args.layers}, 'every block' "
+                f"after {args.merge_layers}; ")
+             + f"fine-tuned models: {', '.join(args.tuned) or 'none'}; "
              + f"incremental-resolution models: {', '.join(args.iret) or 'none'}. "
              f"Command: `{result['environment']['command']}`", "", f"![accuracy vs compute]({args.name}.png)", "",
+             *aims(rows, dense_acc),
              "| method | knob | accuracy | drop (pt) | FLOPs kept | speed-up b=1 | speed-up b=64 |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:

@@ -28,11 +28,14 @@ def images():
 
 
 @pytest.mark.parametrize("method, mode", [("drop", "static"), ("evit", "static"), ("tome", "static"),
-                                          ("drop", "dynamic"), ("evit", "dynamic")])
+                                          ("drop", "dynamic"), ("evit", "dynamic"), ("tome", "dynamic")])
 def test_zero_reduction_reproduces_the_model(model, images, method, mode):
     reduced = reduce_tokens(model, method, mode=mode, keep=1.0)
     with torch.no_grad():
         torch.testing.assert_close(reduced(images), model(images), atol=1e-5, rtol=1e-5)
+        if mode == "dynamic":  # the threshold at its no-reduction end
+            reduced.tau = 1.0
+            torch.testing.assert_close(reduced(images), model(images), atol=1e-5, rtol=1e-5)
 
 
 def test_distillation_token_is_kept(images):
@@ -88,7 +91,8 @@ def test_bipartite_merge_preserves_mass():
     torch.manual_seed(0)
     x = torch.randn(2, 9, 4)
     sizes = torch.ones(2, 9)
-    merged, new_sizes, dest = bipartite_merge(x, x, sizes, r=3, prefix=1)
+    merged, new_sizes, dest, valid = bipartite_merge(x, x, sizes, r=3, prefix=1)
+    assert valid is None
     assert merged.shape == (2, 6, 4) and new_sizes.sum(1).tolist() == [9.0, 9.0]
     torch.testing.assert_close((merged * new_sizes.unsqueeze(-1)).sum(1), x.sum(1))
     torch.testing.assert_close(merged[:, 0], x[:, 0])
@@ -98,14 +102,14 @@ def test_bipartite_merge_preserves_mass():
 
 
 @pytest.mark.parametrize("method, mode", [("drop", "static"), ("evit", "static"), ("tome", "static"),
-                                          ("evit", "dynamic")])
+                                          ("evit", "dynamic"), ("tome", "dynamic")])
 def test_restored_grid_for_dense_outputs(model, images, method, mode):
     reduced = reduce_tokens(model, method, mode=mode, layers=(1, 2), keep=1.0)
     with torch.no_grad():
         full, _, _ = reduced.forward_features(images, restore=True)
         torch.testing.assert_close(full, model.forward_features(images), atol=1e-5, rtol=1e-5)
         if mode == "dynamic":
-            reduced.tau = 0.6
+            reduced.tau = 0.6 if method == "evit" else 0.0
         else:
             reduced.keep = 0.4
         grid, _, _ = reduced.forward_features(images, restore=True)
@@ -117,7 +121,8 @@ def test_restored_grid_for_dense_outputs(model, images, method, mode):
 
 
 @pytest.mark.parametrize("method, mode, knob", [("evit", "static", {"keep": 0.4}), ("evit", "dynamic", {"tau": 0.6}),
-                                               ("tome", "static", {"keep": 0.4}), ("drop", "static", {"keep": 0.4})])
+                                               ("tome", "static", {"keep": 0.4}), ("tome", "dynamic", {"tau": 0.0}),
+                                               ("drop", "static", {"keep": 0.4})])
 def test_fused_and_merged_tokens_count_their_patches(model, images, method, mode, knob):
     """Sizes are what proportional attention weighs tokens by: fusing and merging keep every patch."""
     reduced = reduce_tokens(model, method, layers=(0, 2), mode=mode, **knob)
@@ -139,12 +144,30 @@ def test_mass_counts_give_easy_images_fewer_tokens():
     assert mass_counts(flat, 0.9, prefix=1).item() == 4
 
 
-def test_dynamic_threshold_gives_per_image_counts_and_matches_batch_of_one(model, images):
-    reduced = reduce_tokens(model, "drop", mode="dynamic", layers=(1,), tau=0.5)
+@pytest.mark.parametrize("method, tau", [("drop", 0.5), ("evit", 0.5), ("tome", 0.0)])
+def test_dynamic_threshold_gives_per_image_counts_and_matches_batch_of_one(model, images, method, tau):
+    reduced = reduce_tokens(model, method, mode="dynamic", layers=(0, 2), tau=tau)
     with torch.no_grad():
         batch = reduced(images)
         singles = torch.cat([reduced(images[i : i + 1]) for i in range(len(images))])
     torch.testing.assert_close(batch, singles, atol=1e-5, rtol=1e-5)
+
+
+def test_similarity_threshold_merges_redundant_tokens_only():
+    """Per image, tome merges the pairs above the threshold: plain (repeated) content merges,
+    distinct content does not, and the batch pads to the image that keeps most."""
+    torch.manual_seed(0)
+    distinct = torch.linalg.qr(torch.randn(8, 8)).Q[None]  # orthonormal rows: similarity 0
+    plain = torch.ones(1, 8, 8) + 0.01 * torch.randn(1, 8, 8)  # near-identical tokens
+    x = torch.cat([torch.cat([torch.zeros(1, 1, 8), t], 1) for t in (distinct, plain)])  # (2, 9, 8)
+    sizes = torch.ones(2, 9)
+    merged, new_sizes, dest, valid = bipartite_merge(x, x, sizes, r=4, prefix=1, threshold=0.5)
+    assert valid.sum(1).tolist() == [9, 5]  # the plain image merged 4 pairs, the distinct one none
+    assert merged.shape[1] == 9
+    counted = (new_sizes * valid).sum(1)
+    assert counted.tolist() == [9.0, 9.0]
+    torch.testing.assert_close((merged * new_sizes.unsqueeze(-1)).sum(1), x.sum(1))
+    assert (dest >= 0).all() and (new_sizes[~valid] == 0).all()
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -194,3 +217,77 @@ def test_cli_tokens_sweep(capsys, tmp_path, model):
     assert rows[0]["flops_ratio"] == pytest.approx(1.0) and rows[1]["flops_ratio"] < 1.0
     code, _, err = run(capsys, "tokens", str(tmp_path / "m"), "--sweep", "1,2", "--no-eval")
     assert code == 2 and "keep ratio must be in (0, 1]" in err
+
+
+def test_training_draws_a_keep_ratio_per_batch(model, images):
+    reduced = reduce_tokens(model, "tome", layers=(0,), keep=0.9, train_keep=(0.3, 0.7))
+    counts = set()
+    reduced.train()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for _ in range(6):
+            reduced(images)
+            counts.add(reduced.last_token_counts[1])
+    assert len(counts) > 1 and all(1 + 0.3 * 64 - 1 <= c <= 1 + 0.7 * 64 + 1 for c in counts)
+    with torch.no_grad():
+        trained_view = reduced(images)
+    reduced.eval()
+    with torch.no_grad():
+        reduced(images)
+        assert reduced.last_token_counts[1] == 1 + round(0.9 * 64) and reduced.keep == 0.9
+        reduced.keep = 0.7  # the first half of a training batch runs at the top of the range
+        torch.testing.assert_close(trained_view[:1], reduced(images[:1]))
+    with pytest.raises(ConfigError, match="train_keep"):
+        reduce_tokens(model, "tome", train_keep=(0.8, 0.2))
+
+
+def test_saved_token_model_keeps_its_reduction(model, images, tmp_path):
+    reduced = reduce_tokens(model, "tome", layers=(0, 2), keep=0.5)
+    vitrim.save(reduced, tmp_path / "m")
+    loaded = vitrim.load(tmp_path / "m")
+    assert isinstance(loaded, VisionTransformer)
+    assert loaded.token_reduction == {"method": "tome", "layers": [0, 2]}
+    again = reduce_tokens(loaded, keep=0.5)  # method and layers from the saved model
+    assert (again.method, again.layers) == ("tome", (0, 2))
+    with torch.no_grad():
+        torch.testing.assert_close(again(images), reduced(images))
+    assert reduce_tokens(loaded, "drop").layers != (0, 2)  # another method: its own default layers
+    vitrim.save(loaded, tmp_path / "again")  # a plain save keeps it too
+    assert vitrim.load(tmp_path / "again").token_reduction == loaded.token_reduction
+
+
+def test_broken_token_settings_are_reported(model, tmp_path):
+    import json
+
+    from vitrim.errors import ModelFileError
+
+    vitrim.save(reduce_tokens(model, "tome", layers=(1,)), tmp_path / "m")
+    config = tmp_path / "m" / "config.json"
+    data = json.loads(config.read_text())
+    data["tokens"]["method"] = "merge"
+    config.write_text(json.dumps(data))
+    with pytest.raises(ModelFileError, match='"tokens" must be'):
+        vitrim.load(tmp_path / "m")
+
+
+def test_cli_fine_tunes_for_token_reduction(tmp_path, capsys):
+    import json
+
+    from vitrim.cli import main
+
+    torch.manual_seed(0)
+    vitrim.save(vitrim.create("fmnist-vit-micro"), tmp_path / "vit")
+    out = tmp_path / "tuned"
+    code = main(["train", "--arch", "tokens", "--init", str(tmp_path / "vit"), "--token-method", "evit",
+                 "--layers", "0,1", "--train-keep", "0.4,0.9", "--data", "fashion-mnist", "--limit", "64",
+                 "--batch-size", "32", "--epochs", "1", "--no-eval", "--threads", "1", "--out", str(out)])
+    assert code == 0
+    assert vitrim.load(out).token_reduction == {"method": "evit", "layers": [0, 1]}
+    capsys.readouterr()
+    code = main(["tokens", str(out), "--sweep", "1,0.5", "--no-eval", "--batch", "1", "--runs", "2",
+                 "--threads", "1", "--json"])
+    assert code == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["method"] == "evit" and report["layers"] == [0, 1]
+    assert main(["train", "--arch", "tokens", "--out", str(tmp_path / "x"), "--epochs", "1"]) == 2
+    assert "pass --init MODEL" in capsys.readouterr().err

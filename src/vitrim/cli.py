@@ -230,10 +230,17 @@ def training_model(args: argparse.Namespace):
             model = vitrim.create(model.config.replace(drop_path_rate=args.drop_path), seed=args.seed)
     if args.arch == "vit":
         return model
+    if args.arch == "tokens":
+        from vitrim.tokens import TokenReducedViT
+
+        if not args.init:
+            raise ConfigError("--arch tokens fine-tunes a trained model for token reduction; pass --init MODEL")
+        return TokenReducedViT(model, args.token_method, layers=args.layers,
+                               train_keep=tuple(args.train_keep or (0.5, 1.0)))
     from vitrim.iret import IretOptions, incremental_from_vit
 
     options = IretOptions(detail_layer=args.detail_layer, kernel=args.lifting_kernel,
-                          learnable=args.lifting == "learned", train_keep=tuple(args.train_keep))
+                          learnable=args.lifting == "learned", train_keep=tuple(args.train_keep or (0.1, 1.0)))
     return incremental_from_vit(model, options)
 
 
@@ -330,6 +337,7 @@ def cmd_tokens(args: argparse.Namespace) -> None:
         reduced.mode, args.method = args.mode, "iret"
     else:
         reduced = reduce_tokens(model, args.method, layers=args.layers, mode=args.mode)
+        args.method = reduced.method
     for value in values:  # validate every knob value before any work
         setattr(reduced, knob, value)
     test_set = None if args.no_eval else load_data_for(model, args, "test")
@@ -463,15 +471,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("tokens", help="run-time token reduction: accuracy, FLOPs and speed per knob value")
     p.add_argument("model", nargs="?", default=None, help=model_help + " (default: the bundled fmnist-vit)")
-    p.add_argument("--method", choices=list(TOKEN_METHODS), default="drop",
-                   help="ignored for incremental-resolution models (vitrim train --arch iret), which sweep their own knob")
+    p.add_argument("--method", choices=list(TOKEN_METHODS), default=None,
+                   help="default: the method the model was fine-tuned for (vitrim train --arch tokens), else tome; "
+                        "ignored for incremental-resolution models (vitrim train --arch iret), which sweep their own knob")
     p.add_argument("--mode", choices=["static", "dynamic"], default="static",
                    help="static: same count for the whole batch (--keep); dynamic: per-image counts (--tau)")
     p.add_argument("--keep", type=float, default=0.7, help="fraction of patch tokens kept at each reduction layer")
-    p.add_argument("--tau", type=float, default=0.9, help="dynamic mode: share of class attention to keep")
+    p.add_argument("--tau", type=float, default=0.9,
+                   help="dynamic mode, per image: drop/evit keep this share of the class attention; "
+                        "tome merges token pairs whose key similarity exceeds it")
     p.add_argument("--sweep", type=parse_floats, default=None, help="comma-separated knob values to compare")
     p.add_argument("--layers", type=lambda t: [int(v) for v in t.split(",")], default=None,
-                   help="blocks after which tokens are reduced, e.g. 2,4 (default: every depth/3 blocks)")
+                   help="blocks after which tokens are reduced, e.g. 2,4 (default: those the model was fine-tuned "
+                        "with, else every depth/3 blocks)")
     add_data_args(p, "evaluate on the first N test images only")
     p.add_argument("--no-eval", action="store_true")
     p.add_argument("--batch", type=positive_int, action="append", help="latency batch sizes (default 1 and 64)")
@@ -509,15 +521,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="fmnist-vit", help="preset to train (see `vitrim models`)")
     p.add_argument("--init", default=None, metavar="MODEL",
                    help="start from this trained model (directory or preset with weights) instead of a fresh preset")
-    p.add_argument("--arch", choices=["vit", "iret"], default="vit",
+    p.add_argument("--arch", choices=["vit", "iret", "tokens"], default="vit",
                    help="iret: the incremental-resolution ViT (coarse tokens, detail where attention looks), "
-                        "built from --init or the preset")
+                        "built from --init or the preset; tokens: fine-tune --init's weights for token reduction "
+                        "(--token-method, --layers), saved with that reduction as the model's default")
     p.add_argument("--detail-layer", type=int, default=1, help="iret: block after which details arrive (0-based)")
     p.add_argument("--lifting", choices=["learned", "haar"], default="learned",
                    help="iret: learn the 2-D lifting filters, or keep the fixed Haar transform")
     p.add_argument("--lifting-kernel", type=positive_int, default=3, help="iret: lifting filter length (odd)")
-    p.add_argument("--train-keep", type=keep_range, default=[0.1, 1.0], metavar="LOW,HIGH",
-                   help="iret: each training batch keeps a random share of patches in this range")
+    p.add_argument("--train-keep", type=keep_range, default=None, metavar="LOW,HIGH",
+                   help="iret, tokens: each training batch keeps a random share of patches in this range "
+                        "(default 0.1,1 for iret, 0.5,1 for tokens)")
+    p.add_argument("--token-method", choices=list(TOKEN_METHODS), default="tome",
+                   help="tokens: the reduction to fine-tune for")
+    p.add_argument("--layers", type=lambda t: [int(v) for v in t.split(",")], default=None,
+                   help="tokens: blocks after which tokens are reduced (default: every depth/3 blocks)")
     add_data_args(p, "train on the first N training images only (quick trials)")
     p.add_argument("--out", required=True, help="output model directory (checkpoints go to OUT/checkpoint)")
     p.add_argument("--epochs", type=positive_int, default=10)

@@ -96,9 +96,16 @@ def save(model: nn.Module, directory: str | Path, extra: dict[str, Any] | None =
     from vitrim.adapters import family_of, metadata, to_canonical
     from vitrim.iret import IncrementalViT
 
+    from vitrim.tokens import TokenReducedViT
+
     if isinstance(model, IncrementalViT):
         extra = {**(extra or {}), "family": "iret", "iret": model.options.to_dict()}
         return _write_model_dir(model, model.config, directory, extra)
+    if isinstance(model, TokenReducedViT):  # the weights, and the reduction they serve
+        extra = {**(extra or {}), "tokens": {"method": model.method, "layers": list(model.layers)}}
+        model = model.model
+    elif isinstance(model, VisionTransformer) and model.token_reduction:
+        extra = {**(extra or {}), "tokens": dict(model.token_reduction)}
     if family_of(model) in ("hf", "timm"):
         extra = {**(extra or {}), **metadata(model)}
         model = to_canonical(model)
@@ -116,6 +123,17 @@ def _write_model_dir(model: nn.Module, config: ViTConfig, directory: str | Path,
                "config": config.to_dict()}
     write_json(directory / CONFIG_FILE, payload)
     return directory
+
+
+def check_token_reduction(settings: Any, path: Path) -> dict[str, Any]:
+    """The saved ``{"method", "layers"}`` a model was fine-tuned for, checked."""
+    from vitrim.tokens.model import METHODS
+
+    if not (isinstance(settings, dict) and settings.get("method") in METHODS
+            and isinstance(settings.get("layers"), list) and all(isinstance(i, int) for i in settings["layers"])):
+        raise ModelFileError(f"{path}: \"tokens\" must be {{\"method\": one of {', '.join(METHODS)}, "
+                             f"\"layers\": [block indices]}}, got {settings!r}")
+    return {"method": settings["method"], "layers": list(settings["layers"])}
 
 
 def load_dir(directory: str | Path) -> nn.Module:
@@ -138,6 +156,8 @@ def load_dir(directory: str | Path) -> nn.Module:
     load_weights_into(model, load_state(directory / WEIGHTS_FILE), directory / WEIGHTS_FILE)
     if family == "iret":
         return model.eval()
+    if "tokens" in data:
+        model.token_reduction = check_token_reduction(data["tokens"], directory / CONFIG_FILE)
     from vitrim.adapters import FAMILIES, from_canonical
 
     if family not in FAMILIES:

@@ -88,7 +88,8 @@ class IncrementalViT(TokenReducedViT):
         if not 0 <= options.detail_layer < cfg.depth - 1:
             raise ConfigError(f"detail_layer {options.detail_layer} must leave at least one block after it "
                               f"(0..{cfg.depth - 2} for depth {cfg.depth})")
-        super().__init__(model, "drop", layers=(options.detail_layer,), keep=keep, tau=tau, mode=mode)
+        super().__init__(model, "drop", layers=(options.detail_layer,), keep=keep, tau=tau, mode=mode,
+                         train_keep=options.train_keep)
         self.options = options
         half = cfg.patch_size // 2
         band = cfg.in_chans * half * half
@@ -131,18 +132,6 @@ class IncrementalViT(TokenReducedViT):
         lifting = 2 * 2 * self.options.kernel * pixels  # predict + update along rows, then columns
         return float(2 * cfg.num_patches * band * cfg.embed_dim
                      + 2 * self._kept_patches * 3 * band * cfg.embed_dim + lifting)
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:  # (B, in, H, W) -> (B, classes)
-        if not (self.training and self.mode == "static"):
-            return super().forward(images)
-        low, high = self.options.train_keep
-        chosen = self._keep
-        self._keep = low + (high - low) * float(torch.rand(()))
-        try:
-            return super().forward(images)
-        finally:
-            self._keep = chosen
-
 
 @torch.no_grad()
 def split_patch_embedding(vit: VisionTransformer, iret: IncrementalViT) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -127,6 +129,9 @@ class VisionTransformer(nn.Module):
     def __init__(self, cfg: ViTConfig) -> None:
         super().__init__()
         self.config = cfg
+        # the token reduction these weights were fine-tuned for ({"method", "layers"}), if any:
+        # vitrim.reduce_tokens uses it by default, vitrim.save keeps it
+        self.token_reduction: dict[str, Any] | None = None
         C = cfg.embed_dim
         self.patch_embed = PatchEmbed(cfg)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, C)) if cfg.class_token else None

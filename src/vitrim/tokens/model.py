@@ -23,17 +23,34 @@ def default_layers(depth: int) -> tuple[int, ...]:
     return tuple(range(step, depth - 1, step)) or (0,)
 
 
+def packed(token_wise, x: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    """``token_wise(x)`` computed on the valid tokens only (per-image counts: the padding costs
+    nothing); padding gets zeros. x (B, N, C), valid (B, N) or None."""
+    if valid is None:
+        return token_wise(x)
+    result = token_wise(x[valid].unsqueeze(0))[0]  # (T, C'): the T valid tokens of the batch
+    out = result.new_zeros(*x.shape[:-1], result.shape[-1])
+    out[valid] = result
+    return out
+
+
 class TokenReducedViT(nn.Module):
     """Wraps a :class:`VisionTransformer`; reduces tokens after the blocks in ``layers``.
 
     Knobs (settable between calls): ``keep`` — fraction of patch tokens kept at each reduction
-    layer (static mode, and ``tome``); ``tau`` — share of the class attention the kept tokens
-    must cover, per image (``drop``/``evit`` in dynamic mode: easy images keep fewer tokens).
+    layer (static mode); ``tau`` — in dynamic mode, per image: for ``drop``/``evit`` the share of
+    the class attention the kept tokens must cover, for ``tome`` the cosine similarity above which
+    two tokens merge (images with much plain background merge more). Higher ``tau`` keeps more.
     ``keep=1`` (or ``tau=1`` with nothing to drop) reproduces the wrapped model.
+    ``train_keep=(low, high)``: in training mode (static) half of each batch runs at ``high`` and
+    the other half at a keep ratio drawn from the range, so fine-tuned weights serve the whole
+    knob range and the widest setting keeps its accuracy (the "sandwich" rule of slimmable
+    networks).
     """
 
     def __init__(self, model: VisionTransformer, method: str = "drop", *, layers: Sequence[int] | None = None,
-                 keep: float = 1.0, tau: float | None = None, mode: str = "static") -> None:
+                 keep: float = 1.0, tau: float | None = None, mode: str = "static",
+                 train_keep: tuple[float, float] | None = None) -> None:
         super().__init__()
         if not isinstance(model, VisionTransformer):
             raise ConfigError(f"token reduction needs a vitrim ViT, got {type(model).__name__}")
@@ -52,9 +69,10 @@ class TokenReducedViT(nn.Module):
         if method in ("drop", "evit") and not cfg.class_token:
             raise ConfigError(f"{method} scores tokens by the class token's attention, and this model has no "
                               f"class token; use method='tome'")
-        if mode == "dynamic" and method == "tome":
-            raise ConfigError("tome merges a fixed number of tokens per image; use mode='static'")
+        if train_keep is not None and not 0 < train_keep[0] <= train_keep[1] <= 1:
+            raise ConfigError(f"train_keep must satisfy 0 < low <= high <= 1, got {tuple(train_keep)}")
         self.model, self.method, self.layers, self.mode = model, method, layers, mode
+        self.train_keep = None if train_keep is None else (float(train_keep[0]), float(train_keep[1]))
         self.keep = keep
         self.tau = tau
         self.last_token_counts: list[float] = []
@@ -79,8 +97,11 @@ class TokenReducedViT(nn.Module):
 
     @tau.setter
     def tau(self, value: float | None) -> None:
-        if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and 0 < value <= 1):
-            raise ConfigError(f"threshold tau must be a finite number in (0, 1], got {value!r}")
+        low, closed = (-1.0, True) if self.method == "tome" else (0.0, False)  # similarity, or attention share
+        if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value)
+                                      and (low <= value if closed else low < value) and value <= 1):
+            span = "[-1, 1] (a cosine similarity)" if closed else "(0, 1] (a share of the class attention)"
+            raise ConfigError(f"threshold tau for {self.method} must be a finite number in {span}, got {value!r}")
         if value is not None and self.mode != "dynamic":
             raise ConfigError("a threshold gives per-image token counts: build with mode='dynamic'")
         self._tau = None if value is None else float(value)
@@ -113,8 +134,9 @@ class TokenReducedViT(nn.Module):
         prefix = self.model.num_prefix_tokens
         patches = x.shape[1] - prefix
         if self.method == "tome":
-            r = patches - max(1, round(self.keep * patches))
-            return self._merge(x, sizes, valid, keys, r)
+            if self.mode == "dynamic" and self.tau is not None:
+                return self._merge(x, sizes, valid, keys, patches // 2, threshold=self.tau)
+            return self._merge(x, sizes, valid, keys, patches - max(1, round(self.keep * patches)))
         if self.mode == "static" or self.tau is None:
             keep = max(1, round(self.keep * patches))
             if keep >= patches:
@@ -150,9 +172,12 @@ class TokenReducedViT(nn.Module):
             dest = dest.masked_fill(~valid, -1)
         return torch.cat(parts, 1), torch.cat(size_parts, 1), new_valid, dest
 
-    def _merge(self, x, sizes, valid, keys, r):
-        x, sizes, dest = bipartite_merge(x, keys, sizes, r, self.model.num_prefix_tokens)
-        return x, sizes, valid, dest
+    def _merge(self, x, sizes, valid, keys, r, threshold=None):
+        x, sizes, dest, new_valid = bipartite_merge(x, keys, sizes, r, self.model.num_prefix_tokens,
+                                                    threshold=threshold, valid=valid)
+        if valid is not None:
+            dest = dest.masked_fill(~valid, -1)
+        return x, sizes, new_valid, dest
 
     def embed(self, images: torch.Tensor) -> tuple[torch.Tensor, object]:
         """Initial tokens (B, N, C) and whatever :meth:`refine` needs later (nothing here)."""
@@ -195,7 +220,7 @@ class TokenReducedViT(nn.Module):
                 out, scores, keys = self._attention(block, x, self._bias(sizes, valid, weighted), reduce_here)
                 x = x + out
             if block.mlp is not None:
-                x = x + block.mlp_branch(x)
+                x = x + packed(block.mlp_branch, x, valid)
             if reduce_here:
                 old = x
                 x, sizes, valid, dest = self._reduce(x, sizes, valid, scores, keys)
@@ -214,6 +239,22 @@ class TokenReducedViT(nn.Module):
         return self.model.final_norm(x), sizes, valid
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:  # (B, in, H, W) -> (B, classes)
+        if not (self.training and self.mode == "static" and self.train_keep is not None):
+            return self.classify_images(images)
+        low, high = self.train_keep
+        chosen, half = self._keep, images.shape[0] // 2
+        parts = []
+        try:
+            if half:  # the top of the range on half the batch, so the widest setting keeps its accuracy
+                self._keep = high
+                parts.append(self.classify_images(images[:half]))
+            self._keep = low + (high - low) * float(torch.rand(()))
+            parts.append(self.classify_images(images[half:]))
+        finally:
+            self._keep = chosen
+        return torch.cat(parts)
+
+    def classify_images(self, images: torch.Tensor) -> torch.Tensor:  # (B, in, H, W) -> (B, classes)
         tokens, sizes, valid = self.forward_features(images)
         if self.model.config.pool == "cls":
             return self.model.classify(tokens)  # prefix tokens are never reduced
@@ -226,16 +267,24 @@ class TokenReducedViT(nn.Module):
         return logits
 
 
-def reduce_tokens(model: nn.Module, method: str = "drop", **kwargs) -> TokenReducedViT:
+def reduce_tokens(model: nn.Module, method: str | None = None, **kwargs) -> TokenReducedViT:
     """A token-reduced view of ``model``; see :class:`TokenReducedViT`.
 
     A vitrim ViT shares its weights with the result; a Hugging Face or timm ViT is first
     converted to its exact vitrim equivalent (an unknown model gets an error naming the families).
+    ``method`` (and ``layers``) default to the reduction the model was fine-tuned for
+    (``vitrim train --arch tokens``), else ``"tome"`` (merging keeps accuracy best without
+    training) at :func:`default_layers`.
     """
     if not isinstance(model, VisionTransformer):
         from vitrim.adapters import to_canonical
 
         model = to_canonical(model)
+    tuned = model.token_reduction or {}
+    if method is None:
+        method = tuned.get("method", "tome")
+    if kwargs.get("layers") is None and tuned.get("method") == method:
+        kwargs["layers"] = tuned.get("layers")
     return TokenReducedViT(model, method, **kwargs).eval()
 
 

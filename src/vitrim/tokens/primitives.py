@@ -65,41 +65,62 @@ def drop_tokens(x: torch.Tensor, sizes: torch.Tensor, scores: torch.Tensor, keep
     return torch.cat(parts, dim=1), torch.cat(size_parts, dim=1), dest
 
 
-def bipartite_merge(x: torch.Tensor, metric: torch.Tensor, sizes: torch.Tensor, r: int,
-                    prefix: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Bipartite soft matching (Bolya et al., "Token Merging"): merge the ``r`` most similar
+def bipartite_merge(x: torch.Tensor, metric: torch.Tensor, sizes: torch.Tensor, r: int, prefix: int, *,
+                    threshold: float | None = None, valid: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Bipartite soft matching (Bolya et al., "Token Merging"): merge the most similar
     (alternate-position) token pairs by size-weighted averaging. ``metric``: (B, N, d), e.g. keys
-    averaged over heads. Prefix tokens are never merged. Returns (tokens, sizes, dest)."""
+    averaged over heads. Prefix tokens are never merged.
+
+    Without ``threshold``, every image merges its ``r`` most similar pairs. With it, each image
+    merges the pairs whose cosine similarity exceeds ``threshold`` (at most ``r``): images with
+    much redundant content (plain background) merge more; the batch is padded to its largest
+    count. ``valid`` marks padding from an earlier per-image step, which never merges.
+    Returns (tokens, sizes, dest, valid) — ``valid`` is None when nothing is padded.
+    """
     B, N, C = x.shape
     r = min(r, (N - prefix) // 2)
     if r <= 0:
-        return x, sizes, torch.arange(N).expand(B, -1)
+        return x, sizes, torch.arange(N).expand(B, -1), valid
     m = metric[:, prefix:] / metric[:, prefix:].norm(dim=-1, keepdim=True).clamp_min(1e-12)
     a, b = m[:, ::2], m[:, 1::2]  # (B, Na, d), (B, Nb, d)
-    similarity = a @ b.transpose(-2, -1)  # (B, Na, Nb)
+    similarity = (a @ b.transpose(-2, -1)).clamp(max=1.0)  # (B, Na, Nb)
+    if valid is not None:
+        similarity = similarity.masked_fill(~valid[:, prefix + 1::2].unsqueeze(1), float("-inf"))
     best, best_dst = similarity.max(dim=-1)  # (B, Na)
-    order = best.argsort(dim=-1, descending=True)
-    src, keep_a = order[:, :r], order[:, r:].sort(dim=-1).values  # (B, r), (B, Na - r)
-    dst = best_dst.gather(1, src)  # (B, r)
+    if valid is not None:
+        best = best.masked_fill(~valid[:, prefix::2], float("-inf"))
+    order = best.argsort(dim=-1, descending=True)  # (B, Na)
+    Na, Nb = a.shape[1], b.shape[1]
+    if threshold is None:
+        counts = torch.full((B,), r, dtype=torch.long)
+    else:
+        counts = (best > threshold).sum(dim=1).clamp(max=r)  # (B,)
+    fewest = int(counts.min())
+    rank = order.argsort(dim=-1)  # (B, Na): place of each a-token in the order
+    merged = rank < counts.unsqueeze(1)  # (B, Na)
+    keep_a = order[:, fewest:].sort(dim=-1).values  # (B, Na - fewest): kept, or padding left by a merge
     patches, psizes = x[:, prefix:], sizes[:, prefix:]
     xa, xb = patches[:, ::2], patches[:, 1::2]
     sa, sb = psizes[:, ::2], psizes[:, 1::2]
-    weighted_b = xb * sb.unsqueeze(-1)
-    weighted_b = weighted_b.scatter_add(1, dst.unsqueeze(-1).expand(-1, -1, C),
-                                        gather_tokens(xa * sa.unsqueeze(-1), src))
-    new_sb = sb.scatter_add(1, dst, sa.gather(1, src))
-    merged_b = weighted_b / new_sb.unsqueeze(-1)
+    moving = sa * merged  # (B, Na): the size each a-token moves to its match
+    weighted_b = (xb * sb.unsqueeze(-1)).scatter_add(1, best_dst.unsqueeze(-1).expand(-1, -1, C),
+                                                    xa * moving.unsqueeze(-1))
+    new_sb = sb.scatter_add(1, best_dst, moving)
+    merged_b = weighted_b / new_sb.clamp_min(1e-12).unsqueeze(-1)
+    stays = ~merged.gather(1, keep_a)  # (B, Na - fewest)
     tokens = torch.cat([x[:, :prefix], gather_tokens(xa, keep_a), merged_b], dim=1)
-    new_sizes = torch.cat([sizes[:, :prefix], sa.gather(1, keep_a), new_sb], dim=1)
-    Na, Nb = xa.shape[1], xb.shape[1]
-    base_b = prefix + Na - r
-    dest_a = torch.empty(B, Na, dtype=torch.long)
-    dest_a.scatter_(1, keep_a, prefix + torch.arange(Na - r).expand(B, -1))
-    dest_a.scatter_(1, src, base_b + dst)
+    new_sizes = torch.cat([sizes[:, :prefix], sa.gather(1, keep_a) * stays, new_sb], dim=1)
+    new_valid = None
+    if valid is not None or threshold is not None:
+        old = valid if valid is not None else torch.ones(B, N, dtype=torch.bool)
+        new_valid = torch.cat([old[:, :prefix], stays & old[:, prefix::2].gather(1, keep_a), old[:, prefix + 1::2]], 1)
+    base_b = prefix + Na - fewest
+    slot_a = torch.full((B, Na), -1, dtype=torch.long).scatter_(1, keep_a, prefix + torch.arange(Na - fewest).expand(B, -1))
     dest = prefix_dest(B, N, prefix)
-    dest[:, prefix::2] = dest_a
+    dest[:, prefix::2] = torch.where(merged, base_b + best_dst, slot_a)
     dest[:, prefix + 1::2] = base_b + torch.arange(Nb).expand(B, -1)
-    return tokens, new_sizes, dest
+    return tokens, new_sizes, dest, new_valid
 
 
 def mass_counts(scores: torch.Tensor, tau: float, prefix: int, minimum: int = 1) -> torch.Tensor:
