@@ -86,10 +86,22 @@ def sweeps(dense, iret_dirs: list[str], tuned_dirs: list[str], layers: list[int]
     for directory in iret_dirs:
         model = vitrim.load(directory)
         lifting = "learned lifting" if model.options.learnable else "Haar"
+        mixer = ", detail mixer" if model.options.detail_mixer else ""
         for mode, (knob, values) in IRET.items():
             model = vitrim.load(directory)
             model.mode = mode
-            yield f"iret {lifting} ({mode})", model, knob, values
+            yield f"iret {lifting}{mixer}, {Path(directory).name} ({mode})", model, knob, values
+
+
+def training_commands(directories: list[str]) -> list[str]:
+    """Markdown lines: how each fine-tuned model was trained (from its saved config)."""
+    from vitrim.io import CONFIG_FILE, read_json_file
+
+    lines = []
+    for directory in directories:
+        command = read_json_file(Path(directory) / CONFIG_FILE, "", "").get("training", {}).get("command")
+        lines.append(f"- `{directory}` was trained here with `{command or 'unknown'}` (not committed).")
+    return lines + [""] if lines else []
 
 
 def static_accuracy_at(rows: list[dict[str, Any]], flops: float) -> float | None:
@@ -171,7 +183,7 @@ def main() -> None:
              + f"fine-tuned models: {', '.join(args.tuned) or 'none'}; "
              + f"incremental-resolution models: {', '.join(args.iret) or 'none'}. "
              f"Command: `{result['environment']['command']}`", "", f"![accuracy vs compute]({args.name}.png)", "",
-             *aims(rows, dense_acc),
+             *training_commands(args.tuned + args.iret), *aims(rows, dense_acc),
              "| method | knob | accuracy | drop (pt) | FLOPs kept | speed-up b=1 | speed-up b=64 |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:

@@ -146,12 +146,12 @@ def test_cli_trains_an_incremental_model_from_a_trained_vit(tmp_path, capsys):
     vitrim.save(source, tmp_path / "vit")
     out = tmp_path / "iret"
     code = main(["train", "--arch", "iret", "--init", str(tmp_path / "vit"), "--lifting", "haar",
-                 "--detail-layer", "0", "--train-keep", "0.2,0.8", "--data", "fashion-mnist", "--limit", "64",
+                 "--detail-layer", "0", "--train-keep", "0.2,0.8", "--detail-mixer", "--data", "fashion-mnist", "--limit", "64",
                  "--batch-size", "32", "--epochs", "1", "--no-eval", "--threads", "1", "--out", str(out)])
     assert code == 0
     model = vitrim.load(out)
     assert isinstance(model, IncrementalViT)
-    assert model.options == IretOptions(detail_layer=0, learnable=False, train_keep=(0.2, 0.8))
+    assert model.options == IretOptions(detail_layer=0, learnable=False, train_keep=(0.2, 0.8), detail_mixer=True)
     assert "saved" in capsys.readouterr().out
 
 
@@ -172,3 +172,21 @@ def test_cli_tokens_sweeps_the_incremental_models_own_knob(tmp_path, capsys):
     report = json.loads(capsys.readouterr().out)
     assert report["method"] == "iret" and [r["keep"] for r in report["rows"]] == [1.0, 0.25]
     assert report["rows"][1]["flops_ratio"] < 0.8 * report["rows"][0]["flops_ratio"]
+
+
+def test_detail_mixer_starts_neutral_and_round_trips(vit, images, tmp_path):
+    plain = incremental_from_vit(vit, keep=0.5)
+    mixed = incremental_from_vit(vit, IretOptions(detail_mixer=True), keep=0.5)
+    with torch.no_grad():
+        torch.testing.assert_close(mixed(images), plain(images))  # zero output layer: same model at first
+        _perturbed(mixed.detail_mixer, 0.2)
+        assert not torch.allclose(mixed(images), plain(images), atol=1e-4)
+    vitrim.save(mixed, tmp_path / "m")
+    loaded = vitrim.load(tmp_path / "m")
+    assert loaded.options.detail_mixer
+    loaded.keep = 0.5
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(images), mixed(images))
+    kept = 0.5 * vit.config.num_patches
+    extra = reduced_flops(mixed, images) - reduced_flops(plain, images)
+    assert extra == pytest.approx(kept * 2 * 3 * 32 * 32)

@@ -220,7 +220,7 @@ def test_cli_tokens_sweep(capsys, tmp_path, model):
 
 
 def test_training_draws_a_keep_ratio_per_batch(model, images):
-    reduced = reduce_tokens(model, "tome", layers=(0,), keep=0.9, train_keep=(0.3, 0.7))
+    reduced = reduce_tokens(model, "tome", layers=(0,), keep=0.9, train_keep=(0.3, 0.7), sandwich=True)
     counts = set()
     reduced.train()
     torch.manual_seed(0)
@@ -279,7 +279,7 @@ def test_cli_fine_tunes_for_token_reduction(tmp_path, capsys):
     vitrim.save(vitrim.create("fmnist-vit-micro"), tmp_path / "vit")
     out = tmp_path / "tuned"
     code = main(["train", "--arch", "tokens", "--init", str(tmp_path / "vit"), "--token-method", "evit",
-                 "--layers", "0,1", "--train-keep", "0.4,0.9", "--data", "fashion-mnist", "--limit", "64",
+                 "--layers", "0,1", "--train-keep", "0.4,0.9", "--sandwich", "--data", "fashion-mnist", "--limit", "64",
                  "--batch-size", "32", "--epochs", "1", "--no-eval", "--threads", "1", "--out", str(out)])
     assert code == 0
     assert vitrim.load(out).token_reduction == {"method": "evit", "layers": [0, 1]}

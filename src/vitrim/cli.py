@@ -236,11 +236,12 @@ def training_model(args: argparse.Namespace):
         if not args.init:
             raise ConfigError("--arch tokens fine-tunes a trained model for token reduction; pass --init MODEL")
         return TokenReducedViT(model, args.token_method, layers=args.layers,
-                               train_keep=tuple(args.train_keep or (0.5, 1.0)))
+                               train_keep=tuple(args.train_keep or (0.5, 1.0)), sandwich=args.sandwich)
     from vitrim.iret import IretOptions, incremental_from_vit
 
     options = IretOptions(detail_layer=args.detail_layer, kernel=args.lifting_kernel,
-                          learnable=args.lifting == "learned", train_keep=tuple(args.train_keep or (0.1, 1.0)))
+                          learnable=args.lifting == "learned", train_keep=tuple(args.train_keep or (0.1, 1.0)),
+                          detail_mixer=args.detail_mixer, sandwich=args.sandwich)
     return incremental_from_vit(model, options)
 
 
@@ -529,9 +530,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lifting", choices=["learned", "haar"], default="learned",
                    help="iret: learn the 2-D lifting filters, or keep the fixed Haar transform")
     p.add_argument("--lifting-kernel", type=positive_int, default=3, help="iret: lifting filter length (odd)")
+    p.add_argument("--detail-mixer", action="store_true",
+                   help="iret: adapt each detail to its token with a small MLP (besides the linear detail embedding)")
     p.add_argument("--train-keep", type=keep_range, default=None, metavar="LOW,HIGH",
                    help="iret, tokens: each training batch keeps a random share of patches in this range "
                         "(default 0.1,1 for iret, 0.5,1 for tokens)")
+    p.add_argument("--sandwich", action="store_true",
+                   help="iret, tokens: run half of each training batch at the top of --train-keep")
     p.add_argument("--token-method", choices=list(TOKEN_METHODS), default="tome",
                    help="tokens: the reduction to fine-tune for")
     p.add_argument("--layers", type=lambda t: [int(v) for v in t.split(",")], default=None,

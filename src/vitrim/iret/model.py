@@ -32,12 +32,18 @@ from vitrim.tokens.model import TokenReducedViT
 class IretOptions:
     """``detail_layer``: the block after which details arrive and tokens are dropped (0-based);
     ``kernel``: lifting filter length; ``learnable``: train the lifting filters (else fixed Haar);
-    ``train_keep``: range of the keep ratio drawn per training batch."""
+    ``train_keep``: range of the keep ratio drawn per training batch; ``detail_mixer``: add, to the
+    linear detail embedding, a small MLP of (token, detail embedding) — the tokens have been
+    through ``detail_layer + 1`` blocks when their detail arrives, and the mixer can adapt the
+    detail to them (starts at zero, so the model starts as without it); ``sandwich``: half of each
+    training batch at the top of ``train_keep`` (see :class:`~vitrim.tokens.TokenReducedViT`)."""
 
     detail_layer: int = 1
     kernel: int = 3
     learnable: bool = True
     train_keep: tuple[float, float] = (0.1, 1.0)
+    detail_mixer: bool = False
+    sandwich: bool = False
 
     def __post_init__(self) -> None:
         low, high = self.train_keep
@@ -68,6 +74,28 @@ def patchify(bands: torch.Tensor, size: int) -> torch.Tensor:
     return x.reshape(B, gh * gw, K * size * size)
 
 
+class DetailMixer(nn.Module):
+    """``MLP([norm(token), detail])`` -> (B, N, C): what to add beyond the linear detail embedding.
+    The output layer starts at zero."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, eps=eps)
+        self.fc1 = nn.Linear(2 * dim, dim)
+        self.fc2 = nn.Linear(dim, dim)
+        nn.init.zeros_(self.fc2.weight)
+        nn.init.zeros_(self.fc2.bias)
+
+    def forward(self, tokens: torch.Tensor, detail: torch.Tensor) -> torch.Tensor:
+        hidden = torch.nn.functional.gelu(self.fc1(torch.cat([self.norm(tokens), detail], dim=-1)))
+        return self.fc2(hidden)
+
+    def flops(self) -> float:
+        """Matrix-product FLOPs per token."""
+        dim = self.fc2.in_features
+        return float(2 * (2 * dim * dim + dim * dim))
+
+
 class IncrementalViT(TokenReducedViT):
     """A ViT that starts from coarse tokens and adds detail where its class token attends.
 
@@ -89,13 +117,14 @@ class IncrementalViT(TokenReducedViT):
             raise ConfigError(f"detail_layer {options.detail_layer} must leave at least one block after it "
                               f"(0..{cfg.depth - 2} for depth {cfg.depth})")
         super().__init__(model, "drop", layers=(options.detail_layer,), keep=keep, tau=tau, mode=mode,
-                         train_keep=options.train_keep)
+                         train_keep=options.train_keep, sandwich=options.sandwich)
         self.options = options
         half = cfg.patch_size // 2
         band = cfg.in_chans * half * half
         self.lifting = Lifting2D(cfg.in_chans, options.kernel, options.learnable)
         self.coarse_embed = nn.Linear(band, cfg.embed_dim)  # from LL
         self.detail_embed = nn.Linear(3 * band, cfg.embed_dim)  # from LH, HL, HH
+        self.detail_mixer = DetailMixer(cfg.embed_dim, cfg.norm_eps) if options.detail_mixer else None
         model.patch_embed = None
         self._kept_patches = float(cfg.num_patches)
 
@@ -121,7 +150,10 @@ class IncrementalViT(TokenReducedViT):
         source = source[:, prefix:N]  # (B, N - prefix): which patch each slot holds
         present = source >= 0
         picked = details.gather(1, source.clamp_min(0).unsqueeze(-1).expand(-1, -1, details.shape[-1]))
-        added = self.detail_embed(picked) * present.unsqueeze(-1).to(x.dtype)  # (B, N - prefix, C)
+        added = self.detail_embed(picked)  # (B, N - prefix, C)
+        if self.detail_mixer is not None:
+            added = added + self.detail_mixer(x[:, prefix:], added)
+        added = added * present.unsqueeze(-1).to(x.dtype)
         self._kept_patches = float(present.sum(1).float().mean())
         return torch.cat([x[:, :prefix], x[:, prefix:] + added], dim=1)
 
@@ -131,7 +163,8 @@ class IncrementalViT(TokenReducedViT):
         pixels = cfg.in_chans * cfg.image_size ** 2
         lifting = 2 * 2 * self.options.kernel * pixels  # predict + update along rows, then columns
         return float(2 * cfg.num_patches * band * cfg.embed_dim
-                     + 2 * self._kept_patches * 3 * band * cfg.embed_dim + lifting)
+                     + 2 * self._kept_patches * 3 * band * cfg.embed_dim + lifting
+                     + (self._kept_patches * self.detail_mixer.flops() if self.detail_mixer is not None else 0))
 
 @torch.no_grad()
 def split_patch_embedding(vit: VisionTransformer, iret: IncrementalViT) -> None:

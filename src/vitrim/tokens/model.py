@@ -42,15 +42,15 @@ class TokenReducedViT(nn.Module):
     the class attention the kept tokens must cover, for ``tome`` the cosine similarity above which
     two tokens merge (images with much plain background merge more). Higher ``tau`` keeps more.
     ``keep=1`` (or ``tau=1`` with nothing to drop) reproduces the wrapped model.
-    ``train_keep=(low, high)``: in training mode (static) half of each batch runs at ``high`` and
-    the other half at a keep ratio drawn from the range, so fine-tuned weights serve the whole
-    knob range and the widest setting keeps its accuracy (the "sandwich" rule of slimmable
-    networks).
+    ``train_keep=(low, high)``: in training mode (static) each batch runs at a keep ratio drawn
+    from the range, so fine-tuned weights serve the whole knob range; with ``sandwich``, half of
+    each batch runs at ``high`` instead (the "sandwich" rule of slimmable networks, meant to keep
+    the widest setting's accuracy).
     """
 
     def __init__(self, model: VisionTransformer, method: str = "drop", *, layers: Sequence[int] | None = None,
                  keep: float = 1.0, tau: float | None = None, mode: str = "static",
-                 train_keep: tuple[float, float] | None = None) -> None:
+                 train_keep: tuple[float, float] | None = None, sandwich: bool = False) -> None:
         super().__init__()
         if not isinstance(model, VisionTransformer):
             raise ConfigError(f"token reduction needs a vitrim ViT, got {type(model).__name__}")
@@ -73,6 +73,7 @@ class TokenReducedViT(nn.Module):
             raise ConfigError(f"train_keep must satisfy 0 < low <= high <= 1, got {tuple(train_keep)}")
         self.model, self.method, self.layers, self.mode = model, method, layers, mode
         self.train_keep = None if train_keep is None else (float(train_keep[0]), float(train_keep[1]))
+        self.sandwich = sandwich
         self.keep = keep
         self.tau = tau
         self.last_token_counts: list[float] = []
@@ -242,10 +243,10 @@ class TokenReducedViT(nn.Module):
         if not (self.training and self.mode == "static" and self.train_keep is not None):
             return self.classify_images(images)
         low, high = self.train_keep
-        chosen, half = self._keep, images.shape[0] // 2
+        chosen, half = self._keep, images.shape[0] // 2 if self.sandwich else 0
         parts = []
         try:
-            if half:  # the top of the range on half the batch, so the widest setting keeps its accuracy
+            if half:  # the top of the range on half the batch
                 self._keep = high
                 parts.append(self.classify_images(images[:half]))
             self._keep = low + (high - low) * float(torch.rand(()))
