@@ -72,7 +72,12 @@ def test_sliced_model_equals_gated_model(uneven_model, kinds, variant):
 
 def test_keep_all_is_identity(uneven_model):
     plan = PrunePlan.keep_all(uneven_model.config)
-    small = slice_model(uneven_model, plan)
+    uneven_model.token_reduction = {"method": "tome", "layers": [0]}
+    try:
+        small = slice_model(uneven_model, plan)
+    finally:
+        uneven_model.token_reduction = None
+    assert small.token_reduction == {"method": "tome", "layers": [0]}  # the tuned reduction carries over
     x = torch.randn(2, 1, 16, 16)
     with torch.no_grad():
         assert torch.equal(small(x), uneven_model(x))

@@ -43,6 +43,7 @@ def slice_model(model: VisionTransformer, plan: PrunePlan) -> VisionTransformer:
     """A new, physically smaller model equal to ``model`` with the plan's structures removed."""
     cfg = model.config
     new = VisionTransformer(plan.pruned_config(cfg))
+    new.token_reduction = model.token_reduction  # what the weights were tuned for stays the default
     E = torch.tensor(plan.embed, dtype=torch.long)
     pe_src, pe_dst = model.patch_embed.proj, new.patch_embed.proj
     pe_dst.weight.copy_(pe_src.weight[E])
