@@ -48,7 +48,7 @@ class TokenReducedViT(nn.Module):
     the widest setting's accuracy).
     """
 
-    def __init__(self, model: VisionTransformer, method: str = "drop", *, layers: Sequence[int] | None = None,
+    def __init__(self, model: VisionTransformer, method: str = "tome", *, layers: Sequence[int] | None = None,
                  keep: float = 1.0, tau: float | None = None, mode: str = "static",
                  train_keep: tuple[float, float] | None = None, sandwich: bool = False) -> None:
         super().__init__()
