@@ -26,6 +26,7 @@ from common import RESULTS, environment, load_reference, write_results  # noqa: 
 import vitrim  # noqa: E402
 from vitrim.bench.flops import model_cost  # noqa: E402
 from vitrim.bench.latency import paired_latency  # noqa: E402
+from vitrim.cli import parse_ints  # noqa: E402
 from vitrim.tokens import reduce_tokens, reduced_flops  # noqa: E402
 from vitrim.tokens.model import default_layers  # noqa: E402
 
@@ -139,9 +140,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="fmnist-vit")
     parser.add_argument("--iret", nargs="*", default=[], help="incremental-resolution model directories")
-    parser.add_argument("--layers", type=lambda t: [int(v) for v in t.split(",")], default=None,
+    parser.add_argument("--layers", type=parse_ints, default=None,
                         help="blocks after which training-free methods reduce (default: vitrim's default layers)")
-    parser.add_argument("--merge-layers", type=lambda t: [int(v) for v in t.split(",")], default=None,
+    parser.add_argument("--merge-layers", type=parse_ints, default=None,
                         help="blocks after which the 'tome every block' curves merge (default: all but the last)")
     parser.add_argument("--tuned", nargs="*", default=[], help="directories of models fine-tuned for a reduction")
     parser.add_argument("--iret-only", action="store_true",

@@ -291,3 +291,11 @@ def test_cli_fine_tunes_for_token_reduction(tmp_path, capsys):
     assert report["method"] == "evit" and report["layers"] == [0, 1]
     assert main(["train", "--arch", "tokens", "--out", str(tmp_path / "x"), "--epochs", "1"]) == 2
     assert "pass --init MODEL" in capsys.readouterr().err
+
+
+def test_cli_rejects_layers_that_are_not_block_indices(capsys):
+    from vitrim.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["tokens", "fmnist-vit", "--layers", "2,x", "--no-eval"])
+    assert "expected comma-separated block indices, got '2,x'" in capsys.readouterr().err

@@ -314,6 +314,13 @@ def prune_data(model: Any, args: argparse.Namespace, family: str) -> tuple[Any, 
     return train_set, None if args.no_eval else data_for_family(model, args, "test", family)
 
 
+def parse_ints(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated block indices, got {text!r}") from None
+
+
 def parse_floats(text: str) -> list[float]:
     try:
         return [float(v) for v in text.split(",") if v.strip()]
@@ -482,7 +489,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dynamic mode, per image: drop/evit keep this share of the class attention; "
                         "tome merges token pairs whose key similarity exceeds it")
     p.add_argument("--sweep", type=parse_floats, default=None, help="comma-separated knob values to compare")
-    p.add_argument("--layers", type=lambda t: [int(v) for v in t.split(",")], default=None,
+    p.add_argument("--layers", type=parse_ints, default=None,
                    help="blocks after which tokens are reduced, e.g. 2,4 (default: those the model was fine-tuned "
                         "with, else every depth/3 blocks)")
     add_data_args(p, "evaluate on the first N test images only")
@@ -505,7 +512,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--token-method", choices=list(TOKEN_METHODS), default="tome",
                    help="tome merges similar tokens (default: keeps accuracy best without training); "
                         "drop/evit keep the tokens the class token attends to")
-    p.add_argument("--layers", type=lambda t: [int(v) for v in t.split(",")], default=None,
+    p.add_argument("--layers", type=parse_ints, default=None,
                    help="blocks after which tokens are reduced")
     p.add_argument("--quant", default="w8a8", help="w8a8 | w8-dynamic | w4 | none")
     p.add_argument("--calib", type=positive_int, default=128, help="calibration images for quantization")
@@ -539,7 +546,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="iret, tokens: run half of each training batch at the top of --train-keep")
     p.add_argument("--token-method", choices=list(TOKEN_METHODS), default="tome",
                    help="tokens: the reduction to fine-tune for")
-    p.add_argument("--layers", type=lambda t: [int(v) for v in t.split(",")], default=None,
+    p.add_argument("--layers", type=parse_ints, default=None,
                    help="tokens: blocks after which tokens are reduced (default: every depth/3 blocks)")
     add_data_args(p, "train on the first N training images only (quick trials)")
     p.add_argument("--out", required=True, help="output model directory (checkpoints go to OUT/checkpoint)")

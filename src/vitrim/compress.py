@@ -23,7 +23,7 @@ from vitrim.fsutil import atomic_path, write_json, write_text
 from vitrim.io import WEIGHTS_FILE, save
 from vitrim.models import VisionTransformer
 from vitrim.report import format_table, human
-from vitrim.tokens.model import METHODS as TOKEN_METHODS
+from vitrim.tokens.model import check_method as check_token_method
 
 
 def parse_tokens(spec: str | None) -> tuple[str, float] | None:
@@ -62,8 +62,7 @@ class CompressConfig:
         if self.prune is not None:
             PruneConfig(target=self.prune, recover=self.recover)
         parse_tokens(self.tokens)
-        if self.token_method not in TOKEN_METHODS:
-            raise ConfigError(f"unknown token method {self.token_method!r}; use one of {', '.join(TOKEN_METHODS)}")
+        check_token_method(self.token_method)
         if self.quant is not None and self.quant not in SCHEMES:
             raise ConfigError(f"unknown quantization scheme {self.quant!r}; use one of {', '.join(SCHEMES)}")
         if self.calib_method not in CALIBRATORS:

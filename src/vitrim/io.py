@@ -95,7 +95,6 @@ def save(model: nn.Module, directory: str | Path, extra: dict[str, Any] | None =
     """
     from vitrim.adapters import family_of, metadata, to_canonical
     from vitrim.iret import IncrementalViT
-
     from vitrim.tokens import TokenReducedViT
 
     if isinstance(model, IncrementalViT):

@@ -20,12 +20,13 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from vitrim.errors import ConfigError
 from vitrim.iret.lifting import Lifting2D
 from vitrim.models import VisionTransformer
-from vitrim.tokens.model import TokenReducedViT
+from vitrim.tokens.model import TokenReducedViT, check_train_keep
 
 
 @dataclass(frozen=True)
@@ -46,9 +47,7 @@ class IretOptions:
     sandwich: bool = False
 
     def __post_init__(self) -> None:
-        low, high = self.train_keep
-        if not 0 < low <= high <= 1:
-            raise ConfigError(f"train_keep must satisfy 0 < low <= high <= 1, got {self.train_keep}")
+        check_train_keep(self.train_keep)
         if self.kernel < 1 or self.kernel % 2 == 0:
             raise ConfigError(f"the lifting kernel length must be odd and positive, got {self.kernel}")
 
@@ -87,7 +86,7 @@ class DetailMixer(nn.Module):
         nn.init.zeros_(self.fc2.bias)
 
     def forward(self, tokens: torch.Tensor, detail: torch.Tensor) -> torch.Tensor:
-        hidden = torch.nn.functional.gelu(self.fc1(torch.cat([self.norm(tokens), detail], dim=-1)))
+        hidden = F.gelu(self.fc1(torch.cat([self.norm(tokens), detail], dim=-1)))
         return self.fc2(hidden)
 
     def flops(self) -> float:
@@ -165,6 +164,7 @@ class IncrementalViT(TokenReducedViT):
         return float(2 * cfg.num_patches * band * cfg.embed_dim
                      + 2 * self._kept_patches * 3 * band * cfg.embed_dim + lifting
                      + (self._kept_patches * self.detail_mixer.flops() if self.detail_mixer is not None else 0))
+
 
 @torch.no_grad()
 def split_patch_embedding(vit: VisionTransformer, iret: IncrementalViT) -> None:

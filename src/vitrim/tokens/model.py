@@ -23,6 +23,20 @@ def default_layers(depth: int) -> tuple[int, ...]:
     return tuple(range(step, depth - 1, step)) or (0,)
 
 
+def check_method(method: str) -> None:
+    """A :class:`ConfigError` naming the methods unless ``method`` is one of them."""
+    if method not in METHODS:
+        raise ConfigError(f"unknown token method {method!r}; use one of {', '.join(METHODS)}")
+
+
+def check_train_keep(train_keep: tuple[float, float]) -> tuple[float, float]:
+    """``(low, high)`` as floats; a :class:`ConfigError` unless ``0 < low <= high <= 1``."""
+    low, high = train_keep
+    if not 0 < low <= high <= 1:
+        raise ConfigError(f"train_keep must satisfy 0 < low <= high <= 1, got {tuple(train_keep)}")
+    return float(low), float(high)
+
+
 def packed(token_wise, x: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
     """``token_wise(x)`` computed on the valid tokens only (per-image counts: the padding costs
     nothing); padding gets zeros. x (B, N, C), valid (B, N) or None."""
@@ -54,8 +68,7 @@ class TokenReducedViT(nn.Module):
         super().__init__()
         if not isinstance(model, VisionTransformer):
             raise ConfigError(f"token reduction needs a vitrim ViT, got {type(model).__name__}")
-        if method not in METHODS:
-            raise ConfigError(f"unknown token method {method!r}; use one of {', '.join(METHODS)}")
+        check_method(method)
         if mode not in MODES:
             raise ConfigError(f"unknown mode {mode!r}; use static or dynamic")
         cfg = model.config
@@ -69,10 +82,8 @@ class TokenReducedViT(nn.Module):
         if method in ("drop", "evit") and not cfg.class_token:
             raise ConfigError(f"{method} scores tokens by the class token's attention, and this model has no "
                               f"class token; use method='tome'")
-        if train_keep is not None and not 0 < train_keep[0] <= train_keep[1] <= 1:
-            raise ConfigError(f"train_keep must satisfy 0 < low <= high <= 1, got {tuple(train_keep)}")
         self.model, self.method, self.layers, self.mode = model, method, layers, mode
-        self.train_keep = None if train_keep is None else (float(train_keep[0]), float(train_keep[1]))
+        self.train_keep = None if train_keep is None else check_train_keep(train_keep)
         self.sandwich = sandwich
         self.keep = keep
         self.tau = tau
@@ -98,10 +109,10 @@ class TokenReducedViT(nn.Module):
 
     @tau.setter
     def tau(self, value: float | None) -> None:
-        low, closed = (-1.0, True) if self.method == "tome" else (0.0, False)  # similarity, or attention share
+        similarity = self.method == "tome"  # else a share of the class attention
         if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value)
-                                      and (low <= value if closed else low < value) and value <= 1):
-            span = "[-1, 1] (a cosine similarity)" if closed else "(0, 1] (a share of the class attention)"
+                                      and (-1 <= value <= 1 if similarity else 0 < value <= 1)):
+            span = "[-1, 1] (a cosine similarity)" if similarity else "(0, 1] (a share of the class attention)"
             raise ConfigError(f"threshold tau for {self.method} must be a finite number in {span}, got {value!r}")
         if value is not None and self.mode != "dynamic":
             raise ConfigError("a threshold gives per-image token counts: build with mode='dynamic'")
@@ -176,8 +187,6 @@ class TokenReducedViT(nn.Module):
     def _merge(self, x, sizes, valid, keys, r, threshold=None):
         x, sizes, dest, new_valid = bipartite_merge(x, keys, sizes, r, self.model.num_prefix_tokens,
                                                     threshold=threshold, valid=valid)
-        if valid is not None:
-            dest = dest.masked_fill(~valid, -1)
         return x, sizes, new_valid, dest
 
     def embed(self, images: torch.Tensor) -> tuple[torch.Tensor, object]:

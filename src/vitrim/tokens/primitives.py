@@ -75,13 +75,15 @@ def bipartite_merge(x: torch.Tensor, metric: torch.Tensor, sizes: torch.Tensor, 
     Without ``threshold``, every image merges its ``r`` most similar pairs. With it, each image
     merges the pairs whose cosine similarity exceeds ``threshold`` (at most ``r``): images with
     much redundant content (plain background) merge more; the batch is padded to its largest
-    count. ``valid`` marks padding from an earlier per-image step, which never merges.
+    count. ``valid`` marks padding from an earlier per-image step, which never merges (its
+    ``dest`` is -1).
     Returns (tokens, sizes, dest, valid) — ``valid`` is None when nothing is padded.
     """
     B, N, C = x.shape
     r = min(r, (N - prefix) // 2)
     if r <= 0:
-        return x, sizes, torch.arange(N).expand(B, -1), valid
+        dest = torch.arange(N).expand(B, -1)
+        return x, sizes, dest if valid is None else dest.masked_fill(~valid, -1), valid
     m = metric[:, prefix:] / metric[:, prefix:].norm(dim=-1, keepdim=True).clamp_min(1e-12)
     a, b = m[:, ::2], m[:, 1::2]  # (B, Na, d), (B, Nb, d)
     similarity = (a @ b.transpose(-2, -1)).clamp(max=1.0)  # (B, Na, Nb)
@@ -120,6 +122,8 @@ def bipartite_merge(x: torch.Tensor, metric: torch.Tensor, sizes: torch.Tensor, 
     dest = prefix_dest(B, N, prefix)
     dest[:, prefix::2] = torch.where(merged, base_b + best_dst, slot_a)
     dest[:, prefix + 1::2] = base_b + torch.arange(Nb).expand(B, -1)
+    if valid is not None:
+        dest = dest.masked_fill(~valid, -1)
     return tokens, new_sizes, dest, new_valid
 
 
