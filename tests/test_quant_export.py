@@ -143,3 +143,35 @@ def test_static_token_models_export_and_match(tmp_path, exported, method):
         expected = reduced(images)
     assert not torch.allclose(expected, model(images), atol=1e-3)  # the reduction changed the outputs
     torch.testing.assert_close(OnnxModel(tmp_path / "m.onnx", threads=1)(images), expected, atol=1e-5, rtol=1e-4)
+
+
+def _noisy(model: nn.Module) -> nn.Module:
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model.eval()
+
+
+@pytest.mark.parametrize("method,patch,exporter", [
+    ("tome", 4, "dynamo"), ("tome", 4, "torchscript"), ("tome", 2, "dynamo"), ("tome", 2, "torchscript"),
+    ("evit", 2, "dynamo"), ("drop", 2, "torchscript")])  # patch 4: 50 tokens, patch 2: 197
+def test_static_token_models_export_at_real_token_counts(tmp_path, method, patch, exporter):
+    """Several reduction steps from 50 or 197 tokens, so merge steps see odd and even counts."""
+    from vitrim.models import uniform_config
+    from vitrim.tokens import reduce_tokens
+
+    torch.manual_seed(0)
+    cfg = uniform_config(4, 32, 2, 2.0, image_size=28, patch_size=patch, in_chans=1, num_classes=5,
+                         mean=(0.5,), std=(0.5,))
+    model = _noisy(VisionTransformer(cfg))
+    reduced = reduce_tokens(model, method, layers=[0, 1, 2], keep=0.7)
+    images = torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = reduced(images)
+    counts = [int(c) - 1 for c in reduced.last_token_counts]  # patch tokens each block saw
+    assert counts[0] == (28 // patch) ** 2
+    if method == "tome":
+        assert len({c % 2 for c in counts}) == 2  # merge steps see odd and even counts
+    result = export(reduced, tmp_path / "m.onnx", check_images=images, threads=1, exporter=exporter)
+    assert result.exporter == exporter and result.check.passed
+    torch.testing.assert_close(OnnxModel(tmp_path / "m.onnx", threads=1)(images), expected, atol=1e-4, rtol=1e-4)

@@ -46,15 +46,30 @@ def nbits_quantizer() -> ModuleType:
     return matmul_nbits_quantizer
 
 
+VERBOSE = False  # set by ``vitrim --verbose``: third-party output and full traces pass through
+
+
+def _chatty_loggers() -> list[logging.Logger]:
+    """Root, ORT, onnxscript and every ``torch.*`` logger (torch sets levels on its children, so
+    the parent's level does not reach them: a failed ``torch.export`` logs its whole graph)."""
+    names = {"", "onnxruntime", "onnxscript"} | {n for n in logging.root.manager.loggerDict if n.startswith("torch")}
+    return [logging.getLogger(n) for n in sorted(names)]
+
+
 @contextlib.contextmanager
 def quiet() -> Iterator[io.StringIO]:
-    """Silence exporter/quantizer progress prints, warnings and INFO logs; yields the captured text."""
+    """Silence exporter/quantizer progress prints, warnings and INFO logs; yields the captured text.
+
+    With :data:`VERBOSE` nothing is silenced (the captured text stays empty).
+    """
     captured = io.StringIO()
-    names = ("", "onnxruntime", "torch.onnx", "torch.export", "onnxscript")  # "" = root: ORT warns there
-    loggers = [logging.getLogger(n) for n in names]
+    if VERBOSE:
+        yield captured
+        return
+    loggers = _chatty_loggers()
     levels = [lg.level for lg in loggers]
     for lg in loggers:
-        lg.setLevel(logging.ERROR)
+        lg.setLevel(logging.CRITICAL)
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(captured):
             warnings.simplefilter("ignore")

@@ -144,7 +144,7 @@ class TokenReducedViT(nn.Module):
     def _reduce(self, x, sizes, valid, scores, keys):
         """One reduction step: (tokens, sizes, valid, dest) — see ``primitives`` for ``dest``."""
         prefix = self.model.num_prefix_tokens
-        patches = x.shape[1] - prefix
+        patches = int(x.shape[1]) - prefix  # a Python int under tracing too (static counts export)
         if self.method == "tome":
             if self.mode == "dynamic" and self.tau is not None:
                 return self._merge(x, sizes, valid, keys, patches // 2, threshold=self.tau)

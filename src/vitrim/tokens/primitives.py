@@ -55,7 +55,7 @@ def drop_tokens(x: torch.Tensor, sizes: torch.Tensor, scores: torch.Tensor, keep
     B, N, _ = x.shape
     dest = prefix_dest(B, N, prefix)
     if fuse and keep < patches.shape[1]:
-        dropped = torch.ones_like(patch_scores, dtype=torch.bool).scatter(1, index, False)  # (B, P)
+        dropped = torch.ones_like(patch_scores, dtype=torch.bool).scatter(1, index, torch.zeros_like(index, dtype=torch.bool))  # (B, P)
         weights = patch_scores * dropped  # (B, P)
         fused = (weights.unsqueeze(-1) * patches).sum(1, keepdim=True) / weights.sum(1, keepdim=True).clamp_min(1e-12).unsqueeze(-1)
         parts.append(fused)
@@ -94,13 +94,14 @@ def bipartite_merge(x: torch.Tensor, metric: torch.Tensor, sizes: torch.Tensor, 
         best = best.masked_fill(~valid[:, prefix::2], float("-inf"))
     order = best.argsort(dim=-1, descending=True)  # (B, Na)
     Na, Nb = a.shape[1], b.shape[1]
-    if threshold is None:
-        counts = torch.full((B,), r, dtype=torch.long)
+    rank = order.argsort(dim=-1)  # (B, Na): place of each a-token in the order
+    if threshold is None:  # a count known before the call: no data-dependent size (exportable)
+        fewest = r
+        merged = rank < r  # (B, Na)
     else:
         counts = (best > threshold).sum(dim=1).clamp(max=r)  # (B,)
-    fewest = int(counts.min())
-    rank = order.argsort(dim=-1)  # (B, Na): place of each a-token in the order
-    merged = rank < counts.unsqueeze(1)  # (B, Na)
+        fewest = int(counts.min())
+        merged = rank < counts.unsqueeze(1)  # (B, Na)
     keep_a = order[:, fewest:].sort(dim=-1).values  # (B, Na - fewest): kept, or padding left by a merge
     patches, psizes = x[:, prefix:], sizes[:, prefix:]
     xa, xb = patches[:, ::2], patches[:, 1::2]
