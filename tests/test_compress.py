@@ -55,3 +55,21 @@ def test_cli_compress_runs_every_stage(capsys, tmp_path):
     for name in ("report.json", "report.md", "report.png", "model-fp32.onnx", "model-w8-dynamic.onnx"):
         assert (out / name).is_file()
     assert vitrim.load(out / "pruned").config.embed_dim <= 32
+    for stage in report["stages"]:  # every ratio is the ratio of the report's own milliseconds
+        for batch in (1, 64):
+            dense = report["stages"][0][f"latency_ms_b{batch}"]
+            assert stage[f"speedup_b{batch}"] == pytest.approx(dense / stage[f"latency_ms_b{batch}"], rel=1e-9)
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".c.")]  # no temporary parts left
+
+
+def test_compress_refuses_bad_token_settings_before_any_work(capsys, tmp_path):
+    write_idx_dir(tmp_path / "data", n_train=40, n_test=8, size=8)
+    cfg = uniform_config(2, 16, 2, 2.0, image_size=8, patch_size=4, in_chans=1, num_classes=3,
+                         mean=(0.5,), std=(0.5,))
+    vitrim.save(vitrim.create(cfg, seed=0), tmp_path / "m")
+    for extra, message in ((["--tokens", "keep=1.5"], "keep ratio"), (["--layers", "7"], "token layer 7"),
+                           (["--calib", "1000"], "calib")):
+        code, _, err = run(capsys, "compress", str(tmp_path / "m"), "--data", f"idx:{tmp_path / 'data'}",
+                           "--out", str(tmp_path / "c"), *extra)
+        assert code == 2 and message in err and err.count("\n") == 1, err
+        assert not (tmp_path / "c").exists()

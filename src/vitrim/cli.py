@@ -5,14 +5,25 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
+import os
 import shlex
 import sys
+import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from vitrim.errors import ConfigError, DataError, VitrimError
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with errors on one line (the usage is one ``--help`` away)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def positive_int(text: str) -> int:
@@ -22,6 +33,62 @@ def positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def number(low: float | None = None, high: float | None = None, *, low_open: bool = False,
+           high_open: bool = False) -> Callable[[str], float]:
+    """An argparse type: a finite float within [low, high] (open ends where asked)."""
+    left, right = "(" if low_open else "[", ")" if high_open else "]"
+    span = f"{left}{'-inf' if low is None else f'{low:g}'}, {'inf' if high is None else f'{high:g}'}{right}"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+        too_low = low is not None and (value <= low if low_open else value < low)
+        too_high = high is not None and (value >= high if high_open else value > high)
+        if too_low or too_high:
+            raise argparse.ArgumentTypeError(f"expected a number in {span}, got {text}")
+        return value
+
+    parse.__name__ = "number"
+    return parse
+
+
+positive_float = number(0, low_open=True)
+non_negative_float = number(0)
+unit_float = number(0, 1)
+MAX_SEED = 2**63 - 1
+
+
+def augment_spec(text: str) -> str:
+    from vitrim.train.config import normalize_augment
+
+    try:
+        return normalize_augment(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def seed_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer seed, got {text!r}") from None
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"expected a seed in 0..{MAX_SEED}, got {value}")
+    return value
+
+
+def thread_count(text: str) -> int:
+    value = positive_int(text)
+    limit = max(64, 4 * (os.cpu_count() or 1))
+    if value > limit:
+        raise argparse.ArgumentTypeError(f"{value} threads for {os.cpu_count()} cores; use at most {limit}")
     return value
 
 
@@ -59,8 +126,29 @@ def resolve_torch_or_onnx(args: argparse.Namespace, allow_random: bool = False) 
     from vitrim.quant.cli import is_onnx_spec, resolve_model_or_onnx
 
     if is_onnx_spec(args.model):
-        return resolve_model_or_onnx(args, allow_random=allow_random)
-    return resolve_model(args.model, allow_random=allow_random, pretrained=args.pretrained, native=True)
+        model, weights = resolve_model_or_onnx(args, allow_random=allow_random)
+    else:
+        model, weights = resolve_model(args.model, allow_random=allow_random, pretrained=args.pretrained, native=True)
+    check_batch_options(model, args)
+    return model, weights
+
+
+BATCH_OPTIONS = {"batch": "--batch", "batch_size": "--batch-size", "latency_batch": "--latency-batch",
+                 "check_images": "--check-images"}
+
+
+def check_batch_options(model: Any, args: argparse.Namespace) -> None:
+    """Refuse, before any work, batch options whose activations would not fit in this machine's RAM."""
+    from vitrim.limits import check_batch_memory
+
+    config = getattr(model, "config", None)
+    if config is None:
+        return
+    for attr, flag in BATCH_OPTIONS.items():
+        value = getattr(args, attr, None)
+        for batch in value if isinstance(value, list) else [value]:
+            if isinstance(batch, int):
+                check_batch_memory(config, batch, f"{flag} {batch}")
 
 
 def load_data_for(model, args: argparse.Namespace, split: str):
@@ -77,6 +165,9 @@ def load_data_for(model, args: argparse.Namespace, split: str):
                         f"expects {cfg.image_size}x{cfg.image_size}; pass --resize to resize them")
     if args.limit is not None:
         data = data.subset(min(args.limit, len(data)))
+    from vitrim.bench.accuracy import check_fits
+
+    check_fits(model, data, getattr(args, "model", None) or "the model")
     return data
 
 
@@ -107,7 +198,7 @@ def add_data_args(p: argparse.ArgumentParser, limit_help: str, random: bool = Fa
 
 
 def add_threads(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--threads", type=positive_int, default=None,
+    p.add_argument("--threads", type=thread_count, default=None,
                    help="torch intra-op threads (default: all cores)")
 
 
@@ -168,12 +259,35 @@ def bench_text(name: str, result: dict[str, Any]) -> str:
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
-    from vitrim.quant.cli import measure_any
+    from vitrim.bench.latency import choose_threads
+    from vitrim.quant.cli import measure_all
+    from vitrim.report import format_table
 
-    model, weights = resolve_torch_or_onnx(args, allow_random=True)
-    result = measure_any(model, args.batch or [1, 64], threads=args.threads, runs=args.runs)
-    result.update(model=args.model, weights=weights)
-    emit(args, result, bench_text(args.model, result))
+    specs = args.model if isinstance(args.model, list) else [args.model]
+    if len(set(specs)) != len(specs):
+        raise ConfigError(f"a model is named twice in {' '.join(specs)}; name each model once")
+    choice = choose_threads(args.threads)  # one count for every model, ORT sessions included
+    models, weights = {}, {}
+    for spec in specs:
+        models[spec], weights[spec] = resolve_torch_or_onnx(argparse.Namespace(**{**vars(args), "model": spec,
+                                                                                "threads": choice.threads}),
+                                                            allow_random=True)
+    batches = args.batch or [1, 64]
+    results = measure_all(models, batches, threads=choice, runs=args.runs)  # interleaved
+    for spec in specs:
+        results[spec].update(model=spec, weights=weights[spec])
+    notes = [f"  {spec} b={b}: {e['unstable_reason']}" for spec in specs
+             for b, e in results[spec]["latency"].items() if not e["stable"]]
+    text = "\n\n".join(bench_text(spec, results[spec]) for spec in specs)
+    if len(specs) > 1:
+        rows = [[spec] + [f"{results[spec]['latency'][str(b)]['speedup']:.2f}x" for b in batches] for spec in specs]
+        text += f"\n\nspeed-up against {specs[0]} (timed interleaved)\n" + \
+            format_table(rows, ["model"] + [f"b={b}" for b in batches])
+    if notes:
+        text += "\n\nwarning: unstable latency (re-run on an idle machine or with fewer --threads):\n" + "\n".join(notes)
+    data = results[specs[0]] if len(specs) == 1 else {"models": specs, "reference": specs[0], "threads": choice.threads,
+                                                      "thread_policy": choice.to_dict(), "results": results}
+    emit(args, data, text)
 
 
 def cmd_analyze(args: argparse.Namespace) -> None:
@@ -181,6 +295,7 @@ def cmd_analyze(args: argparse.Namespace) -> None:
     from vitrim.report import format_table, human
 
     model, _ = resolve_model(args.model, allow_random=True, pretrained=args.pretrained)
+    check_batch_options(model, args)
     rows = analyze(model, batch_size=args.batch, threads=args.threads, runs=args.runs)
     table = [[r["component"], human(r["params"]), f"{r['params_share'] * 100:.1f}%", human(r["flops"]),
               f"{r['flops_share'] * 100:.1f}%", f"{r['latency_ms']:.3f}", f"{r['latency_share'] * 100:.1f}%"]
@@ -194,24 +309,32 @@ def cmd_train(args: argparse.Namespace) -> None:
     import vitrim
     from vitrim.train import TrainConfig, fit
 
+    from vitrim.fsutil import check_output_dir, output_lock
+    from vitrim.train.loop import CHECKPOINT_DIR, check_teacher
+
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, min_lr=args.min_lr,
                       weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs,
-                      label_smoothing=args.label_smoothing, augment=not args.no_augment,
+                      label_smoothing=args.label_smoothing, augment="none" if args.no_augment else args.augment,
                       seed=args.seed, precision=args.precision, distill_alpha=args.distill_alpha,
                       distill_temperature=args.distill_temperature, limit_train=args.limit)
+    out = check_output_dir(args.out, "--out directory")
+    if args.resume and not (out / CHECKPOINT_DIR).is_dir():
+        raise ConfigError(f"--resume: {out} holds no {CHECKPOINT_DIR}/; start without --resume")
     torch.manual_seed(args.seed)
     model = training_model(args)
+    check_batch_options(model, args)
     teacher = resolve_model(args.teacher)[0] if args.teacher else None
+    check_teacher(model, teacher)
     args.limit = None  # --limit applies to the training split only
     train_set = load_data_for(model, args, "train")
     test_set = None if args.no_eval else load_data_for(model, args, "test")
-    out = Path(args.out)
-    with _threads(args.threads):
-        result = fit(model, train_set, cfg, out, test_set=test_set, teacher=teacher, resume=args.resume,
-                     image_size=model.config.image_size)
     command = "vitrim " + " ".join(shlex.quote(a) for a in args.argv)
-    vitrim.save(result.model, out, extra={"training": {"command": command, "config": cfg.to_dict(),
-                                                       "history": result.history}})
+    with output_lock(out), _threads(args.threads):
+        result = fit(model, train_set, cfg, out, test_set=test_set, teacher=teacher, resume=args.resume,
+                     image_size=model.config.image_size, locked=True)
+        vitrim.save(result.model, out, extra={"training": {"command": command, "config": cfg.to_dict(),
+                                                           "history": result.history}},
+                    carry=[CHECKPOINT_DIR], locked=True)
     final = result.history[-1]
     print(f"saved {out}  (epoch {final['epoch']}, train loss {final['train_loss']:.4f}"
           + (f", test accuracy {final['test_accuracy'] * 100:.2f}%" if "test_accuracy" in final else "") + ")")
@@ -253,25 +376,33 @@ def keep_range(text: str) -> list[float]:
 
 
 def cmd_prune(args: argparse.Namespace) -> None:
-    import vitrim
-    from vitrim.bench import evaluate, measure
-    from vitrim.prune import PruneConfig, prune
-    from vitrim.prune.report import dimension_plan, plan_table, summary_table, write_report
+    from vitrim.adapters.sources import load_model
+    from vitrim.fsutil import check_output_dir, output_lock
+    from vitrim.prune import PruneConfig
 
     cfg = PruneConfig(target=args.target, structures=args.structures, exclude=tuple(args.exclude or ()),
                       saliency=args.saliency, calib_images=args.calib, steps=args.steps, round_to=args.round_to,
                       recover=args.recover, kd_epochs=args.epochs, kd_images=args.kd_images, kd_lr=args.kd_lr,
                       step_kd_images=args.step_kd_images, latency_batch=args.latency_batch, seed=args.seed)
     name = args.model or "fmnist-vit"
+    loaded = load_model(name, pretrained=args.pretrained, allow_random=True)
+    out = check_output_dir(args.out or f"runs/{loaded.spec.stem}-{cfg.metric}{cfg.ratio:g}", "--out directory")
+    with output_lock(out):  # a second run to the same --out is refused now, not after its work
+        _prune_into(args, cfg, name, loaded, out)
+
+
+def _prune_into(args: argparse.Namespace, cfg: Any, name: str, loaded: Any, out: Path) -> None:
+    import vitrim
     from vitrim.adapters import family_of, to_canonical
     from vitrim.adapters.native import native
-    from vitrim.adapters.sources import load_model
+    from vitrim.bench import evaluate, measure
+    from vitrim.prune import prune
+    from vitrim.prune.report import dimension_plan, plan_table, summary_table, write_report
 
-    loaded = load_model(name, pretrained=args.pretrained, allow_random=True)
-    out = Path(args.out or f"runs/{loaded.spec.stem}-{cfg.metric}{cfg.ratio:g}")
     original = loaded.model  # pruned in its own family, saved as that family's class
     family = family_of(original) or "vitrim"
     model = to_canonical(original)
+    check_batch_options(model, args)
     train_set, test_set = prune_data(model, args, family)
     progress = not args.json
     with _threads(args.threads):
@@ -282,9 +413,13 @@ def cmd_prune(args: argparse.Namespace) -> None:
         report: dict[str, Any] = {"model": name, "family": family, "weights": loaded.weights,
                                   "calibration": train_set.name, "metric": result.metric,
                                   "kept_ratio": result.kept_ratio, "config": cfg.to_dict(), "steps": result.steps}
-        for key, net, runnable in (("dense", model, original), ("pruned", result.model, pruned_family)):
-            runner = native(runnable)  # latency and accuracy of the family's own forward
-            entry = measure(runner, [1, 64], threads=args.threads, runs=args.runs, memory=False)
+        from vitrim.bench import measure_many
+
+        pairs = (("dense", model, original), ("pruned", result.model, pruned_family))
+        runners = {key: native(runnable) for key, _, runnable in pairs}  # the family's own forward
+        timed = measure_many(runners, [1, 64], threads=args.threads, runs=args.runs, memory=False)  # interleaved
+        for key, net, _ in pairs:
+            runner, entry = runners[key], timed[key]
             if test_set is not None:
                 entry["accuracy"] = evaluate(runner, test_set, image_size=net.config.image_size,
                                              progress=progress, desc=f"eval {key}")["accuracy"]
@@ -294,8 +429,9 @@ def cmd_prune(args: argparse.Namespace) -> None:
     command = "vitrim " + " ".join(shlex.quote(a) for a in args.argv)
     report["command"] = command
     vitrim.save(pruned_family, out, extra={"pruning": {"command": command, "base": name,
-                                                       "config": cfg.to_dict(), "kept_ratio": result.kept_ratio}})
-    write_report(out / "report", report, model.config, result.model.config)
+                                                       "config": cfg.to_dict(), "kept_ratio": result.kept_ratio}},
+                add_files=lambda tmp: write_report(tmp / "report", report, model.config, result.model.config),
+                locked=True)
     text = (f"{summary_table(report)}\n\n{plan_table(model.config, result.model.config)}\n\n"
             f"saved the pruned model to {out} and the report to {out / 'report'}")
     emit(args, report, text)
@@ -331,11 +467,12 @@ def parse_floats(text: str) -> list[float]:
 def cmd_tokens(args: argparse.Namespace) -> None:
     from vitrim.bench import evaluate
     from vitrim.bench.flops import model_cost
-    from vitrim.bench.latency import paired_latency
+    from vitrim.bench.latency import WithSetting, example_input, interleaved_latency
     from vitrim.report import format_table
     from vitrim.tokens import reduce_tokens, reduced_flops
 
     model, _ = resolve_model(args.model or "fmnist-vit", allow_random=args.no_eval, pretrained=args.pretrained)
+    check_batch_options(model, args)
     knob = "tau" if args.mode == "dynamic" else "keep"
     values = args.sweep or [args.tau if knob == "tau" else args.keep]
     from vitrim.iret import IncrementalViT
@@ -351,6 +488,7 @@ def cmd_tokens(args: argparse.Namespace) -> None:
     test_set = None if args.no_eval else load_data_for(model, args, "test")
     dense_flops = model_cost(model.config).flops
     rows = []
+    batches = args.batch or [1, 64]
     with _threads(args.threads):
         for value in values:
             setattr(reduced, knob, value)
@@ -360,16 +498,26 @@ def cmd_tokens(args: argparse.Namespace) -> None:
             sample = next(test_set.batches(64, image_size=model.config.image_size))[0] if test_set is not None \
                 else torch.randn(64, model.config.in_chans, model.config.image_size, model.config.image_size)
             row["flops_ratio"] = reduced_flops(reduced, sample) / dense_flops
-            for batch in args.batch or [1, 64]:
-                lat = paired_latency(model, reduced, batch, threads=args.threads, runs=args.runs)
-                row[f"speedup_b{batch}"] = lat["speedup"]
             rows.append(row)
+        runners = {"dense": model, **{f"{knob}={i}": WithSetting(reduced, **{knob: v}) for i, v in enumerate(values)}}
+        timed = interleaved_latency(runners, batches, threads=args.threads, runs=args.runs,
+                                    example=lambda b: example_input(model, b))  # dense and every value interleaved
+    for i, row in enumerate(rows):
+        stats = timed[f"{knob}={i}"]
+        row.update({f"speedup_b{b}": stats[b]["speedup"] for b in batches})
+        row["latency"] = {str(b): stats[b] for b in batches}
+    dense_latency = {str(b): timed["dense"][b] for b in batches}
     table = [[f"{r[knob]:g}", f"{r['accuracy'] * 100:.2f}%" if "accuracy" in r else "-", f"{r['flops_ratio']:.3f}"]
-             + [f"{r[k]:.2f}x" for k in r if k.startswith("speedup")] for r in rows]
-    header = [knob, "accuracy", "FLOPs kept"] + [k.replace("speedup_b", "speedup b=") for k in rows[0] if k.startswith("speedup")]
+             + [f"{r[f'speedup_b{b}']:.2f}x" + ("" if r["latency"][str(b)]["stable"] and dense_latency[str(b)]["stable"]
+                                                 else "*") for b in batches] for r in rows]
+    header = [knob, "accuracy", "FLOPs kept"] + [f"speedup b={b}" for b in batches]
+    notes = [f"  {name} b={b}: {stats[b]['unstable_reason']}" for name, stats in timed.items() for b in batches
+             if not stats[b]["stable"]]
+    warning = "\n* unstable latency (re-run on an idle machine or with fewer --threads):\n" + "\n".join(notes) \
+        if notes else ""
     emit(args, {"model": args.model or "fmnist-vit", "method": args.method, "mode": args.mode,
-                "layers": list(reduced.layers), "rows": rows},
-         f"{args.method} ({args.mode}) at layers {list(reduced.layers)}\n" + format_table(table, header))
+                "layers": list(reduced.layers), "dense_latency": dense_latency, "rows": rows},
+         f"{args.method} ({args.mode}) at layers {list(reduced.layers)}\n" + format_table(table, header) + warning)
 
 
 def cmd_compress(args: argparse.Namespace) -> None:
@@ -404,7 +552,7 @@ def build_parser() -> argparse.ArgumentParser:
     from vitrim.tokens.model import METHODS as TOKEN_METHODS
     from vitrim.quant.cli import add_onnx_input_args, register as register_quant
 
-    parser = argparse.ArgumentParser(prog="vitrim", description="Make Vision Transformers smaller and faster.")
+    parser = Parser(prog="vitrim", description="Make Vision Transformers smaller and faster.")
     parser.add_argument("--version", action="version", version=f"vitrim {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     from vitrim.adapters.sources import SPEC_HELP
@@ -426,7 +574,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("bench", help="params, FLOPs, latency and memory")
-    p.add_argument("model", help=model_help + "; presets without weights are measured at random init")
+    p.add_argument("model", nargs="+", help=model_help + "; presets without weights are measured at random init; "
+                   "several models are timed interleaved, with speed-ups against the first")
     p.add_argument("--batch", type=positive_int, action="append", help="batch size (repeatable; default 1 and 64)")
     p.add_argument("--runs", type=positive_int, default=30, help="timed runs per batch size (median reported)")
     add_threads(p)
@@ -455,7 +604,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "reconstruct+kd: the refit, then distillation")
     p.add_argument("--epochs", type=positive_int, default=1, help="distillation epochs for --recover kd")
     p.add_argument("--kd-images", type=positive_int, default=None, help="distil on the first N training images only")
-    p.add_argument("--kd-lr", type=float, default=2e-4)
+    p.add_argument("--kd-lr", type=positive_float, default=2e-4)
     p.add_argument("--step-kd-images", type=int, default=0,
                    help="distil on this many training images between pruning steps (0: none)")
     p.add_argument("--structures", default="heads,qk,v,mlp,embed,attn-layer,mlp-layer",
@@ -467,7 +616,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib", type=positive_int, default=512, help="calibration images (from the train split)")
     p.add_argument("--steps", type=positive_int, default=3, help="pruning steps, saliency re-estimated between")
     p.add_argument("--round-to", type=positive_int, default=8, help="kept dims are multiples of this")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_int, default=0)
     add_data_args(p, "evaluate on the first N test images only", random=True)
     p.add_argument("--no-eval", action="store_true", help="skip the accuracy evaluation")
     p.add_argument("--runs", type=positive_int, default=30, help="timed runs per latency measurement")
@@ -484,8 +633,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "ignored for incremental-resolution models (vitrim train --arch iret), which sweep their own knob")
     p.add_argument("--mode", choices=["static", "dynamic"], default="static",
                    help="static: same count for the whole batch (--keep); dynamic: per-image counts (--tau)")
-    p.add_argument("--keep", type=float, default=0.7, help="fraction of patch tokens kept at each reduction layer")
-    p.add_argument("--tau", type=float, default=0.9,
+    p.add_argument("--keep", type=number(0, 1, low_open=True), default=0.7, help="fraction of patch tokens kept at each reduction layer")
+    p.add_argument("--tau", type=number(), default=0.9,
                    help="dynamic mode, per image: drop/evit keep this share of the class attention; "
                         "tome merges token pairs whose key similarity exceeds it")
     p.add_argument("--sweep", type=parse_floats, default=None, help="comma-separated knob values to compare")
@@ -552,24 +701,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output model directory (checkpoints go to OUT/checkpoint)")
     p.add_argument("--epochs", type=positive_int, default=10)
     p.add_argument("--batch-size", type=positive_int, default=128)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--min-lr", type=float, default=1e-5)
-    p.add_argument("--weight-decay", type=float, default=0.05)
-    p.add_argument("--warmup-epochs", type=float, default=1.0)
-    p.add_argument("--label-smoothing", type=float, default=0.1)
-    p.add_argument("--drop-path", type=float, default=None, help="stochastic depth rate (default: the preset's)")
-    p.add_argument("--no-augment", action="store_true", help="no random crop / flip")
+    p.add_argument("--lr", type=positive_float, default=1e-3)
+    p.add_argument("--min-lr", type=non_negative_float, default=1e-5)
+    p.add_argument("--weight-decay", type=non_negative_float, default=0.05)
+    p.add_argument("--warmup-epochs", type=non_negative_float, default=None,
+                   help="linear warm-up length (default: 1 epoch, or a tenth of a run shorter than 10 epochs)")
+    p.add_argument("--label-smoothing", type=number(0, 1, high_open=True), default=0.1)
+    p.add_argument("--drop-path", type=number(0, 1, high_open=True), default=None,
+                   help="stochastic depth rate (default: the preset's)")
+    p.add_argument("--augment", default="crop", type=augment_spec,
+                   help="random transforms of training images: crop (shift by up to 2 pixels), flip (horizontal; "
+                        "only for data whose mirror image has the same class), e.g. crop,flip, or none "
+                        "(default: crop)")
+    p.add_argument("--no-augment", action="store_true", help="same as --augment none")
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
                    help="auto uses bf16 autocast where the CPU supports it")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_int, default=0)
     p.add_argument("--teacher", default=None, help="distil from this model (directory or preset with weights)")
-    p.add_argument("--distill-alpha", type=float, default=0.5)
-    p.add_argument("--distill-temperature", type=float, default=1.0)
+    p.add_argument("--distill-alpha", type=unit_float, default=0.5)
+    p.add_argument("--distill-temperature", type=positive_float, default=1.0)
     p.add_argument("--no-eval", action="store_true", help="skip the test-set evaluation after each epoch")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
     add_threads(p)
     p.set_defaults(func=cmd_train)
     register_quant(sub)
+    for command in sub.choices.values():
+        command.add_argument("--verbose", action="store_true",
+                             help="print the full trace of errors and the output of the tools vitrim calls")
     return parser
 
 
@@ -578,15 +736,38 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     args.argv = argv
+    if args.verbose:
+        from vitrim.quant import deps
+
+        deps.VERBOSE = True
     try:
         args.func(args)
     except VitrimError as exc:
-        print(f"vitrim {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        return fail(args, f"error: {exc}", 2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except MemoryError:
+        return fail(args, "error: out of memory; use a smaller --batch/--batch-size or fewer images", 2)
+    except OSError as exc:  # the disk or the file system refused: full, read-only, permissions
+        where = f" {exc.filename}" if exc.filename else ""
+        return fail(args, f"error: cannot access{where}: {exc.strerror or exc}", 2)
+    except Exception as exc:  # noqa: BLE001 - the last line of defence: one line, not a trace
+        return fail(args, f"internal error: {type(exc).__name__}: {first_line(exc)} (run again with --verbose for "
+                          f"the full trace, and report it)", 1)
     return 0
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else "(no message)"
+
+
+def fail(args: argparse.Namespace, message: str, code: int) -> int:
+    if args.verbose:
+        traceback.print_exc()
+    print(f"vitrim {args.command}: {message}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

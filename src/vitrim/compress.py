@@ -1,8 +1,8 @@
 """The stacked pipeline: prune + recover, static token reduction, export + quantize.
 
 Every stage is measured the same way — accuracy on the test images, size on disk, FLOPs per
-image, latency against the dense torch model in one process (alternating runs, median, fixed
-threads) at batch 1 and 64 — and every transform keeps its numeric check (export against
+image, latency of all stages timed together at the end in one process (interleaved rounds,
+median and spread, one thread count, an unstable figure flagged) at batch 1 and 64 — and every transform keeps its numeric check (export against
 PyTorch, quantized against fp32 in ONNX Runtime).
 """
 
@@ -16,10 +16,10 @@ from torch import nn
 
 from vitrim.bench.accuracy import evaluate
 from vitrim.bench.flops import model_cost
-from vitrim.bench.latency import paired_latency
+from vitrim.bench.latency import choose_threads, interleaved_latency
 from vitrim.data.dataset import ImageSet
 from vitrim.errors import ConfigError
-from vitrim.fsutil import atomic_path, write_json, write_text
+from vitrim.fsutil import atomic_dir, atomic_path, check_output_dir, write_json, write_text
 from vitrim.io import WEIGHTS_FILE, save
 from vitrim.models import VisionTransformer
 from vitrim.report import format_table, human
@@ -78,26 +78,66 @@ def torch_size(model: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in model.state_dict().values())
 
 
+LATENCY_BATCHES = (1, 64)
+
+
+def check_compress(model: VisionTransformer, train: ImageSet, cfg: CompressConfig, out_dir: str | Path) -> None:
+    """Refuse, before any work, settings this model, these images or this output path cannot honour."""
+    tokens = parse_tokens(cfg.tokens)
+    if tokens is not None and not 0 < tokens[1] <= 1:
+        raise ConfigError(f"token keep ratio must be in (0, 1], got {tokens[1]:g}; use e.g. --tokens keep=0.7")
+    depth = model.config.depth
+    for i in cfg.token_layers or ():
+        if not 0 <= i < depth:
+            raise ConfigError(f"token layer {i} is outside the model's {depth} blocks; use --layers between 0 "
+                              f"and {depth - 1}")
+    counts = {"prune_calib (--prune-calib)": cfg.prune_calib if cfg.prune is not None else 0,
+              "calib (--calib)": cfg.calib if cfg.quant is not None else 0}
+    for name, count in counts.items():
+        if count > len(train):
+            raise ConfigError(f"{name} asks for {count} images but the training set has {len(train)}; "
+                              f"use at most {len(train)}")
+    check_output_dir(out_dir)
+
+
 def compress(model: VisionTransformer, train: ImageSet, test: ImageSet, cfg: CompressConfig, out_dir: str | Path,
              *, progress: bool = True, log: Callable[[str], None] = lambda text: None) -> dict[str, Any]:
-    """Run the stages in order, write the artefacts and ``report.{json,md,png}`` to ``out_dir``."""
+    """Run the stages in order, write the artefacts and ``report.{json,md,png}`` to ``out_dir``.
+
+    Everything is checked before the first stage, and ``out_dir`` appears whole or not at all
+    (built in a temporary sibling, swapped into place at the end). All stages are timed together
+    at the end, interleaved, so each ``speedup_b*`` is the ratio of the reported ``latency_ms_b*``.
+    """
+    check_compress(model, train, cfg, out_dir)
+    with atomic_dir(out_dir) as tmp:
+        stages, runners = run_stages(model, train, test, cfg, tmp, progress=progress, log=log)
+        log("timing every stage, interleaved")
+        time_stages(stages, runners, cfg, tmp)
+        dense = stages[0]
+        for entry in stages:
+            entry["size_ratio"] = dense["size_bytes"] / entry["size_bytes"]
+            entry["drop_points"] = (dense["accuracy"] - entry["accuracy"]) * 100
+        report = {"config": asdict(cfg), "stages": stages}
+        write_report(tmp, report)
+    return report
+
+
+def run_stages(model: VisionTransformer, train: ImageSet, test: ImageSet, cfg: CompressConfig, out: Path, *,
+               progress: bool, log: Callable[[str], None]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Build every stage and measure its accuracy; the stage entries and ``{stage: model}`` to time."""
     from vitrim.prune import prune
     from vitrim.tokens import reduce_tokens, reduced_flops
 
-    out_dir = Path(out_dir)
     size = model.config.image_size
     check_images = next(test.batches(16, image_size=size))[0]
     stages: list[dict[str, Any]] = []
+    runners: dict[str, Any] = {}
 
     def add(name: str, net, size_bytes: int, flops: float, **extra: Any) -> None:
-        log(f"measuring {name}")
-        entry = {"stage": name, "size_bytes": size_bytes, "flops": flops, **extra,
-                 "accuracy": evaluate(net, test, image_size=size, progress=progress, desc=name)["accuracy"]}
-        for batch in (1, 64):
-            lat = paired_latency(model, net, batch, threads=cfg.threads, runs=cfg.runs)
-            entry[f"latency_ms_b{batch}"] = lat["second_ms"]
-            entry[f"speedup_b{batch}"] = lat["speedup"]
-        stages.append(entry)
+        log(f"evaluating {name}")
+        stages.append({"stage": name, "size_bytes": size_bytes, "flops": flops, **extra,
+                       "accuracy": evaluate(net, test, image_size=size, progress=progress, desc=name)["accuracy"]})
+        runners[name] = net
 
     add("torch fp32 dense", model, torch_size(model), model_cost(model.config).flops)
     current: nn.Module = model
@@ -105,8 +145,8 @@ def compress(model: VisionTransformer, train: ImageSet, test: ImageSet, cfg: Com
         result = prune(model, cfg.prune, train, recover=cfg.recover, train_data=train, calib_images=cfg.prune_calib,
                        progress=progress)
         current = result.model
-        save(current, out_dir / "pruned")
-        add("torch fp32 pruned", current, (out_dir / "pruned" / WEIGHTS_FILE).stat().st_size,
+        save(current, out / "pruned")
+        add("torch fp32 pruned", current, (out / "pruned" / WEIGHTS_FILE).stat().st_size,
             model_cost(current.config).flops, kept_ratio=result.kept_ratio)
     tokens = parse_tokens(cfg.tokens)
     if tokens is not None:
@@ -117,31 +157,63 @@ def compress(model: VisionTransformer, train: ImageSet, test: ImageSet, cfg: Com
     if cfg.quant is not None:
         from vitrim.quant import OnnxModel, export, quantize
 
-        exported = export(current, out_dir / "model-fp32.onnx", check_images=check_images, threads=cfg.threads)
+        exported = export(current, out / "model-fp32.onnx", check_images=check_images, threads=cfg.threads)
         add("ORT fp32", OnnxModel(exported.path, threads=cfg.threads), exported.size_bytes, flops,
             check=exported.check.to_dict())
-        quantized = quantize(exported.path, out_dir / f"model-{cfg.quant}.onnx", cfg.quant,
+        quantized = quantize(exported.path, out / f"model-{cfg.quant}.onnx", cfg.quant,
                              calib=train.subset(cfg.calib), calibrator=cfg.calib_method, threads=cfg.threads,
                              torch_model=current, log=log)
         calibrated = cfg.quant == "w8a8" or cfg.calib_method == "blockwise"
         add(f"ORT {cfg.quant}" + (f" ({cfg.calib_method})" if calibrated else ""),
             OnnxModel(quantized.path, threads=cfg.threads), quantized.size_bytes, flops,
             check=quantized.check.to_dict())
-    dense = stages[0]
+    return stages, runners
+
+
+def time_stages(stages: list[dict[str, Any]], runners: dict[str, Any], cfg: CompressConfig, out: Path) -> None:
+    """Time all stages in one interleaved run at one thread count; fill in each stage's latency."""
+    from vitrim.quant.bench import with_threads
+    from vitrim.quant.runtime import OnnxModel
+
+    choice = choose_threads(cfg.threads)
+    ready = {name: with_threads(net, choice.threads) if isinstance(net, OnnxModel) else net
+             for name, net in runners.items()}
+    timed = interleaved_latency(ready, LATENCY_BATCHES, threads=choice.threads, runs=cfg.runs,
+                                reference=stages[0]["stage"])
     for entry in stages:
-        entry["size_ratio"] = dense["size_bytes"] / entry["size_bytes"]
-        entry["drop_points"] = (dense["accuracy"] - entry["accuracy"]) * 100
-    report = {"config": asdict(cfg), "stages": stages}
-    write_report(out_dir, report)
-    return report
+        entry["threads"] = choice.to_dict()
+        entry["latency"] = {str(batch): timed[entry["stage"]][batch] for batch in LATENCY_BATCHES}
+        for batch in LATENCY_BATCHES:
+            stats = timed[entry["stage"]][batch]
+            entry[f"latency_ms_b{batch}"] = stats["median_ms"]
+            entry[f"speedup_b{batch}"] = stats["speedup"]
+
+
+def unstable_notes(report: dict[str, Any]) -> list[str]:
+    """One line per unstable latency figure: stage, batch size and the cause."""
+    return [f"{s['stage']} b={batch}: {stats['unstable_reason']}" for s in report["stages"]
+            for batch, stats in s.get("latency", {}).items() if not stats["stable"]]
+
+
+def _ms(stage: dict[str, Any], batch: int, digits: int) -> str:
+    """``latency_ms_b{batch}`` with ``*`` when that figure is flagged unstable."""
+    stats = stage.get("latency", {}).get(str(batch))
+    mark = "*" if stats is not None and not stats["stable"] else ""
+    return f"{stage[f'latency_ms_b{batch}']:.{digits}f}{mark}"
 
 
 def stage_table(report: dict[str, Any]) -> str:
+    """The stages side by side; a ``*`` marks an unstable latency, explained under the table."""
     rows = [[s["stage"], f"{s['accuracy'] * 100:.2f}%", f"{s['drop_points']:+.2f}", human(s["size_bytes"], "B"),
-             f"{s['size_ratio']:.2f}x", human(s["flops"]), f"{s['latency_ms_b1']:.2f}", f"{s['speedup_b1']:.2f}x",
-             f"{s['latency_ms_b64']:.1f}", f"{s['speedup_b64']:.2f}x"] for s in report["stages"]]
-    return format_table(rows, ["stage", "accuracy", "drop pt", "size", "smaller", "FLOPs", "ms b=1", "faster",
-                               "ms b=64", "faster"])
+             f"{s['size_ratio']:.2f}x", human(s["flops"]), _ms(s, 1, 2), f"{s['speedup_b1']:.2f}x",
+             _ms(s, 64, 1), f"{s['speedup_b64']:.2f}x"] for s in report["stages"]]
+    table = format_table(rows, ["stage", "accuracy", "drop pt", "size", "smaller", "FLOPs", "ms b=1", "faster",
+                                "ms b=64", "faster"])
+    notes = unstable_notes(report)
+    if notes:
+        table += "\n* unstable latency (re-run on an idle machine or with fewer --threads):\n" + \
+                 "\n".join(f"  {note}" for note in notes)
+    return table
 
 
 def write_report(out_dir: Path, report: dict[str, Any]) -> None:
@@ -177,4 +249,4 @@ def write_report(out_dir: Path, report: dict[str, Any]) -> None:
     write_text(out_dir / "report.md", "\n".join(text))
 
 
-__all__ = ["CompressConfig", "compress", "parse_tokens", "stage_table"]
+__all__ = ["CompressConfig", "check_compress", "compress", "parse_tokens", "stage_table", "unstable_notes"]

@@ -22,3 +22,7 @@ class UnknownModelError(VitrimError, KeyError):
 
     def __str__(self) -> str:  # KeyError would quote the message
         return str(self.args[0]) if self.args else ""
+
+
+class OutputError(VitrimError):
+    """An output path cannot be written (a file where a directory belongs, read-only, or busy)."""

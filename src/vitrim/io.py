@@ -6,6 +6,7 @@ No pickle anywhere: weights are safetensors, everything else is JSON.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from vitrim.errors import ConfigError, ModelFileError
-from vitrim.fsutil import atomic_path, write_json
+from vitrim.fsutil import atomic_dir, atomic_path, write_json
 from vitrim.models import ViTConfig, VisionTransformer
 
 FORMAT = "vitrim"
@@ -86,42 +87,56 @@ def read_config(directory: Path) -> dict[str, Any]:
     return data
 
 
-def save(model: nn.Module, directory: str | Path, extra: dict[str, Any] | None = None) -> Path:
-    """Save a vitrim, Hugging Face or timm ViT as a directory; files written atomically, config last.
+def save(model: nn.Module, directory: str | Path, extra: dict[str, Any] | None = None, *,
+         add_files: Callable[[Path], None] | None = None, carry: Iterable[str] = (),
+         locked: bool = False) -> Path:
+    """Save a vitrim, Hugging Face or timm ViT as a directory that appears whole or not at all.
+
+    The directory is built in a temporary sibling and swapped into place, so the previous
+    ``directory`` stays intact until the new one is complete (a kill leaves one or the other).
+    ``add_files(tmp)`` writes more files (a report) into the new directory before it appears;
+    ``carry`` names entries of the previous directory to keep (a training ``checkpoint``);
+    ``locked`` says the caller already holds :func:`vitrim.fsutil.output_lock` on ``directory``.
 
     A Hugging Face or timm model is stored as its canonical equivalent plus what its family needs
     to rebuild it (class, config), so per-layer dims that one family config cannot express
     survive; :func:`load_dir` rebuilds the family's class.
     """
+    model, extra = _canonical_for_saving(model, extra)
+    with atomic_dir(directory, carry=carry, locked=locked) as tmp:
+        _write_model_files(model, model.config, tmp, extra)
+        if add_files is not None:
+            add_files(tmp)
+    return Path(directory)
+
+
+def _canonical_for_saving(model: nn.Module, extra: dict[str, Any] | None) -> tuple[nn.Module, dict[str, Any]]:
+    """The module whose weights are stored, and the config entries that rebuild the original."""
     from vitrim.adapters import family_of, metadata, to_canonical
     from vitrim.iret import IncrementalViT
     from vitrim.tokens import TokenReducedViT
 
+    extra = dict(extra or {})
     if isinstance(model, IncrementalViT):
-        extra = {**(extra or {}), "family": "iret", "iret": model.options.to_dict()}
-        return _write_model_dir(model, model.config, directory, extra)
+        return model, {**extra, "family": "iret", "iret": model.options.to_dict()}
     if isinstance(model, TokenReducedViT):  # the weights, and the reduction they serve
-        extra = {**(extra or {}), "tokens": {"method": model.method, "layers": list(model.layers)}}
+        extra["tokens"] = {"method": model.method, "layers": list(model.layers)}
         model = model.model
     elif isinstance(model, VisionTransformer) and model.token_reduction:
-        extra = {**(extra or {}), "tokens": dict(model.token_reduction)}
+        extra["tokens"] = dict(model.token_reduction)
     if family_of(model) in ("hf", "timm"):
-        extra = {**(extra or {}), **metadata(model)}
+        extra.update(metadata(model))
         model = to_canonical(model)
     if not isinstance(model, VisionTransformer):
         raise ConfigError(f"vitrim.save handles vitrim, Hugging Face and timm ViTs, got {type(model).__name__}")
-    return _write_model_dir(model, model.config, directory, extra)
+    return model, extra
 
 
-def _write_model_dir(model: nn.Module, config: ViTConfig, directory: str | Path, extra: dict[str, Any] | None) -> Path:
-    directory = Path(directory)
-    if directory.exists() and not directory.is_dir():
-        raise ModelFileError(f"{directory} exists and is not a directory")
+def _write_model_files(model: nn.Module, config: ViTConfig, directory: Path, extra: dict[str, Any]) -> None:
     save_state(directory / WEIGHTS_FILE, model.state_dict(), metadata={"format": FORMAT})
-    payload = {"format": FORMAT, "version": FORMAT_VERSION, "family": "vitrim", **(extra or {}),
+    payload = {"format": FORMAT, "version": FORMAT_VERSION, "family": "vitrim", **extra,
                "config": config.to_dict()}
     write_json(directory / CONFIG_FILE, payload)
-    return directory
 
 
 def check_token_reduction(settings: Any, path: Path) -> dict[str, Any]:
@@ -139,12 +154,16 @@ def load_dir(directory: str | Path) -> nn.Module:
     """Rebuild a saved model: a vitrim ViT, or the Hugging Face / timm class it was saved from."""
     directory = Path(directory)
     data = read_config(directory)
+    family = data.get("family", "vitrim")
     try:
         cfg = ViTConfig.from_dict(data["config"])
-    except ConfigError as exc:
+        if family in ("hf", "timm"):
+            from vitrim.adapters import check_family_metadata
+
+            check_family_metadata(data, cfg.num_classes)  # before the weights are read
+    except (ConfigError, ModelFileError) as exc:
         raise ModelFileError(f"{directory / CONFIG_FILE}: {exc}") from None
     model = VisionTransformer(cfg)
-    family = data.get("family", "vitrim")
     if family == "iret":
         from vitrim.iret import IncrementalViT, IretOptions
 

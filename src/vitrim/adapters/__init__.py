@@ -11,7 +11,7 @@ from typing import Any
 
 from torch import nn
 
-from vitrim.errors import ConfigError
+from vitrim.errors import ConfigError, ModelFileError
 from vitrim.models import VisionTransformer
 
 FAMILIES = ("vitrim", "hf", "timm")
@@ -85,9 +85,45 @@ def metadata(model: nn.Module) -> dict[str, Any]:
     return {"family": "vitrim"}
 
 
+# What each family's metadata holds: key -> (accepted types, required).
+FAMILY_KEYS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
+    "hf": {"hf_class": ((str,), True), "hf_config": ((dict,), True), "hf_pooler": ((bool,), False)},
+    "timm": {"timm_class": ((str,), True), "timm_global_pool": ((str,), True),
+             "timm_num_classes": ((int, type(None)), True), "timm_pretrained_cfg": ((dict, type(None)), False)},
+}
+
+
+def check_family_metadata(meta: dict[str, Any], num_classes: int) -> None:
+    """A :class:`ModelFileError` unless ``meta`` holds what its family needs to rebuild the model.
+
+    ``num_classes`` is the canonical model's; a timm model's own class count must be it, or 0 for
+    a backbone.
+    """
+    family = meta.get("family", "vitrim")
+    fix = "re-save the model with vitrim.save, which records the family's class and config"
+    for key, (types, required) in FAMILY_KEYS.get(family, {}).items():
+        if key not in meta:
+            if required:
+                raise ModelFileError(f"the model config names family {family!r} but has no {key!r}; {fix}")
+            continue
+        value = meta[key]
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            expected = " or ".join("null" if t is type(None) else t.__name__ for t in types)
+            raise ModelFileError(f"the model config's {key!r} must be {expected}, got {value!r}; {fix}")
+    if family == "hf":
+        from vitrim.adapters.hf_dir import check_hf_config
+
+        check_hf_config(meta["hf_config"], "the model config's \"hf_config\"")
+    count = meta.get("timm_num_classes")
+    if family == "timm" and count is not None and count not in (0, num_classes):
+        raise ModelFileError(f"the model config's 'timm_num_classes' is {count} but the model has "
+                             f"{num_classes} classes (0 for a backbone); {fix}")
+
+
 def from_canonical(canonical: VisionTransformer, meta: dict[str, Any]) -> nn.Module:
     """The family's model (named by ``meta``, from :func:`metadata`) carrying ``canonical``'s dims and weights."""
     family = meta.get("family", "vitrim")
+    check_family_metadata(meta, canonical.config.num_classes)
     if family == "hf":
         from vitrim.adapters.hf import from_canonical as rebuild
 

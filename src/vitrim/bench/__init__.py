@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from torch import nn
@@ -10,30 +10,54 @@ from torch import nn
 from vitrim.bench.accuracy import evaluate
 from vitrim.bench.analyze import analyze
 from vitrim.bench.flops import cost_breakdown, model_cost
-from vitrim.bench.latency import measure_latency
+from vitrim.bench.latency import ThreadChoice, choose_threads, interleaved_latency, measure_latency
 from vitrim.bench.memory import peak_activation_bytes
 from vitrim.errors import ConfigError
 
 
-def measure(model: nn.Module, batch_sizes: Sequence[int] = (1, 64), *, threads: int | None = None,
-            runs: int = 30, warmup: int = 5, memory: bool = True) -> dict[str, Any]:
-    """Params, FLOPs per image, and per batch size the latency and peak activation memory."""
+def describe(model: nn.Module) -> dict[str, Any]:
+    """Params and analytic FLOPs per image of a torch model."""
+    return {"params": sum(p.numel() for p in model.parameters()), "flops": model_cost(model.config).flops}
+
+
+def measure_many(models: Mapping[str, Any], batch_sizes: Sequence[int] = (1, 64), *,
+                 threads: int | ThreadChoice | None = None,
+                 runs: int = 30, warmup: int = 5, memory: bool = True, reference: str | None = None,
+                 describe_fn: Callable[[Any], dict[str, Any]] = describe) -> dict[str, dict[str, Any]]:
+    """:func:`measure` for several models, their latency timed interleaved in one loop.
+
+    Each result's ``latency[batch]["speedup"]`` is the ``reference`` model's median (default: the
+    first model's) over this model's — the ratio of the reported ``median_ms``. ``threads`` is the
+    count used and ``thread_policy`` how it was chosen (``threads=None``: the free cores; a
+    :class:`~vitrim.bench.latency.ThreadChoice` made earlier is reported as it is).
+    """
     if not batch_sizes:
         raise ConfigError("give at least one batch size")
-    cost = model_cost(model.config)
-    result: dict[str, Any] = {
-        "params": sum(p.numel() for p in model.parameters()),
-        "flops": cost.flops,
-        "threads": threads,
-        "latency": {},
-    }
-    for batch in batch_sizes:
-        entry = measure_latency(model, batch, threads=threads, runs=runs, warmup=warmup)
-        if memory:
-            entry["peak_activation_bytes"] = peak_activation_bytes(model, batch)
-        result["latency"][str(batch)] = entry
-    return result
+    choice = threads if isinstance(threads, ThreadChoice) else choose_threads(threads)
+    results = {name: {**describe_fn(model), "threads": choice.threads, "thread_policy": choice.to_dict(),
+                      "latency": {}} for name, model in models.items()}
+    timed = interleaved_latency(models, batch_sizes, threads=choice.threads, runs=runs, warmup=warmup,
+                                reference=reference)
+    for name, model in models.items():
+        for batch in batch_sizes:
+            entry = timed[name][batch]
+            if memory:
+                entry["peak_activation_bytes"] = (peak_activation_bytes(model, batch)
+                                                  if isinstance(model, nn.Module) else None)
+            results[name]["latency"][str(batch)] = entry
+    return results
 
 
-__all__ = ["analyze", "cost_breakdown", "evaluate", "measure", "measure_latency", "model_cost",
-           "peak_activation_bytes"]
+def measure(model: nn.Module, batch_sizes: Sequence[int] = (1, 64), *, threads: int | None = None,
+            runs: int = 30, warmup: int = 5, memory: bool = True) -> dict[str, Any]:
+    """Params, FLOPs per image, and per batch size the latency and peak activation memory.
+
+    ``threads`` is the thread count used (``None``: the cores other processes leave free, see
+    :func:`vitrim.bench.latency.default_threads`) and ``thread_policy`` says how it was chosen.
+    """
+    return measure_many({"model": model}, batch_sizes, threads=threads, runs=runs, warmup=warmup,
+                        memory=memory)["model"]
+
+
+__all__ = ["analyze", "cost_breakdown", "describe", "evaluate", "measure", "measure_latency", "measure_many",
+           "model_cost", "peak_activation_bytes"]

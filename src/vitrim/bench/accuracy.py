@@ -2,27 +2,85 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from vitrim.data.dataset import ImageSet
+from vitrim.errors import DataError
 from vitrim.progress import progress_bar
+
+
+def declared_outputs(model: Any) -> int | None:
+    """How many logits ``model`` returns, when known without running it (else ``None``).
+
+    An ONNX model's declared output width, or the class count of a vitrim / Hugging Face / timm
+    classifier; ``None`` for a backbone or a model that does not say.
+    """
+    width = getattr(model, "num_outputs", None)
+    if isinstance(width, int):
+        return width
+    inner = getattr(model, "model", None)
+    if getattr(model, "family", None) in ("hf", "timm") and inner is not None:
+        from vitrim.adapters import head_kind
+
+        if head_kind(inner) != "classifier":
+            return None
+    config = getattr(model, "config", None)
+    count = getattr(config, "num_classes", None) if hasattr(config, "blocks") else None
+    return count if isinstance(count, int) else None
+
+
+def check_fits(model: Any, data: ImageSet, name: str = "the model") -> None:
+    """A :class:`DataError` when ``data``'s labels or class count do not fit ``model``'s outputs.
+
+    Uses :func:`declared_outputs`; a model that does not declare its width is checked by
+    :func:`evaluate` on its first batch instead.
+    """
+    width = declared_outputs(model)
+    if width is not None:
+        data.check_classes(width, name)
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, data: ImageSet, batch_size: int = 256, image_size: int | None = None,
              progress: bool = False, desc: str = "eval") -> dict[str, float]:
-    """``{"accuracy", "loss", "count"}`` with accuracy in [0, 1]."""
+    """``{"accuracy", "loss", "count"}`` with accuracy in [0, 1].
+
+    Raises :class:`DataError` before counting anything when the model's outputs do not match the
+    data: a label at or beyond the model's output count, or a class count other than its width.
+    """
+    if len(data) == 0:
+        raise DataError(f"{data.name} holds no images; evaluate on a data set with at least one")
+    check_fits(model, data, _model_name(model))
     was_training = model.training
     model.eval()
     correct, loss_sum, count = 0, 0.0, 0
     batches = data.batches(batch_size, image_size=image_size)
     total = -(-len(data) // batch_size)
-    for x, y in progress_bar(batches, total=total, desc=desc, enabled=progress):
-        logits = model(x).float()
-        loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
-        correct += (logits.argmax(-1) == y).sum().item()
-        count += y.numel()
-    model.train(was_training)
+    try:
+        for x, y in progress_bar(batches, total=total, desc=desc, enabled=progress):
+            logits = model(x).float()
+            if count == 0:
+                _check_logits(logits, data, x.shape[0], _model_name(model))
+            loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
+            correct += (logits.argmax(-1) == y).sum().item()
+            count += y.numel()
+    finally:
+        model.train(was_training)
     return {"accuracy": correct / count, "loss": loss_sum / count, "count": count}
+
+
+def _check_logits(logits: torch.Tensor, data: ImageSet, batch: int, name: str) -> None:
+    """The first batch's output must be ``(batch, classes)`` logits that fit the data's labels."""
+    if logits.ndim != 2 or logits.shape[0] != batch:
+        raise DataError(f"{name} returns outputs of shape {tuple(logits.shape)} for {batch} images; evaluation "
+                        f"needs class logits (batch, classes); use a classifier, not a backbone")
+    data.check_classes(logits.shape[1], name)
+
+
+def _model_name(model: Any) -> str:
+    name = getattr(model, "name", None)
+    return f"the model {name}" if isinstance(name, str) else f"the model ({type(model).__name__})"

@@ -1,11 +1,26 @@
-"""Measured latency: median and spread over many runs after warm-up, at a fixed thread count."""
+"""Measured latency: median and spread over many runs after warm-up, at a fixed thread count.
+
+Models that are compared are timed *interleaved* (:func:`interleaved_latency`): one loop of
+rounds, each round running every model once in a rotating order, so a burst of load from
+another process lands on all of them alike and every speed-up is the ratio of the medians that
+are reported. Each figure carries a ``stable`` flag: False when the runs spread widely or when
+other processes used the CPU while timing.
+
+The default thread count (:func:`default_threads`) is the number of cores this process may run
+on minus the cores other processes keep busy, sampled from ``/proc/stat`` just before timing:
+more threads than free cores make every OpenMP barrier wait for a thread that is not running.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import gc
+import math
+import os
 import statistics
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -13,9 +28,17 @@ from torch import nn
 
 from vitrim.errors import ConfigError
 
+Runner = Callable[[torch.Tensor], Any]
+
+SPREAD_LIMIT = 1.5  # p90/p10 above this marks a figure unstable (idle runs here stay below ~1.25)
+BUSY_LIMIT = 0.25  # cores used by other processes beyond those our threads leave free: unstable
+LOAD_SAMPLE_S = 0.15  # how long default_threads() watches the CPU
+MIN_LOAD_WINDOW_S = 0.2  # shorter timing windows are too coarse for /proc/stat's 10 ms ticks
+
 
 @contextlib.contextmanager
 def fixed_threads(threads: int | None) -> Iterator[None]:
+    """Run the block with ``threads`` torch intra-op threads (None: leave the count as it is)."""
     if threads is None:
         yield
         return
@@ -29,11 +52,125 @@ def fixed_threads(threads: int | None) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
+# --- load on the CPUs ------------------------------------------------------------------------
+
+
+def usable_cores() -> list[int]:
+    """The CPUs this process may run on."""
+    try:
+        return sorted(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return list(range(os.cpu_count() or 1))
+
+
+def _busy_ticks(cpus: Sequence[int]) -> int | None:
+    """Busy (non-idle, non-iowait) clock ticks summed over ``cpus``; None without ``/proc/stat``."""
+    wanted = {f"cpu{i}" for i in cpus}
+    total, seen = 0, 0
+    try:
+        with open("/proc/stat") as f:
+            for line in f:
+                name, *fields = line.split()
+                if name not in wanted:
+                    continue
+                user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[:8])
+                total += user + nice + system + irq + softirq + steal
+                seen += 1
+    except (OSError, ValueError):
+        return None
+    return total if seen == len(wanted) else None
+
+
+class LoadProbe:
+    """CPU time that *other* processes spend on this process's cores between ``start`` and ``stop``.
+
+    Busy ticks of the cores (``/proc/stat``) minus this process's own CPU time, per second of
+    wall time: 1.0 means one core was kept busy by someone else. ``None`` where ``/proc/stat``
+    is missing (not Linux) or the window is too short to tell.
+    """
+
+    def __init__(self) -> None:
+        self.cpus = usable_cores()
+        self._ticks = self._own = self._wall = None
+
+    def start(self) -> "LoadProbe":
+        self._ticks = _busy_ticks(self.cpus)
+        self._own, self._wall = time.process_time(), time.perf_counter()
+        return self
+
+    def stop(self, min_window: float = MIN_LOAD_WINDOW_S) -> float | None:
+        ticks, own, wall = _busy_ticks(self.cpus), time.process_time(), time.perf_counter()
+        elapsed = wall - self._wall
+        if ticks is None or self._ticks is None or elapsed < min_window:
+            return None
+        others = (ticks - self._ticks) / _ticks_per_second() - (own - self._own)
+        return max(0.0, others / elapsed)
+
+
+def _ticks_per_second() -> int:
+    try:
+        return os.sysconf("SC_CLK_TCK")
+    except (AttributeError, ValueError, OSError):
+        return 100
+
+
+def busy_cores(seconds: float = LOAD_SAMPLE_S) -> float | None:
+    """Cores kept busy by other processes over the next ``seconds`` (None: cannot tell here)."""
+    probe = LoadProbe().start()
+    time.sleep(seconds)
+    return probe.stop(min_window=0.0)
+
+
+# --- thread policy -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ThreadChoice:
+    """The intra-op thread count used for timing, and why."""
+
+    threads: int
+    policy: str  # "fixed" (asked for), "free-cores" (cores minus busy cores) or "all-cores" (no load data)
+    cores: int
+    busy_cores: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def choose_threads(threads: int | None = None) -> ThreadChoice:
+    """``threads`` when given, else the cores this process may use minus those others keep busy."""
+    cores = len(usable_cores())
+    if threads is not None:
+        if threads < 1:
+            raise ConfigError(f"thread count must be positive, got {threads}; pass --threads 1 or more")
+        return ThreadChoice(threads, "fixed", cores)
+    busy = busy_cores()
+    if busy is None:
+        return ThreadChoice(cores, "all-cores", cores)
+    free = max(1, min(cores, cores - math.floor(busy + 0.5)))
+    return ThreadChoice(free, "free-cores", cores, round(busy, 2))
+
+
+def default_threads() -> int:
+    """The thread count used when none is given: free cores (all cores minus busy ones), at least 1."""
+    return choose_threads(None).threads
+
+
+# --- timing --------------------------------------------------------------------------------------
+
+
+def _percentiles(samples: list[float]) -> tuple[float, float, float]:
+    """(median, p10, p90) of ``samples``."""
+    if len(samples) == 1:
+        return samples[0], samples[0], samples[0]
+    q = statistics.quantiles(samples, n=10)
+    return statistics.median(samples), q[0], q[-1]
+
+
 def time_callable(fn: Callable[[], Any], *, warmup: int = 5, runs: int = 30,
                   min_seconds: float = 0.0) -> dict[str, float]:
     """Milliseconds per call: median, 10th/90th percentile, runs made."""
-    if warmup < 0 or runs < 1:
-        raise ConfigError(f"need warmup >= 0 and runs >= 1, got {warmup} and {runs}")
+    _check_counts(warmup, runs)
     for _ in range(warmup):
         fn()
     samples: list[float] = []
@@ -42,13 +179,17 @@ def time_callable(fn: Callable[[], Any], *, warmup: int = 5, runs: int = 30,
         t0 = time.perf_counter()
         fn()
         samples.append((time.perf_counter() - t0) * 1000.0)
-    samples.sort()
-    q = statistics.quantiles(samples, n=10) if len(samples) > 1 else [samples[0]] * 9
-    return {"median_ms": statistics.median(samples), "p10_ms": q[0], "p90_ms": q[-1],
-            "runs": len(samples)}
+    median, p10, p90 = _percentiles(samples)
+    return {"median_ms": median, "p10_ms": p10, "p90_ms": p90, "runs": len(samples)}
 
 
-def example_input(model: nn.Module, batch_size: int) -> torch.Tensor:
+def _check_counts(warmup: int, runs: int) -> None:
+    if warmup < 0 or runs < 1:
+        raise ConfigError(f"need warmup >= 0 and runs >= 1, got {warmup} and {runs}")
+
+
+def example_input(model: Any, batch_size: int) -> torch.Tensor:
+    """Seeded random images of ``model.config``'s input shape: ``(B, C, S, S)``."""
     cfg = model.config
     if batch_size < 1:
         raise ConfigError(f"batch size must be positive, got {batch_size}")
@@ -56,32 +197,149 @@ def example_input(model: nn.Module, batch_size: int) -> torch.Tensor:
                        generator=torch.Generator().manual_seed(0))
 
 
-def measure_latency(model: nn.Module, batch_size: int = 1, *, threads: int | None = None,
-                    warmup: int = 5, runs: int = 30) -> dict[str, float]:
-    """Forward latency of ``model`` on random images of the model's input shape."""
-    x = example_input(model, batch_size)
-    model.eval()
-    with fixed_threads(threads), torch.inference_mode():
-        result = time_callable(lambda: model(x), warmup=warmup, runs=runs)
-    result["images_per_s"] = batch_size * 1000.0 / result["median_ms"]
+def _rounds(runners: Mapping[str, Runner], inputs: Mapping[str, torch.Tensor], warmup: int, runs: int,
+            min_seconds: float) -> tuple[dict[str, list[float]], float | None]:
+    """Milliseconds per call of every runner over alternating rounds, and the others' CPU load."""
+    names = list(runners)
+    for _ in range(warmup):
+        for name in names:
+            runners[name](inputs[name])
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    probe = LoadProbe().start()
+    started = time.perf_counter()
+    gc_was_on = gc.isenabled()
+    gc.disable()
+    try:
+        r = 0
+        while r < runs or time.perf_counter() - started < min_seconds:
+            shift = r % len(names)
+            for name in names[shift:] + names[:shift]:  # rotating order: no runner always follows another
+                fn, x = runners[name], inputs[name]
+                t0 = time.perf_counter()
+                fn(x)
+                samples[name].append((time.perf_counter() - t0) * 1000.0)
+            r += 1
+    finally:
+        if gc_was_on:
+            gc.enable()
+    return samples, probe.stop()
+
+
+def _stats(samples: list[float], batch: int, load: float | None, cores: int, threads: int,
+           spread_limit: float) -> dict[str, Any]:
+    median, p10, p90 = _percentiles(samples)
+    spread = p90 / p10 if p10 > 0 else math.inf
+    reasons = []
+    if load is not None and load > max(0, cores - threads) + BUSY_LIMIT:  # they competed for our cores
+        reasons.append(f"other processes kept {load:.1f} of {cores} cores busy while timing with {threads} "
+                       f"thread(s)")
+    if spread > spread_limit:
+        reasons.append(f"runs spread widely (p90/p10 = {spread:.2f} > {spread_limit:g})")
+    return {"median_ms": median, "p10_ms": p10, "p90_ms": p90, "runs": len(samples),
+            "images_per_s": batch * 1000.0 / median, "spread": spread, "busy_cores": load,
+            "stable": not reasons, "unstable_reason": "; ".join(reasons) or None}
+
+
+def _as_runner(runner: Runner | nn.Module) -> Runner:
+    if isinstance(runner, nn.Module):
+        runner.eval()
+    return runner
+
+
+def interleaved_latency(runners: Mapping[str, Runner | nn.Module], batch_sizes: Sequence[int] = (1,), *,
+                        threads: int | None = None, warmup: int = 5, runs: int = 30,
+                        example: torch.Tensor | Callable[[int], torch.Tensor] | None = None,
+                        reference: str | None = None, min_seconds: float = 0.0,
+                        spread_limit: float = SPREAD_LIMIT) -> dict[str, dict[int, dict[str, Any]]]:
+    """Time several runners interleaved; ``{name: {batch: stats}}``.
+
+    For each batch size every runner is warmed up, then ``runs`` rounds run each runner once, in
+    an order that rotates from round to round. ``stats`` holds ``median_ms``, ``p10_ms``,
+    ``p90_ms``, ``runs``, ``images_per_s``, ``spread`` (p90/p10), ``busy_cores`` (cores other
+    processes used meanwhile, None if unknown), ``stable`` and ``unstable_reason`` (None when
+    stable), and ``speedup``: the ``reference`` runner's median (default: the first runner's)
+    divided by this one's — exactly the ratio of the reported ``median_ms``.
+
+    Inputs: ``example`` (a tensor, or a function of the batch size), else seeded random images
+    of each runner's ``config`` input shape. ``threads`` fixes torch's intra-op threads
+    (None: :func:`default_threads`); an ONNX Runtime model keeps the count it was opened with.
+    """
+    if not runners:
+        raise ConfigError("give at least one model to time")
+    if not batch_sizes:
+        raise ConfigError("give at least one batch size")
+    _check_counts(warmup, runs)
+    reference = next(iter(runners)) if reference is None else reference
+    if reference not in runners:
+        raise ConfigError(f"reference {reference!r} is not one of the timed models ({', '.join(runners)})")
+    fns = {name: _as_runner(r) for name, r in runners.items()}
+    count = default_threads() if threads is None else threads
+    cores = len(usable_cores())
+    result: dict[str, dict[int, dict[str, Any]]] = {name: {} for name in fns}
+    with fixed_threads(count), torch.inference_mode():
+        for batch in batch_sizes:
+            inputs = {name: _example(example, fns[name], batch) for name in fns}
+            samples, load = _rounds(fns, inputs, warmup, runs, min_seconds)
+            for name in fns:
+                result[name][batch] = _stats(samples[name], batch, load, cores, count, spread_limit)
+            base = result[reference][batch]["median_ms"]
+            for name in fns:
+                result[name][batch]["speedup"] = base / result[name][batch]["median_ms"]
     return result
 
 
+def _example(example: torch.Tensor | Callable[[int], torch.Tensor] | None, runner: Any,
+             batch: int) -> torch.Tensor:
+    if example is None:
+        return example_input(runner, batch)
+    if isinstance(example, torch.Tensor):
+        return example
+    return example(batch)
+
+
+def measure_latency(model: nn.Module, batch_size: int = 1, *, threads: int | None = None,
+                    warmup: int = 5, runs: int = 30) -> dict[str, Any]:
+    """Forward latency of ``model`` on random images of the model's input shape."""
+    entry = interleaved_latency({"model": model}, [batch_size], threads=threads, warmup=warmup,
+                                runs=runs)["model"][batch_size]
+    entry.pop("speedup")
+    return entry
+
+
 def paired_latency(first: nn.Module, second: nn.Module, batch_size: int = 1, *, threads: int | None = None,
-                   warmup: int = 5, runs: int = 30) -> dict[str, float]:
-    """Median latency of two models timed alternately in one loop (drift hits both alike)."""
+                   warmup: int = 5, runs: int = 30) -> dict[str, Any]:
+    """Median latency of two models timed alternately in one loop (drift hits both alike).
+
+    ``speedup`` is ``first_ms / second_ms``; ``stable`` is False when either figure is unstable.
+    """
     x = example_input(first, batch_size)
-    first.eval()
-    second.eval()
-    samples: dict[str, list[float]] = {"first": [], "second": []}
-    with fixed_threads(threads), torch.inference_mode():
-        for _ in range(warmup):
-            first(x)
-            second(x)
-        for _ in range(runs):
-            for name, model in (("first", first), ("second", second)):
-                t0 = time.perf_counter()
-                model(x)
-                samples[name].append((time.perf_counter() - t0) * 1000.0)
-    a, b = statistics.median(samples["first"]), statistics.median(samples["second"])
-    return {"first_ms": a, "second_ms": b, "speedup": a / b, "runs": runs}
+    timed = interleaved_latency({"first": first, "second": second}, [batch_size], threads=threads,
+                                warmup=warmup, runs=runs, example=x)
+    a, b = timed["first"][batch_size], timed["second"][batch_size]
+    reasons = sorted({r for r in (a["unstable_reason"], b["unstable_reason"]) if r})
+    return {"first_ms": a["median_ms"], "second_ms": b["median_ms"], "speedup": b["speedup"], "runs": runs,
+            "stable": a["stable"] and b["stable"], "unstable_reason": "; ".join(reasons) or None}
+
+
+class WithSetting:
+    """A runner that sets attributes of ``model`` (e.g. a token knob) before each call, so one
+    model serves several settings in :func:`interleaved_latency`."""
+
+    def __init__(self, model: Any, **settings: Any) -> None:
+        self.model, self.settings = model, settings
+        if isinstance(model, nn.Module):
+            model.eval()
+
+    @property
+    def config(self) -> Any:
+        return self.model.config
+
+    def __call__(self, x: torch.Tensor) -> Any:
+        for name, value in self.settings.items():
+            setattr(self.model, name, value)
+        return self.model(x)
+
+
+__all__ = ["LoadProbe", "SPREAD_LIMIT", "ThreadChoice", "WithSetting", "busy_cores", "choose_threads",
+           "default_threads", "example_input", "fixed_threads", "interleaved_latency", "measure_latency", "paired_latency",
+           "time_callable", "usable_cores"]

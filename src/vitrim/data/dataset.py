@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -10,10 +10,16 @@ import torch.nn.functional as F
 
 from vitrim.errors import DataError
 
+AUGMENTATIONS = ("crop", "flip")  # random shift by 2 pixels; horizontal flip
+
 
 @dataclass
 class ImageSet:
-    """Images ``(N, C, H, W)`` as uint8 (0..255) or float (0..1) and integer labels ``(N,)``."""
+    """Images ``(N, C, H, W)`` as uint8 (0..255) or float (0..1) and integer labels ``(N,)``.
+
+    ``inferred_classes`` marks class names guessed from the labels (an IDX directory names none),
+    so a split lacking the last classes may list fewer than the model predicts.
+    """
 
     images: torch.Tensor
     labels: torch.Tensor
@@ -21,6 +27,7 @@ class ImageSet:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     name: str = "images"
+    inferred_classes: bool = False
 
     def __post_init__(self) -> None:
         if self.images.ndim != 4:
@@ -28,6 +35,26 @@ class ImageSet:
         if self.labels.shape != (self.images.shape[0],):
             raise DataError(f"{self.name}: {self.images.shape[0]} images but labels of shape "
                             f"{tuple(self.labels.shape)}")
+        if self.labels.dtype == torch.bool or self.labels.is_floating_point() or self.labels.is_complex():
+            raise DataError(f"{self.name}: labels must be integers (class indices), got {self.labels.dtype}")
+        if len(self.labels) and int(self.labels.min()) < 0:
+            raise DataError(f"{self.name}: label {int(self.labels.min())} is negative; labels are class "
+                            f"indices 0, 1, 2, ...")
+
+    def check_classes(self, num_outputs: int, model: str = "the model") -> None:
+        """A :class:`DataError` unless ``model``'s ``num_outputs`` logits fit these labels and classes.
+
+        Every label must be below ``num_outputs``; unless the class names were inferred from the
+        labels, the data set's class count must equal ``num_outputs`` too.
+        """
+        if len(self.labels) and int(self.labels.max()) >= num_outputs:
+            raise DataError(f"{self.name} has labels up to {int(self.labels.max())} but {model} has "
+                            f"{num_outputs} outputs (classes 0..{num_outputs - 1}); use data labelled for this "
+                            f"model, or a model with at least {int(self.labels.max()) + 1} classes")
+        if not self.inferred_classes and len(self.class_names) != num_outputs:
+            raise DataError(f"{self.name} has {len(self.class_names)} classes but {model} has {num_outputs} "
+                            f"outputs; evaluate it on data with {num_outputs} classes, or use a model "
+                            f"trained for these {len(self.class_names)}")
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -47,7 +74,7 @@ class ImageSet:
         if count > len(self):
             raise DataError(f"{self.name} has {len(self)} images, asked for {count}")
         return ImageSet(self.images[:count], self.labels[:count], self.class_names, self.mean,
-                        self.std, self.name)
+                        self.std, self.name, self.inferred_classes)
 
     def batches(
         self,
@@ -55,11 +82,16 @@ class ImageSet:
         *,
         image_size: int | None = None,
         shuffle: bool = False,
-        augment: bool = False,
+        augment: bool | Collection[str] = False,
         generator: torch.Generator | None = None,
         drop_last: bool = False,
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Normalised float batches ``(B, C, S, S)`` and labels ``(B,)``."""
+        """Normalised float batches ``(B, C, S, S)`` and labels ``(B,)``.
+
+        ``augment``: the random transforms of :data:`AUGMENTATIONS` to apply ("crop", "flip");
+        ``True`` means both.
+        """
+        ops = set(AUGMENTATIONS) if augment is True else set(augment or ())
         if batch_size < 1:
             raise DataError(f"batch size must be positive, got {batch_size}")
         order = torch.randperm(len(self), generator=generator) if shuffle else torch.arange(len(self))
@@ -67,8 +99,8 @@ class ImageSet:
         for start in range(0, stop, batch_size):
             index = order[start : start + batch_size]
             x = to_float(self.images[index])
-            if augment:
-                x = random_crop_flip(x, generator)
+            if ops:
+                x = random_crop_flip(x, generator, crop="crop" in ops, flip="flip" in ops)
             yield self.prepare(x, image_size), self.labels[index]
 
     def prepare(self, x: torch.Tensor, image_size: int | None = None) -> torch.Tensor:
@@ -88,8 +120,11 @@ def normalize(x: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) 
     return (x - m) / s
 
 
-def random_crop_flip(x: torch.Tensor, generator: torch.Generator | None, pad: int = 2) -> torch.Tensor:
-    """Random translation by up to ``pad`` pixels (zero fill) and horizontal flip, per image."""
+def random_crop_flip(x: torch.Tensor, generator: torch.Generator | None, pad: int = 2, *,
+                     crop: bool = True, flip: bool = True) -> torch.Tensor:
+    """Random translation by up to ``pad`` pixels (zero fill) and/or horizontal flip, per image."""
+    if not crop:
+        return random_flip(x, generator) if flip else x
     B, _, H, W = x.shape
     padded = F.pad(x, (pad, pad, pad, pad))
     dy = torch.randint(0, 2 * pad + 1, (B,), generator=generator)
@@ -98,7 +133,12 @@ def random_crop_flip(x: torch.Tensor, generator: torch.Generator | None, pad: in
     cols = (dx.view(B, 1) + torch.arange(W).view(1, W))  # (B, W)
     batch = torch.arange(B).view(B, 1, 1)
     out = padded.permute(0, 2, 3, 1)[batch, rows.view(B, H, 1), cols.view(B, 1, W)]  # (B, H, W, C)
-    out = out.permute(0, 3, 1, 2)
-    flip = torch.rand(B, generator=generator) < 0.5
-    out[flip] = out[flip].flip(-1)
-    return out.contiguous()
+    out = out.permute(0, 3, 1, 2).contiguous()
+    return random_flip(out, generator) if flip else out
+
+
+def random_flip(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Horizontal flip of a random half of the images (in place)."""
+    chosen = torch.rand(x.shape[0], generator=generator) < 0.5
+    x[chosen] = x[chosen].flip(-1)
+    return x

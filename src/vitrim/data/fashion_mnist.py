@@ -60,13 +60,41 @@ def load_idx_dir(directory: Path, split: str, *, name: str, class_names: list[st
                             f"{', '.join(s for pair in SPLIT_STEMS.values() for s in pair)}")
         tensors.append(read_idx(path, (checksums or {}).get(stem)))
     images, labels = tensors
+    check_idx_split(directory, split, images, labels)
+    labels = labels.long()
+    if class_names is not None and int(labels.max()) >= len(class_names):
+        raise DataError(f"{directory}: {split} labels go up to {int(labels.max())} but the data set has "
+                        f"{len(class_names)} classes; the label file belongs to another data set, obtain a "
+                        f"fresh copy")
+    names = class_names or [str(i) for i in range(int(labels.max()) + 1)]
+    return ImageSet(images.unsqueeze(1), labels, names, mean, std, name=f"{name}/{split}",
+                    inferred_classes=class_names is None)
+
+
+def check_idx_split(directory: Path, split: str, images: torch.Tensor, labels: torch.Tensor) -> None:
+    """A :class:`DataError` unless ``images`` (N, H, W) uint8 and ``labels`` (N,) integers make a split."""
+    files = f"{directory}/{SPLIT_STEMS[split][0]} and {SPLIT_STEMS[split][1]}"
     if images.ndim != 3 or labels.ndim != 1 or images.shape[0] != labels.shape[0]:
         raise DataError(f"{directory}: images {tuple(images.shape)} and labels "
-                        f"{tuple(labels.shape)} do not match")
-    labels = labels.long()
-    num_classes = int(labels.max()) + 1
-    return ImageSet(images.unsqueeze(1), labels, class_names or [str(i) for i in range(num_classes)],
-                    mean, std, name=f"{name}/{split}")
+                        f"{tuple(labels.shape)} do not match; {files} must hold N images (N, H, W) and N labels")
+    if images.shape[0] == 0:
+        raise DataError(f"{directory}: the {split} split holds zero images; {files} need at least one image")
+    if images.shape[1] != images.shape[2] or images.shape[1] == 0:
+        raise DataError(f"{directory}: {split} images are {images.shape[1]}x{images.shape[2]}; vitrim needs "
+                        f"square images of at least 1x1 (crop or pad them)")
+    if images.dtype != torch.uint8:
+        raise DataError(f"{directory}: {split} images are stored as {images.dtype}; MNIST-format images are "
+                        f"unsigned bytes (IDX type 0x08)")
+    if labels.is_floating_point():
+        raise DataError(f"{directory}: {split} labels are stored as {labels.dtype}; labels are integer class "
+                        f"indices (IDX type 0x08)")
+    if int(labels.min()) < 0:
+        raise DataError(f"{directory}: {split} has label {int(labels.min())}; labels are class indices 0, 1, 2, ...")
+    from vitrim.limits import MAX_WIDTH
+
+    if int(labels.max()) >= MAX_WIDTH:
+        raise DataError(f"{directory}: {split} has label {int(labels.max())}, beyond any model vitrim runs "
+                        f"(at most {MAX_WIDTH} classes); the label file is corrupt, obtain a fresh copy")
 
 
 def download(directory: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,34 @@ def resize_center_crop(image: torch.Tensor, size: int) -> torch.Tensor:
     return image[:, top : top + size, left : left + size]
 
 
+def decode_image(path: Path, mode: str) -> np.ndarray:
+    """The image at ``path`` as a uint8 array in PIL ``mode``; a :class:`DataError` naming the file if it
+    cannot be decoded or its header claims more pixels than PIL's decompression-bomb limit."""
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                return np.asarray(img.convert(mode), dtype=np.uint8)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise DataError(f"image {path} claims a size beyond the safe limit of {Image.MAX_IMAGE_PIXELS} pixels "
+                        f"({exc}); it is corrupt or a decompression bomb; resize it or remove it from the "
+                        f"folder") from None
+    except (OSError, ValueError, SyntaxError, EOFError) as exc:
+        raise DataError(f"cannot decode image {path}: {exc}; replace or remove the file") from None
+
+
+def _check_folder_memory(root: Path, count: int, channels: int, image_size: int) -> None:
+    """Refuse a folder whose decoded images (float32 at ``image_size``) would not fit in RAM."""
+    from vitrim.limits import FLOAT_BYTES, human_bytes, physical_ram
+
+    need, ram = count * channels * image_size**2 * FLOAT_BYTES, physical_ram()
+    if need > ram:
+        raise DataError(f"{root}: {count} images at {image_size}x{image_size} need {human_bytes(need)}, more "
+                        f"than this machine's {human_bytes(ram)} of RAM; use a smaller folder")
+
+
 def load_image_folder(root: str | Path, image_size: int, channels: int = 3,
                       mean: tuple[float, ...] | None = None,
                       std: tuple[float, ...] | None = None) -> ImageSet:
@@ -40,25 +69,20 @@ def load_image_folder(root: str | Path, image_size: int, channels: int = 3,
     classes = sorted(p.name for p in root.iterdir() if p.is_dir())
     if not classes:
         raise DataError(f"{root} has no class sub-folders; expected {root}/<class>/<image>.png")
-    images, labels = [], []
     mode = {1: "L", 3: "RGB"}.get(channels)
     if mode is None:
         raise DataError(f"image folders support 1 or 3 channels, got {channels}")
-    for label, name in enumerate(classes):
-        for path in sorted((root / name).iterdir()):
-            if path.suffix.lower() not in IMAGE_SUFFIXES:
-                continue
-            try:
-                with Image.open(path) as img:
-                    array = np.asarray(img.convert(mode), dtype=np.uint8)
-            except OSError as exc:
-                raise DataError(f"cannot decode image {path}: {exc}") from None
-            tensor = torch.from_numpy(array.copy()).float().div_(255.0)
-            tensor = tensor[None] if tensor.ndim == 2 else tensor.permute(2, 0, 1)
-            images.append(resize_center_crop(tensor, image_size))
-            labels.append(label)
-    if not images:
+    files = [(label, path) for label, name in enumerate(classes) for path in sorted((root / name).iterdir())
+             if path.suffix.lower() in IMAGE_SUFFIXES]
+    if not files:
         raise DataError(f"{root} has class folders but no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    _check_folder_memory(root, len(files), channels, image_size)
+    images, labels = [], []
+    for label, path in files:
+        tensor = torch.from_numpy(decode_image(path, mode).copy()).float().div_(255.0)
+        tensor = tensor[None] if tensor.ndim == 2 else tensor.permute(2, 0, 1)
+        images.append(resize_center_crop(tensor, image_size))
+        labels.append(label)
     default_mean, default_std = (IMAGENET_MEAN, IMAGENET_STD) if channels == 3 else ((0.5,), (0.5,))
     return ImageSet(torch.stack(images), torch.tensor(labels), classes, mean or default_mean,
                     std or default_std, name=str(root))

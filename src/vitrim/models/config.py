@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -95,7 +96,7 @@ class ViTConfig:
         positive = ("image_size", "patch_size", "in_chans", "num_classes", "embed_dim")
         for name in positive:
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
         if self.image_size % self.patch_size:
             raise ConfigError(
@@ -109,7 +110,7 @@ class ViTConfig:
             raise ConfigError("distill_token needs class_token=True (DeiT puts it after the class token)")
         if self.distill_head and not self.distill_token:
             raise ConfigError("distill_head needs distill_token=True")
-        if not isinstance(self.reg_tokens, int) or self.reg_tokens < 0:
+        if isinstance(self.reg_tokens, bool) or not isinstance(self.reg_tokens, int) or self.reg_tokens < 0:
             raise ConfigError(f"reg_tokens must be a non-negative integer, got {self.reg_tokens!r}")
         if self.pool == "cls" and not self.class_token:
             raise ConfigError("pool='cls' needs class_token=True (use pool='mean' without one)")
@@ -118,8 +119,17 @@ class ViTConfig:
                 f"mean/std need {self.in_chans} values (one per input channel), "
                 f"got {len(self.mean)} and {len(self.std)}"
             )
-        if any(s <= 0 for s in self.std):
-            raise ConfigError(f"std values must be positive, got {self.std}")
+        if any(not (math.isfinite(s) and s > 0) for s in self.std):
+            raise ConfigError(f"std values must be positive finite numbers, got {self.std}")
+        if not all(math.isfinite(m) for m in self.mean):
+            raise ConfigError(f"mean values must be finite numbers, got {self.mean}")
+        if not (math.isfinite(self.norm_eps) and self.norm_eps > 0):
+            raise ConfigError(f"norm_eps must be a positive finite number, got {self.norm_eps!r}")
+        for name in ("drop_path_rate", "dropout"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
+        if self.layer_scale_init is not None and not math.isfinite(self.layer_scale_init):
+            raise ConfigError(f"layer_scale_init must be a finite number or null, got {self.layer_scale_init!r}")
         if self.class_names is not None and len(self.class_names) != self.num_classes:
             raise ConfigError(
                 f"class_names has {len(self.class_names)} entries but num_classes={self.num_classes}"
@@ -158,21 +168,136 @@ class ViTConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ViTConfig":
+        """A config from its :meth:`to_dict` form, every value type-checked strictly.
+
+        JSON numbers must have the field's type (``192``, not ``"192"``, ``192.0`` or ``true``);
+        a config whose model would not fit in this machine's RAM is refused before anything is
+        allocated (see :func:`vitrim.limits.check_model_memory`).
+        """
+        from vitrim.limits import check_model_memory
+
         if not isinstance(data, dict):
-            raise ConfigError(f"a ViT config must be a JSON object, got {type(data).__name__}")
+            raise ConfigError(f"a ViT config must be a JSON object, got {_kind(data)}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ConfigError(f"unknown ViT config keys: {', '.join(unknown)}")
-        try:
-            return cls(**data)
-        except TypeError as exc:
-            raise ConfigError(f"invalid ViT config: {exc}") from None
+            raise ConfigError(f"unknown ViT config keys: {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+        for key, value in data.items():
+            if key == "blocks":
+                _check_blocks(value)
+            else:
+                _check_value(key, value, CONFIG_TYPES[key])
+        config = cls(**data)
+        check_model_memory(config)
+        return config
 
     def replace(self, **changes: Any) -> "ViTConfig":
         data = self.to_dict()
         data.update(changes)
         return ViTConfig.from_dict(data)
+
+
+# The JSON type each ViTConfig / BlockDims key takes: int, bool, str, number (int or float),
+# number? (a number or null), numbers (a list of numbers), strings? (a list of strings or null).
+CONFIG_TYPES = {
+    "image_size": "int", "patch_size": "int", "in_chans": "int", "num_classes": "int", "embed_dim": "int",
+    "blocks": "blocks", "class_token": "bool", "distill_token": "bool", "distill_head": "bool",
+    "reg_tokens": "int", "pos_embed_prefix": "bool", "fc_norm": "bool", "qk_norm": "bool", "pool": "str",
+    "layer_scale_init": "number?", "qkv_bias": "bool", "norm_eps": "number", "drop_path_rate": "number",
+    "dropout": "number", "mean": "numbers", "std": "numbers", "class_names": "strings?",
+}
+BLOCK_TYPES = {"heads": "int", "qk_dim": "int", "v_dim": "int", "mlp_dim": "int", "attention": "bool",
+               "mlp": "bool", "attn_scale": "number?"}
+BLOCK_REQUIRED = ("heads", "qk_dim", "v_dim", "mlp_dim")
+_EXPECTED = {"int": "an integer", "bool": "true or false", "str": "a string", "number": "a number",
+             "number?": "a number or null", "numbers": "a list of numbers",
+             "strings?": "a list of strings or null"}
+
+
+def _kind(value: Any) -> str:
+    """The JSON kind of ``value`` for error messages."""
+    names = {bool: "a boolean", int: "an integer", float: "a float", str: "a string", list: "a list",
+             tuple: "a list", dict: "an object", type(None): "null"}
+    return names.get(type(value), type(value).__name__)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _fits(value: Any, kind: str) -> bool:
+    if kind == "int":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind == "bool":
+        return isinstance(value, bool)
+    if kind == "str":
+        return isinstance(value, str)
+    if kind == "number":
+        return _is_number(value)
+    if kind == "number?":
+        return value is None or _is_number(value)
+    if kind == "numbers":
+        return isinstance(value, (list, tuple)) and all(_is_number(v) for v in value)
+    if kind == "strings?":
+        return value is None or (isinstance(value, list) and all(isinstance(v, str) for v in value))
+    raise AssertionError(f"unknown config type {kind}")
+
+
+def _hint(value: Any, kind: str) -> str:
+    """How to write ``value`` as ``kind``, when there is an obvious way."""
+    if kind == "int" and isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        return f"; write it as a JSON number without quotes: {int(value)}"
+    if kind == "int" and isinstance(value, float) and value.is_integer():
+        return f"; write it without a fraction: {int(value)}"
+    if kind == "bool":
+        return "; write true or false (a JSON boolean)"
+    if kind == "int":
+        return "; write a whole number such as 192"
+    if kind == "numbers" and isinstance(value, (list, tuple)):
+        bad = next(v for v in value if not _is_number(v))
+        return f" (item {_show(bad)} is {_kind(bad)}); write e.g. [0.5, 0.5, 0.5]"
+    if kind == "numbers":
+        return "; write a list such as [0.5, 0.5, 0.5]"
+    return ""
+
+
+def _show(value: Any, limit: int = 60) -> str:
+    """``value`` as JSON would write it, shortened."""
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError):
+        text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _check_value(key: str, value: Any, kind: str) -> None:
+    if not _fits(value, kind):
+        raise ConfigError(f"config key {key!r} must be {_EXPECTED[kind]}, got {_show(value)} "
+                          f"({_kind(value)}){_hint(value, kind)}")
+
+
+def _check_blocks(blocks: Any) -> None:
+    """Every block a JSON object of known keys with values of the right type."""
+    if not isinstance(blocks, list):
+        raise ConfigError(f"config key 'blocks' must be a list of block objects, got {_kind(blocks)}")
+    for i, block in enumerate(blocks):
+        if isinstance(block, BlockDims):
+            block = dataclasses.asdict(block)
+        if not isinstance(block, dict):
+            raise ConfigError(f"config key 'blocks[{i}]' must be an object with {', '.join(BLOCK_TYPES)}, "
+                              f"got {_kind(block)}")
+        unknown = sorted(set(block) - set(BLOCK_TYPES))
+        if unknown:
+            raise ConfigError(f"config key 'blocks[{i}]' has unknown keys {', '.join(unknown)} "
+                              f"(known: {', '.join(BLOCK_TYPES)})")
+        missing = [k for k in BLOCK_REQUIRED if k not in block]
+        if missing:
+            raise ConfigError(f"config key 'blocks[{i}]' lacks {', '.join(missing)}; every block names "
+                              f"{', '.join(BLOCK_REQUIRED)}")
+        for key, value in block.items():
+            _check_value(f"blocks[{i}].{key}", value, BLOCK_TYPES[key])
+            if BLOCK_TYPES[key] == "int" and value < 0:
+                raise ConfigError(f"config key 'blocks[{i}].{key}' must not be negative, got {value}")
 
 
 def uniform_config(

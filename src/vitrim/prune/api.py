@@ -95,6 +95,10 @@ class PruneConfig:
             raise ConfigError(f"step_kd_images must be >= 0, got {self.step_kd_images}")
         if not 0 <= self.tolerance < 0.5:
             raise ConfigError(f"tolerance must be in [0, 0.5), got {self.tolerance}")
+        if not (math.isfinite(self.kd_lr) and self.kd_lr > 0):
+            raise ConfigError(f"kd_lr (--kd-lr) must be a positive finite number, got {self.kd_lr}")
+        if self.kd_images is not None and self.kd_images < 1:
+            raise ConfigError(f"kd_images must be a positive integer, got {self.kd_images}")
 
     @property
     def reconstructs(self) -> bool:
@@ -169,6 +173,7 @@ def prune(model: VisionTransformer, target: str = "flops=0.5", data: ImageSet | 
     if not isinstance(model, VisionTransformer):
         raise ConfigError(f"vitrim.prune handles vitrim ViTs and Hugging Face ViTForImageClassification / "
                           f"ViTModel, got {type(model).__name__}")
+    check_prunable(model, cfg)
     if data is None and (cfg.saliency != "magnitude" or cfg.reconstructs):
         raise DataError("pruning needs calibration data (pass data=ImageSet)")
     if cost is None and cfg.metric == "latency":
@@ -226,4 +231,37 @@ def prune(model: VisionTransformer, target: str = "flops=0.5", data: ImageSet | 
         with tempfile.TemporaryDirectory() as tmp:
             distill(current, dense, train, tmp, epochs=cfg.kd_epochs, images=cfg.kd_images, lr=cfg.kd_lr,
                     batch_size=cfg.kd_batch_size, seed=cfg.seed, progress=progress)
-    return PruneResult(current.eval(), dense_cost, cost.total(current.config), cost.metric, steps)
+    result = PruneResult(current.eval(), dense_cost, cost.total(current.config), cost.metric, steps)
+    if result.kept_ratio < cfg.ratio * (1 - cfg.tolerance) - 1e-9:
+        say(f"warning: kept {result.kept_ratio:.3f} of the {cost.metric}, below the target {cfg.ratio:g}: the "
+            f"structures left to remove were coarser than the budget (a smaller round_to, --round-to, or "
+            f"more --steps gets closer)")
+    return result
+
+
+def module_names(config) -> list[str]:
+    """The names ``exclude`` patterns match: ``embed``, ``blocks.I.attn``, ``blocks.I.mlp``."""
+    return ["embed"] + [f"blocks.{i}.{part}" for i in range(config.depth) for part in ("attn", "mlp")]
+
+
+def check_prunable(model: VisionTransformer, cfg: PruneConfig) -> None:
+    """Refuse, before any work, settings this model cannot honour and weights not worth pruning."""
+    import fnmatch
+
+    names = module_names(model.config)
+    for pattern in cfg.exclude:
+        if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
+            raise ConfigError(f"exclude pattern {pattern!r} matches no module of this model; names look like "
+                              f"{', '.join(names[:3])} ... {names[-1]} (globs such as 'blocks.*.mlp' work)")
+    blocks = model.config.blocks
+    widths = {"qk": max((b.qk_dim for b in blocks), default=0), "v": max((b.v_dim for b in blocks), default=0),
+              "mlp": max((b.mlp_dim for b in blocks), default=0), "embed": model.config.embed_dim}
+    for kind, width in widths.items():
+        if kind in cfg.structures and width and cfg.round_to > width:
+            raise ConfigError(f"round_to {cfg.round_to} (--round-to) is wider than the widest {kind} layer "
+                              f"({width}): kept widths could not be multiples of it and the budget would be "
+                              f"missed; use a round_to of at most {width} (default 8)")
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ConfigError(f"the model's weights hold NaN or infinity ({name}); pruning would carry them into "
+                              f"the result — load a model saved before training diverged")

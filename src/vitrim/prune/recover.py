@@ -92,7 +92,7 @@ def distill(student: VisionTransformer, teacher: VisionTransformer, train_set: I
     """Knowledge distillation (KL to the teacher's logits) for a budget of epochs or images."""
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, min_lr=lr * 0.01, warmup_epochs=0.05,
                       label_smoothing=0.0, weight_decay=0.01, distill_alpha=1.0, seed=seed,
-                      limit_train=images)
+                      limit_train=images, augment="crop,flip")  # matching the teacher: flips cannot mislabel
     fit(student, train_set, cfg, out_dir, teacher=teacher, image_size=student.config.image_size,
         progress=progress)
     return student.eval()

@@ -25,13 +25,33 @@ def comparison_rows(report: dict[str, Any]) -> list[list[str]]:
     rows.append(["FLOPs / image", human(d["flops"]), human(p["flops"]), f"{p['flops'] / d['flops']:.3f}x"])
     for batch, lat in d["latency"].items():
         pl = p["latency"][batch]
-        rows.append([f"latency b={batch} (ms)", f"{lat['median_ms']:.2f}", f"{pl['median_ms']:.2f}",
+        rows.append([f"latency b={batch} (ms)", _latency(lat), _latency(pl),
                      f"{lat['median_ms'] / pl['median_ms']:.2f}x faster"])
     return rows
 
 
+def _latency(stats: dict[str, Any]) -> str:
+    """``median (p10-p90)``, with ``*`` when the figure is flagged unstable."""
+    text = f"{stats['median_ms']:.2f}"
+    if "p10_ms" in stats:
+        text += f" ({stats['p10_ms']:.2f}-{stats['p90_ms']:.2f})"
+    return text + ("*" if stats.get("stable") is False else "")
+
+
+def unstable_lines(report: dict[str, Any]) -> list[str]:
+    """One warning line per unstable latency figure of the dense or pruned model."""
+    return [f"* {key} b={batch}: {stats['unstable_reason']}" for key in ("dense", "pruned")
+            for batch, stats in report[key]["latency"].items() if stats.get("stable") is False]
+
+
 def summary_table(report: dict[str, Any]) -> str:
-    return format_table(comparison_rows(report), ["", "dense", "pruned", "ratio"])
+    """Dense vs pruned; latency as median (p10-p90) ms, ``*`` and a warning line when unstable."""
+    table = format_table(comparison_rows(report), ["", "dense", "pruned", "ratio"])
+    lines = unstable_lines(report)
+    if lines:
+        table += ("\nwarning: unstable latency (timed while the machine was busy or noisy; re-run on an idle "
+                  "machine or with fewer --threads):\n" + "\n".join(lines))
+    return table
 
 
 def plan_table(dense: ViTConfig, pruned: ViTConfig) -> str:

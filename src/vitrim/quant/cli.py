@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import shlex
 import types
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ MODEL_HELP = "a model directory or a preset name (see `vitrim models`); presets 
 
 def register(sub: Any) -> None:
     """Add the ``export`` and ``quantize`` sub-commands to ``vitrim``'s sub-parser object."""
-    from vitrim.cli import add_pretrained, add_threads, positive_int
+    from vitrim.cli import add_pretrained, add_threads, number, positive_float, positive_int
     from vitrim.quant.blockwise import ROUNDINGS, BlockwiseConfig
     from vitrim.quant.export import EXPORTERS, MIN_OPSET
     from vitrim.quant.intonly import GELUS
@@ -34,7 +34,7 @@ def register(sub: Any) -> None:
     p.add_argument("--opset", type=positive_int, default=MIN_OPSET, help=f"ONNX opset (>= {MIN_OPSET})")
     p.add_argument("--exporter", choices=EXPORTERS, default="auto",
                    help="auto: torch.export-based, TorchScript only if that fails")
-    p.add_argument("--tolerance", type=float, default=1e-3, help="max abs logit difference allowed")
+    p.add_argument("--tolerance", type=positive_float, default=1e-3, help="max abs logit difference allowed")
     p.add_argument("--check-images", type=positive_int, default=8, help="images for the numeric check")
     _add_data_args(p, "check on this dataset's first images (default: seeded random images)", "test")
     add_pretrained(p)
@@ -60,7 +60,7 @@ def register(sub: Any) -> None:
                         "them for the check only)")
     p.add_argument("--calib-method", choices=list(CALIBRATORS), default="minmax",
                    help="w8a8: any; w4: minmax (ORT's round-to-nearest) or blockwise")
-    p.add_argument("--percentile", type=float, default=99.999, help="percentile calibrator's percentile")
+    p.add_argument("--percentile", type=number(0, 100, low_open=True), default=99.999, help="percentile calibrator's percentile")
     p.add_argument("--block-size", type=positive_int, default=32, help="w4 weights per scale (power of 2)")
     p.add_argument("--no-per-channel", action="store_true", help="w8a8: one scale per weight tensor")
     defaults = BlockwiseConfig()
@@ -91,13 +91,13 @@ def _add_data_args(p: argparse.ArgumentParser, help_text: str, split: str) -> No
 
 def add_onnx_input_args(p: argparse.ArgumentParser) -> None:
     """Preprocessing flags for ONNX files that carry no vitrim metadata (eval / bench)."""
-    from vitrim.cli import positive_int
+    from vitrim.cli import number, positive_float, positive_int
 
     g = p.add_argument_group("ONNX files without vitrim metadata")
     g.add_argument("--image-size", type=positive_int, default=None, help="input height = width")
     g.add_argument("--in-chans", type=positive_int, default=None, help="input channels")
-    g.add_argument("--mean", type=float, nargs="+", default=None, help="per-channel mean")
-    g.add_argument("--std", type=float, nargs="+", default=None, help="per-channel std")
+    g.add_argument("--mean", type=number(), nargs="+", default=None, help="per-channel mean")
+    g.add_argument("--std", type=positive_float, nargs="+", default=None, help="per-channel std")
 
 
 def is_onnx_spec(spec: str) -> bool:
@@ -146,9 +146,15 @@ def resolve_model_or_onnx(args: argparse.Namespace, allow_random: bool = False) 
 
 def measure_any(model: Any, batch_sizes: Sequence[int], *, threads: int | None = None,
                 runs: int = 30) -> dict[str, Any]:
-    """``vitrim.measure`` for torch models, :func:`vitrim.quant.measure_onnx` for ONNX models."""
+    """``vitrim.measure`` for torch models, :func:`vitrim.quant.measure_onnx` for ONNX models.
+
+    ``model`` may be a mapping ``{name: model}`` of torch and ONNX models: they are then timed
+    interleaved (see :func:`measure_all`) and the result maps each name to its measurement.
+    """
     from vitrim.quant.runtime import OnnxModel
 
+    if isinstance(model, Mapping):
+        return measure_all(model, batch_sizes, threads=threads, runs=runs)
     if isinstance(model, OnnxModel):
         from vitrim.quant.bench import measure_onnx
 
@@ -156,6 +162,25 @@ def measure_any(model: Any, batch_sizes: Sequence[int], *, threads: int | None =
     from vitrim.bench import measure
 
     return measure(model, batch_sizes, threads=threads, runs=runs)
+
+
+def measure_all(models: Mapping[str, Any], batch_sizes: Sequence[int], *, threads: Any = None,
+                runs: int = 30) -> dict[str, dict[str, Any]]:
+    """Torch and ONNX models timed interleaved in one loop at one thread count.
+
+    ``threads``: a count, None (the free cores) or a ``ThreadChoice`` already made. Each
+    ``latency[batch]["speedup"]`` is the first model's median over this model's. ONNX sessions
+    opened with another thread count are reopened with the one chosen.
+    """
+    from vitrim.bench import describe, measure_many
+    from vitrim.bench.latency import ThreadChoice, choose_threads
+    from vitrim.quant.bench import describe_onnx, with_threads
+    from vitrim.quant.runtime import OnnxModel
+
+    choice = threads if isinstance(threads, ThreadChoice) else choose_threads(threads)
+    ready = {name: with_threads(m, choice.threads) if isinstance(m, OnnxModel) else m for name, m in models.items()}
+    return measure_many(ready, batch_sizes, threads=choice, runs=runs,
+                        describe_fn=lambda m: describe_onnx(m) if isinstance(m, OnnxModel) else describe(m))
 
 
 def _images(model_config: Any, args: argparse.Namespace, count: int) -> Any:
@@ -173,11 +198,14 @@ def _images(model_config: Any, args: argparse.Namespace, count: int) -> Any:
 
 def cmd_export(args: argparse.Namespace) -> None:
     from vitrim.bench.latency import fixed_threads
-    from vitrim.cli import emit, resolve_model
+    from vitrim.cli import check_batch_options, emit, resolve_model
+    from vitrim.fsutil import check_output_file
     from vitrim.quant.export import export
     from vitrim.report import human
 
+    check_output_file(args.out, "--out file")
     model, weights = resolve_model(args.model, allow_random=True, pretrained=args.pretrained)
+    check_batch_options(model, args)
     images = _images(model.config, args, args.check_images) if args.data else None
     if images is None:
         import torch
@@ -206,9 +234,12 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     from vitrim.quant.onnxfile import load_proto
     from vitrim.quant.quantize import output_file, quantize
 
+    from vitrim.fsutil import atomic_dir, check_output_dir
+
     out_dir = Path(args.out)
     if out_dir.suffix == ".onnx" or out_dir.is_file():
         raise ConfigError(f"--out is a directory (it receives the model and quantize.json), got {out_dir}")
+    check_output_dir(out_dir, "--out directory")
     int_only = args.scheme == "int-only"
     if int_only and args.calib_method != "minmax":
         raise QuantConfigError("int-only sets its scales from the calibration images' min/max ranges; "
@@ -232,19 +263,20 @@ def cmd_quantize(args: argparse.Namespace) -> None:
             args.data = "fashion-mnist"
         calib = _images(config, args, count)
     log = (lambda text: None) if args.json else (lambda text: print(text, file=sys.stderr, flush=True))
-    with fixed_threads(args.threads):
+    command = "vitrim " + " ".join(shlex.quote(a) for a in getattr(args, "argv", []))
+    with fixed_threads(args.threads), atomic_dir(out_dir) as tmp:  # the model and its record appear together
         if int_only:
-            result = _int_only(args, source, out_dir, calib, count)
+            result = _int_only(args, source, tmp, calib, count)
         else:
             blockwise = BlockwiseConfig(rounding=args.rounding, steps=args.round_steps,
                                         search_images=args.search_images)
-            result = quantize(source, output_file(out_dir), args.scheme, calib=calib, calib_size=count,
+            result = quantize(source, output_file(tmp), args.scheme, calib=calib, calib_size=count,
                               calibrator=args.calib_method, per_channel=not args.no_per_channel,
                               percentile=args.percentile, block_size=args.block_size, threads=args.threads,
                               blockwise=blockwise, log=log)
-    command = "vitrim " + " ".join(shlex.quote(a) for a in getattr(args, "argv", []))
-    data = {"model": args.model, "weights": weights, "command": command, **result.to_dict()}
-    write_json(out_dir / "quantize.json", data)
+        result.path = out_dir / Path(result.path).relative_to(tmp)
+        data = {"model": args.model, "weights": weights, "command": command, **result.to_dict()}
+        write_json(tmp / "quantize.json", data)
     emit(args, data, _summary(args.model, weights, result))
 
 

@@ -12,6 +12,8 @@ from vitrim.quant import deps
 from vitrim.quant.errors import OnnxFileError
 
 TWO_GB = 2**31 - 1
+# no busy-waiting of the worker threads between runs
+SESSION_CONFIG = {"session.intra_op.allow_spinning": "0", "session.inter_op.allow_spinning": "0"}
 
 
 def load_proto(path: str | Path) -> Any:
@@ -58,13 +60,19 @@ def write_bytes(data: bytes, path: str | Path) -> Path:
 
 
 def session(model: str | Path | bytes, threads: int | None = None, source: str | None = None) -> Any:
-    """A CPU ``InferenceSession`` with ``threads`` intra-op threads (default: torch's count)."""
+    """A CPU ``InferenceSession`` with ``threads`` intra-op threads (default: torch's count).
+
+    Its worker threads sleep between runs instead of spinning, so a torch model (or another
+    session) run right after it gets the cores.
+    """
     ort = deps.ort()
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads or torch.get_num_threads()
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.log_severity_level = 3
+    for key, value in SESSION_CONFIG.items():
+        options.add_session_config_entry(key, value)
     target = model if isinstance(model, bytes) else str(model)
     try:
         return ort.InferenceSession(target, options, providers=["CPUExecutionProvider"])

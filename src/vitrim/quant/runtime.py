@@ -46,6 +46,7 @@ class OnnxModel:
                                 f"with one image input")
         self.input_name, self.output_name = inputs[0].name, outputs[0].name
         self._check_declared_shape(inputs[0].shape)
+        self.num_outputs = self._declared_outputs(outputs[0].shape)
 
     @property
     def config(self) -> ViTConfig | Preprocessing:
@@ -82,6 +83,11 @@ class OnnxModel:
             raise OnnxFileError(f"{self.name} takes input of shape {list(shape)} but its preprocessing says "
                                 f"(B, {p.in_chans}, {p.image_size}, {p.image_size}); check --image-size "
                                 f"and --in-chans")
+
+    def _declared_outputs(self, shape: Sequence[Any]) -> int | None:
+        """How many logits the model returns, as its graph declares (``None`` when symbolic or not 2-D)."""
+        dims = list(shape or [])
+        return dims[-1] if len(dims) == 2 and isinstance(dims[-1], int) and dims[-1] > 0 else None
 
     def __repr__(self) -> str:
         scheme = (self.quantization or {}).get("scheme", "fp32")

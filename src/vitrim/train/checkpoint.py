@@ -1,17 +1,25 @@
-"""Training checkpoints without pickle: model and optimizer tensors in safetensors, the rest JSON."""
+"""Training checkpoints without pickle: model and optimizer tensors in safetensors, the rest JSON.
+
+A checkpoint directory appears whole or not at all (built beside, then swapped into place), and
+its three files carry one random id, checked on load, so parts of two checkpoints never mix.
+"""
 
 from __future__ import annotations
 
+import secrets
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from vitrim.fsutil import write_json
+from vitrim.errors import ModelFileError
+from vitrim.fsutil import atomic_dir, write_json
 from vitrim.io import load_state, load_weights_into, read_json_file, save_state
 
 STATE_FILE = "trainer.json"
+MODEL_FILE = "model.safetensors"
+OPTIMIZER_FILE = "optimizer.safetensors"
 
 
 def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -38,16 +46,43 @@ def restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch
 
 def save_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
                     state: dict[str, Any]) -> None:
-    """Weights and optimizer first, the JSON that names them last (so a crash leaves the old one)."""
+    """Model, optimizer and trainer state as one unit: the previous checkpoint stays until the new
+    one is complete."""
     tensors, rest = optimizer_tensors(optimizer)
-    save_state(directory / "model.safetensors", model.state_dict())
-    save_state(directory / "optimizer.safetensors", tensors)
-    write_json(directory / STATE_FILE, {**state, "optimizer": rest})
+    checkpoint_id = secrets.token_hex(8)
+    with atomic_dir(directory) as tmp:
+        save_state(tmp / MODEL_FILE, model.state_dict(), metadata={"checkpoint_id": checkpoint_id})
+        save_state(tmp / OPTIMIZER_FILE, tensors, metadata={"checkpoint_id": checkpoint_id})
+        write_json(tmp / STATE_FILE, {**state, "checkpoint_id": checkpoint_id, "optimizer": rest})
+
+
+def file_checkpoint_id(path: Path) -> str | None:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as handle:
+            return (handle.metadata() or {}).get("checkpoint_id")
+    except Exception:  # unreadable files are reported by load_state with the fix
+        return None
+
+
+def check_parts(directory: Path, state: dict[str, Any]) -> None:
+    """Refuse a checkpoint whose weight files and trainer state come from different saves."""
+    expected = state.get("checkpoint_id")
+    parts = {name: file_checkpoint_id(directory / name) for name in (MODEL_FILE, OPTIMIZER_FILE)}
+    if expected is None and not any(parts.values()):
+        return  # written before checkpoints carried an id
+    mixed = [name for name, found in parts.items() if found != expected]
+    if mixed:
+        raise ModelFileError(f"checkpoint {directory} is inconsistent: {', '.join(mixed)} and {STATE_FILE} "
+                             f"come from different saves; delete {directory} and start without --resume")
 
 
 def load_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     state = read_json_file(directory / STATE_FILE, f"no checkpoint in {directory} (missing {STATE_FILE})",
                            "start without --resume")
-    load_weights_into(model, load_state(directory / "model.safetensors"), directory / "model.safetensors")
-    restore_optimizer(optimizer, load_state(directory / "optimizer.safetensors"), state.pop("optimizer"))
+    check_parts(directory, state)
+    load_weights_into(model, load_state(directory / MODEL_FILE), directory / MODEL_FILE)
+    restore_optimizer(optimizer, load_state(directory / OPTIMIZER_FILE), state.pop("optimizer"))
+    state.pop("checkpoint_id", None)
     return state

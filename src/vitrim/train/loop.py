@@ -17,6 +17,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from vitrim.bench.accuracy import evaluate
 from vitrim.data.dataset import ImageSet
 from vitrim.errors import ConfigError, DataError
+from vitrim.fsutil import check_output_dir, locked_output
 from vitrim.progress import progress_bar
 from vitrim.train.checkpoint import load_checkpoint, save_checkpoint
 from vitrim.train.config import TrainConfig
@@ -75,9 +76,48 @@ def fit(
     image_size: int | None = None,
     progress: bool = True,
     on_epoch_end: Callable[[nn.Module, dict[str, Any]], None] | None = None,
+    locked: bool = False,
 ) -> TrainResult:
-    """Train ``model`` in place; checkpoint to ``out_dir/checkpoint`` after every epoch."""
-    out_dir = Path(out_dir)
+    """Train ``model`` in place; checkpoint to ``out_dir/checkpoint`` after every epoch.
+
+    The run holds :func:`vitrim.fsutil.output_lock` on ``out_dir`` (``locked``: the caller does),
+    so a second run to the same place is refused.
+    """
+    out_dir = check_output_dir(out_dir)
+    check_teacher(model, teacher)
+    with locked_output(out_dir, held=locked):
+        return _fit(model, train_set, cfg, out_dir, test_set, teacher, resume, image_size, progress, on_epoch_end)
+
+
+def check_teacher(model: nn.Module, teacher: nn.Module | None) -> None:
+    """A teacher must predict the student's classes."""
+    if teacher is None:
+        return
+    ours, theirs = (getattr(getattr(m, "config", None), "num_classes", None) for m in (model, teacher))
+    if ours is not None and theirs is not None and ours != theirs:
+        raise ConfigError(f"the teacher predicts {theirs} classes and the student {ours}; distil from a teacher "
+                          f"trained on the same classes")
+
+
+def resume_state(ckpt_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+                 cfg: TrainConfig) -> dict[str, Any]:
+    """Load the checkpoint, refusing one made with other settings (they would be recorded as used)."""
+    state = load_checkpoint(ckpt_dir, model, optimizer)
+    saved = state.get("train_config", {})
+    known = {k: v for k, v in saved.items() if k in TrainConfig.__dataclass_fields__}
+    try:
+        differences = cfg.differences(TrainConfig(**known))
+    except (ConfigError, TypeError) as exc:
+        raise ConfigError(f"checkpoint in {ckpt_dir} has unusable settings ({exc}); start without --resume") from None
+    if differences:
+        raise ConfigError(f"checkpoint in {ckpt_dir} was made with other settings (checkpoint vs now: "
+                          f"{'; '.join(differences)}); pass the same options to resume, or train to a new --out")
+    return state
+
+
+def _fit(model: nn.Module, train_set: ImageSet, cfg: TrainConfig, out_dir: Path, test_set: ImageSet | None,
+         teacher: nn.Module | None, resume: bool, image_size: int | None, progress: bool,
+         on_epoch_end: Callable[[nn.Module, dict[str, Any]], None] | None) -> TrainResult:
     ckpt_dir = out_dir / CHECKPOINT_DIR
     if cfg.limit_train is not None:
         train_set = train_set.subset(min(cfg.limit_train, len(train_set)))
@@ -91,10 +131,7 @@ def fit(
     history: list[dict[str, Any]] = []
     start_epoch = 0
     if resume:
-        state = load_checkpoint(ckpt_dir, model, optimizer)
-        if state.get("train_config", {}).get("epochs") != cfg.epochs:
-            raise ConfigError(f"checkpoint in {ckpt_dir} was made for {state['train_config']['epochs']} "
-                              f"epochs, asked for {cfg.epochs}; pass the same --epochs to resume")
+        state = resume_state(ckpt_dir, model, optimizer, cfg)
         start_epoch, history = state["epoch"], state["history"]
     if teacher is not None:
         teacher.eval()
@@ -104,7 +141,7 @@ def fit(
         generator = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
         model.train()
         batches = train_set.batches(cfg.batch_size, image_size=image_size, shuffle=True,
-                                    augment=cfg.augment, generator=generator, drop_last=True)
+                                    augment=cfg.augmentations, generator=generator, drop_last=True)
         bar = progress_bar(batches, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
                            enabled=progress, unit="batch")
         started, loss_sum, seen = time.perf_counter(), 0.0, 0
