@@ -1,5 +1,7 @@
 """Blockwise calibration: the simulated twin, its exact hand-over to ONNX Runtime, and its errors."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -63,14 +65,25 @@ def test_w8a8_scales_and_integer_weights_reach_ort_unchanged(fp32, w8a8):
         assert np.array_equal(inits[site.initializer + "_quantized"].reshape(codes.shape), codes.astype(np.int8))
 
 
+def has_vnni() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return True
+    return any(flag in flags for flag in ("avx512_vnni", "avx_vnni", "amx_int8"))
+
+
 def test_simulated_twin_and_ort_model_agree(w8a8):
     x = calib_images(32, 9)
     with torch.no_grad():
         simulated = w8a8.simulation(x)
     ort = OnnxModel(w8a8.path, threads=1)(x)
     spread = simulated.max() - simulated.min()
-    assert (simulated - ort).abs().max() < 0.03 * spread  # a rare flipped rounding, nothing systematic
-    assert (simulated - ort).abs().mean() < 0.002 * spread
+    # Without VNNI, ONNX Runtime's u8 x s8 kernels sum pairs in saturating int16 (x86 pmaddubsw):
+    # measured on an AVX2-only AMD EPYC, a systematic gap of about 1% of the logit range.
+    vnni = has_vnni()
+    assert (simulated - ort).abs().max() < (0.03 if vnni else 0.06) * spread  # a rare flipped rounding
+    assert (simulated - ort).abs().mean() < (0.002 if vnni else 0.015) * spread
     worst = (simulated - ort).abs().max()
     for row in (simulated.argmax(1) != ort.argmax(1)).nonzero().flatten():  # only near-ties may flip
         assert simulated[row].max() - simulated[row, ort[row].argmax()] <= 2 * worst

@@ -22,7 +22,7 @@ LIMITS = {
     "bench": ["--runs", "3"],
     "analyze": ["--runs", "3"],
     "train": ["--limit", "256", "--epochs", "1", "--no-eval"],
-    "prune": ["--calib", "32", "--steps", "1", "--limit", "256", "--runs", "3", "--kd-images", "64"],
+    "prune": ["--calib", "32", "--steps", "1", "--limit", "256", "--runs", "3", "--kd-images", "128"],
     "tokens": ["--limit", "256", "--runs", "3"],
     "export": [],
     "quantize": ["--calib", "16", "--search-images", "8", "--round-steps", "1"],
@@ -87,7 +87,7 @@ def test_readme_python_example_runs(workdir, monkeypatch):
     text = (ROOT / "README.md").read_text()
     code = re.search(r"## The Python API\n\n```python\n(.*?)```", text, flags=re.S).group(1)
     small = {'load_dataset("fashion-mnist", "test")': 'load_dataset("fashion-mnist", "test").subset(256)',
-             'load_dataset("fashion-mnist", "train")': 'load_dataset("fashion-mnist", "train").subset(128)'}
+             'load_dataset("fashion-mnist", "train")': 'load_dataset("fashion-mnist", "train").subset(512)'}
     for old, new in small.items():
         assert old in code, f"the README's example no longer loads {old}"
         code = code.replace(old, new)

@@ -736,10 +736,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     args.argv = argv
-    if args.verbose:
-        from vitrim.quant import deps
+    from vitrim.quant import deps
 
-        deps.VERBOSE = True
+    deps.VERBOSE = args.verbose  # per run: the API keeps third-party output quiet
     try:
         args.func(args)
     except VitrimError as exc:
