@@ -199,7 +199,8 @@ def add_data_args(p: argparse.ArgumentParser, limit_help: str, random: bool = Fa
 
 def add_threads(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=thread_count, default=None,
-                   help="torch intra-op threads (default: all cores)")
+                   help="torch intra-op threads (default: the cores other processes leave free, "
+                        "sampled before timing)")
 
 
 def emit(args: argparse.Namespace, data: Any, text: str) -> None:
@@ -395,7 +396,7 @@ def _prune_into(args: argparse.Namespace, cfg: Any, name: str, loaded: Any, out:
     import vitrim
     from vitrim.adapters import family_of, to_canonical
     from vitrim.adapters.native import native
-    from vitrim.bench import evaluate, measure
+    from vitrim.bench import evaluate
     from vitrim.prune import prune
     from vitrim.prune.report import dimension_plan, plan_table, summary_table, write_report
 

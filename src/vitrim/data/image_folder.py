@@ -60,7 +60,7 @@ def load_image_folder(root: str | Path, image_size: int, channels: int = 3,
                       std: tuple[float, ...] | None = None) -> ImageSet:
     """Decode every image under ``root/<class>/`` into memory at ``image_size``."""
     try:
-        from PIL import Image
+        import PIL.Image  # noqa: F401 - decode_image needs it
     except ImportError:
         raise DataError("image folders need Pillow: pip install pillow") from None
     root = Path(root)
