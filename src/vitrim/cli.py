@@ -62,7 +62,6 @@ def number(low: float | None = None, high: float | None = None, *, low_open: boo
 positive_float = number(0, low_open=True)
 non_negative_float = number(0)
 unit_float = number(0, 1)
-MAX_SEED = 2**63 - 1
 
 
 def augment_spec(text: str) -> str:
@@ -75,6 +74,8 @@ def augment_spec(text: str) -> str:
 
 
 def seed_int(text: str) -> int:
+    from vitrim.train.config import MAX_SEED
+
     try:
         value = int(text)
     except ValueError:
@@ -260,7 +261,7 @@ def bench_text(name: str, result: dict[str, Any]) -> str:
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
-    from vitrim.bench.latency import choose_threads
+    from vitrim.bench.latency import choose_threads, unstable_warning
     from vitrim.quant.cli import measure_all
     from vitrim.report import format_table
 
@@ -277,15 +278,12 @@ def cmd_bench(args: argparse.Namespace) -> None:
     results = measure_all(models, batches, threads=choice, runs=args.runs)  # interleaved
     for spec in specs:
         results[spec].update(model=spec, weights=weights[spec])
-    notes = [f"  {spec} b={b}: {e['unstable_reason']}" for spec in specs
-             for b, e in results[spec]["latency"].items() if not e["stable"]]
     text = "\n\n".join(bench_text(spec, results[spec]) for spec in specs)
     if len(specs) > 1:
         rows = [[spec] + [f"{results[spec]['latency'][str(b)]['speedup']:.2f}x" for b in batches] for spec in specs]
         text += f"\n\nspeed-up against {specs[0]} (timed interleaved)\n" + \
             format_table(rows, ["model"] + [f"b={b}" for b in batches])
-    if notes:
-        text += "\n\nwarning: unstable latency (re-run on an idle machine or with fewer --threads):\n" + "\n".join(notes)
+    text += unstable_warning((spec, b, e) for spec in specs for b, e in results[spec]["latency"].items())
     data = results[specs[0]] if len(specs) == 1 else {"models": specs, "reference": specs[0], "threads": choice.threads,
                                                       "thread_policy": choice.to_dict(), "results": results}
     emit(args, data, text)
@@ -468,7 +466,7 @@ def parse_floats(text: str) -> list[float]:
 def cmd_tokens(args: argparse.Namespace) -> None:
     from vitrim.bench import evaluate
     from vitrim.bench.flops import model_cost
-    from vitrim.bench.latency import WithSetting, example_input, interleaved_latency
+    from vitrim.bench.latency import WithSetting, example_input, interleaved_latency, unstable_warning
     from vitrim.report import format_table
     from vitrim.tokens import reduce_tokens, reduced_flops
 
@@ -512,10 +510,7 @@ def cmd_tokens(args: argparse.Namespace) -> None:
              + [f"{r[f'speedup_b{b}']:.2f}x" + ("" if r["latency"][str(b)]["stable"] and dense_latency[str(b)]["stable"]
                                                  else "*") for b in batches] for r in rows]
     header = [knob, "accuracy", "FLOPs kept"] + [f"speedup b={b}" for b in batches]
-    notes = [f"  {name} b={b}: {stats[b]['unstable_reason']}" for name, stats in timed.items() for b in batches
-             if not stats[b]["stable"]]
-    warning = "\n* unstable latency (re-run on an idle machine or with fewer --threads):\n" + "\n".join(notes) \
-        if notes else ""
+    warning = unstable_warning((name, b, stats[b]) for name, stats in timed.items() for b in batches)
     emit(args, {"model": args.model or "fmnist-vit", "method": args.method, "mode": args.mode,
                 "layers": list(reduced.layers), "dense_latency": dense_latency, "rows": rows},
          f"{args.method} ({args.mode}) at layers {list(reduced.layers)}\n" + format_table(table, header) + warning)

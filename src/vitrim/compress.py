@@ -16,7 +16,7 @@ from torch import nn
 
 from vitrim.bench.accuracy import evaluate
 from vitrim.bench.flops import model_cost
-from vitrim.bench.latency import choose_threads, interleaved_latency
+from vitrim.bench.latency import choose_threads, interleaved_latency, unstable_warning
 from vitrim.data.dataset import ImageSet
 from vitrim.errors import ConfigError
 from vitrim.fsutil import atomic_dir, atomic_path, check_output_dir, write_json, write_text
@@ -189,12 +189,6 @@ def time_stages(stages: list[dict[str, Any]], runners: dict[str, Any], cfg: Comp
             entry[f"speedup_b{batch}"] = stats["speedup"]
 
 
-def unstable_notes(report: dict[str, Any]) -> list[str]:
-    """One line per unstable latency figure: stage, batch size and the cause."""
-    return [f"{s['stage']} b={batch}: {stats['unstable_reason']}" for s in report["stages"]
-            for batch, stats in s.get("latency", {}).items() if not stats["stable"]]
-
-
 def _ms(stage: dict[str, Any], batch: int, digits: int) -> str:
     """``latency_ms_b{batch}`` with ``*`` when that figure is flagged unstable."""
     stats = stage.get("latency", {}).get(str(batch))
@@ -209,11 +203,8 @@ def stage_table(report: dict[str, Any]) -> str:
              _ms(s, 64, 1), f"{s['speedup_b64']:.2f}x"] for s in report["stages"]]
     table = format_table(rows, ["stage", "accuracy", "drop pt", "size", "smaller", "FLOPs", "ms b=1", "faster",
                                 "ms b=64", "faster"])
-    notes = unstable_notes(report)
-    if notes:
-        table += "\n* unstable latency (re-run on an idle machine or with fewer --threads):\n" + \
-                 "\n".join(f"  {note}" for note in notes)
-    return table
+    return table + unstable_warning((s["stage"], batch, stats) for s in report["stages"]
+                                    for batch, stats in s.get("latency", {}).items())
 
 
 def write_report(out_dir: Path, report: dict[str, Any]) -> None:
@@ -249,4 +240,4 @@ def write_report(out_dir: Path, report: dict[str, Any]) -> None:
     write_text(out_dir / "report.md", "\n".join(text))
 
 
-__all__ = ["CompressConfig", "check_compress", "compress", "parse_tokens", "stage_table", "unstable_notes"]
+__all__ = ["CompressConfig", "check_compress", "compress", "parse_tokens", "stage_table"]

@@ -19,7 +19,7 @@ import math
 import os
 import statistics
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -238,6 +238,15 @@ def _stats(samples: list[float], batch: int, load: float | None, cores: int, thr
     return {"median_ms": median, "p10_ms": p10, "p90_ms": p90, "runs": len(samples),
             "images_per_s": batch * 1000.0 / median, "spread": spread, "busy_cores": load,
             "stable": not reasons, "unstable_reason": "; ".join(reasons) or None}
+
+
+def unstable_warning(figures: Iterable[tuple[str, Any, Mapping[str, Any]]]) -> str:
+    """A warning block naming each unstable ``(name, batch, stats)`` figure and its cause; "" if none."""
+    lines = [f"  {name} b={batch}: {stats['unstable_reason']}" for name, batch, stats in figures
+             if stats.get("stable") is False]
+    if not lines:
+        return ""
+    return "\n* unstable latency (re-run on an idle machine or with fewer --threads):\n" + "\n".join(lines)
 
 
 def _as_runner(runner: Runner | nn.Module) -> Runner:

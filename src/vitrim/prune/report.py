@@ -38,20 +38,13 @@ def _latency(stats: dict[str, Any]) -> str:
     return text + ("*" if stats.get("stable") is False else "")
 
 
-def unstable_lines(report: dict[str, Any]) -> list[str]:
-    """One warning line per unstable latency figure of the dense or pruned model."""
-    return [f"* {key} b={batch}: {stats['unstable_reason']}" for key in ("dense", "pruned")
-            for batch, stats in report[key]["latency"].items() if stats.get("stable") is False]
-
-
 def summary_table(report: dict[str, Any]) -> str:
     """Dense vs pruned; latency as median (p10-p90) ms, ``*`` and a warning line when unstable."""
+    from vitrim.bench.latency import unstable_warning
+
     table = format_table(comparison_rows(report), ["", "dense", "pruned", "ratio"])
-    lines = unstable_lines(report)
-    if lines:
-        table += ("\nwarning: unstable latency (timed while the machine was busy or noisy; re-run on an idle "
-                  "machine or with fewer --threads):\n" + "\n".join(lines))
-    return table
+    return table + unstable_warning((key, batch, stats) for key in ("dense", "pruned")
+                                    for batch, stats in report[key]["latency"].items())
 
 
 def plan_table(dense: ViTConfig, pruned: ViTConfig) -> str:
