@@ -23,6 +23,11 @@ def counted_flops(model, batch=1):
     uneven_config(distill_token=True, distill_head=True),
     uneven_config(reg_tokens=4, qk_norm=True, layer_scale_init=1e-2),
     uneven_config(class_token=False, pool="mean", fc_norm=True, pos_embed_prefix=False, reg_tokens=2),
+    uneven_config(mlp_gated=True, mlp_act="silu", pre_norm=True, patch_bias=False, head_bias=False, pool="cls_mean",
+                  layer_scale_init=1.0, reg_tokens=2),
+    uneven_config(class_token=False, pool="map", pool_heads=2, pool_mlp_dim=12, mlp_act="gelu_tanh"),
+    uneven_config(class_token=False, pool="map", pool_heads=3, pool_mlp_dim=10, mlp_gated=True, pool_dim=12),
+    uneven_config(pos_embed_grid=6, mlp_act="quick_gelu", pre_norm=True),
     get_preset("fmnist-vit").build(),
     get_preset("fmnist-vit-micro").build(),
 ])

@@ -49,7 +49,11 @@ KIND_SETS = [["heads"], ["qk"], ["v"], ["mlp"], ["embed"], ["attn_layer"], ["mlp
 @pytest.mark.parametrize("variant", [{}, {"layer_scale_init": 0.5, "pool": "mean"}, {"qkv_bias": False},
                                      {"distill_token": True, "distill_head": True},
                                      {"reg_tokens": 3, "pos_embed_prefix": False, "qk_norm": True},
-                                     {"class_token": False, "pool": "mean", "fc_norm": True}])
+                                     {"class_token": False, "pool": "mean", "fc_norm": True},
+                                     {"mlp_gated": True, "mlp_act": "silu", "pre_norm": True, "patch_bias": False,
+                                      "head_bias": False, "pool": "cls_mean", "layer_scale_init": 1.0},
+                                     {"class_token": False, "pool": "map", "pool_heads": 2, "pool_mlp_dim": 12,
+                                      "mlp_act": "gelu_tanh", "pos_embed_grid": 6}])
 def test_sliced_model_equals_gated_model(uneven_model, kinds, variant):
     torch.manual_seed(1)
     model = VisionTransformer(uneven_config(**variant)).eval()

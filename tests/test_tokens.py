@@ -106,14 +106,14 @@ def test_bipartite_merge_preserves_mass():
 def test_restored_grid_for_dense_outputs(model, images, method, mode):
     reduced = reduce_tokens(model, method, mode=mode, layers=(1, 2), keep=1.0)
     with torch.no_grad():
-        full, _, _ = reduced.forward_features(images, restore=True)
+        full, _ = reduced.forward_features(images, restore=True)
         torch.testing.assert_close(full, model.forward_features(images), atol=1e-5, rtol=1e-5)
         if mode == "dynamic":
             reduced.tau = 0.6 if method == "evit" else 0.0
         else:
             reduced.keep = 0.4
-        grid, _, _ = reduced.forward_features(images, restore=True)
-        tokens, sizes, _ = reduced.forward_features(images)
+        grid, _ = reduced.forward_features(images, restore=True)
+        tokens, _ = reduced.forward_features(images)
     assert grid.shape == (3, 65, 32) and tokens.shape[1] < 65
     if method != "drop":  # fused or merged patches are filled from the token they went into
         rows = {tuple(r.tolist()) for r in grid[0, 1:].round(decimals=4)}
@@ -127,7 +127,8 @@ def test_fused_and_merged_tokens_count_their_patches(model, images, method, mode
     """Sizes are what proportional attention weighs tokens by: fusing and merging keep every patch."""
     reduced = reduce_tokens(model, method, layers=(0, 2), mode=mode, **knob)
     with torch.no_grad():
-        _, sizes, valid = reduced.forward_features(images)
+        _, state = reduced.forward_features(images)
+    sizes, valid = state.sizes, state.valid
     counted = (sizes[:, 1:] * (valid[:, 1:] if valid is not None else 1)).sum(1)
     patches = model.config.num_patches
     if method == "drop":
@@ -299,3 +300,50 @@ def test_cli_rejects_layers_that_are_not_block_indices(capsys):
     with pytest.raises(SystemExit):
         main(["tokens", "fmnist-vit", "--layers", "2,x", "--no-eval"])
     assert "expected comma-separated block indices, got '2,x'" in capsys.readouterr().err
+
+
+def _rich_model(drop_path_rate: float = 0.0) -> VisionTransformer:
+    """LayerScale, q/k norm, registers, a gated MLP and stochastic depth: what a reduced model must keep."""
+    cfg = uniform_config(4, 32, 2, 2.0, image_size=16, patch_size=2, in_chans=1, num_classes=5, mean=(0.5,),
+                         std=(0.25,), layer_scale_init=0.3, qk_norm=True, reg_tokens=2, mlp_gated=True,
+                         mlp_act="silu", drop_path_rate=drop_path_rate)
+    torch.manual_seed(3)
+    m = VisionTransformer(cfg)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return m
+
+
+@pytest.mark.parametrize("method", ["drop", "evit", "tome"])
+def test_reduced_model_runs_the_models_own_blocks(images, method):
+    """One forward: at keep=1 a reduced model is its model, in eval and (same drop-path draws) in training."""
+    model = _rich_model(drop_path_rate=0.4)
+    reduced = reduce_tokens(model, method, layers=(1, 2), keep=1.0)
+    with torch.no_grad():
+        torch.testing.assert_close(reduced(images), model.eval()(images), atol=0, rtol=0)
+        model.train(), reduced.train()
+        torch.manual_seed(7)
+        expected = model(images)
+        torch.manual_seed(7)
+        torch.testing.assert_close(reduced(images), expected, atol=0, rtol=0)
+        torch.manual_seed(8)
+        assert not torch.allclose(reduced(images), expected)  # stochastic depth is really on
+
+
+def test_fine_tuning_a_reduced_model_keeps_stochastic_depth(images, monkeypatch):
+    """keep < 1 in training (what `vitrim train --arch tokens|iret` runs) drops residual branches too."""
+    import vitrim.models.vit as vit
+    from vitrim.iret import incremental_from_vit
+
+    model = _rich_model(drop_path_rate=0.4)
+    calls = []
+    real = vit.drop_path
+    monkeypatch.setattr(vit, "drop_path", lambda x, rate, training: calls.append((rate, training)) or real(x, rate, training))
+    for wrapped in (reduce_tokens(model, "tome", layers=(1,), keep=0.5, train_keep=(0.3, 0.9)),
+                    incremental_from_vit(model)):
+        calls.clear()
+        wrapped.train()
+        wrapped(images)
+        rates = [rate for rate, training in calls if training]
+        assert len(rates) == 2 * model.config.depth and max(rates) == pytest.approx(0.4)

@@ -35,11 +35,12 @@ def attention_cost(C: int, dims: BlockDims, tokens: int, qkv_bias: bool = True, 
     return Cost(params, flops)
 
 
-def mlp_cost(C: int, dims: BlockDims, tokens: int) -> Cost:
+def mlp_cost(C: int, dims: BlockDims, tokens: int, gated: bool = False) -> Cost:
+    """fc1 (two halves when ``gated``), fc2 and norm2."""
     if not dims.mlp:
         return ZERO
-    M = dims.mlp_dim
-    return Cost(2 * C * M + M + C + 2 * C, 4 * tokens * C * M)
+    M, up = dims.mlp_dim, 2 if gated else 1
+    return Cost((up + 1) * C * M + up * M + C + 2 * C, 2 * (up + 1) * tokens * C * M)
 
 
 def layer_scale_params(cfg: ViTConfig, dims: BlockDims) -> int:
@@ -53,19 +54,36 @@ def block_cost(cfg: ViTConfig, index: int, tokens: int | None = None) -> dict[st
     N = cfg.num_tokens if tokens is None else tokens
     ls = layer_scale_params(cfg, dims)
     return {"attention": attention_cost(cfg.embed_dim, dims, N, cfg.qkv_bias, cfg.qk_norm) + Cost(ls // 2 if dims.mlp else ls, 0),
-            "mlp": mlp_cost(cfg.embed_dim, dims, N) + Cost(ls - (ls // 2 if dims.mlp else ls), 0)}
+            "mlp": mlp_cost(cfg.embed_dim, dims, N, cfg.mlp_gated) + Cost(ls - (ls // 2 if dims.mlp else ls), 0)}
 
 
 def embedding_cost(cfg: ViTConfig) -> Cost:
+    """Patch embedding, prefix tokens, position embedding and the pre-encoder norm."""
     C, p = cfg.embed_dim, cfg.patch_size
     patch = cfg.in_chans * p * p
-    params = patch * C + C + cfg.num_pos_embed * C + cfg.num_prefix_tokens * C
+    params = patch * C + C * int(cfg.patch_bias) + cfg.num_pos_embed * C + cfg.num_prefix_tokens * C
+    params += 2 * C if cfg.pre_norm else 0
     return Cost(params, 2 * cfg.num_patches * patch * C)
 
 
-def head_cost(cfg: ViTConfig) -> Cost:
-    C, heads = cfg.embed_dim, 1 + int(cfg.distill_head)
-    return Cost(2 * C + heads * (C * cfg.num_classes + cfg.num_classes), heads * 2 * C * cfg.num_classes)
+def attention_pool_cost(cfg: ViTConfig, tokens: int | None = None) -> Cost:
+    """SigLIP's attention-pooling head (pool='map'): one probe query over ``tokens`` tokens."""
+    if cfg.pool != "map":
+        return ZERO
+    C, W, N = cfg.embed_dim, cfg.map_dim, cfg.num_tokens if tokens is None else tokens
+    params = C + (C * W + W) + (2 * C * W + 2 * W) + (W * C + C) + 2 * C
+    flops = 2 * C * W + 2 * N * C * 2 * W + 2 * 2 * N * W + 2 * W * C
+    mlp = mlp_cost(C, BlockDims(1, 1, 1, cfg.pool_mlp_dim), 1, cfg.mlp_gated)
+    return Cost(params, flops) + Cost(mlp.params - 2 * C, mlp.flops)  # the norm is counted above
+
+
+def head_cost(cfg: ViTConfig, tokens: int | None = None) -> Cost:
+    """The final norm, the pooling head (if any) and the classifier(s)."""
+    C, K, heads = cfg.embed_dim, cfg.num_classes, 1 + int(cfg.distill_head)
+    linear = Cost(cfg.pooled_dim * K + K * int(cfg.head_bias), 2 * cfg.pooled_dim * K)
+    if cfg.distill_head:
+        linear = linear + Cost(C * K + K, 2 * C * K)
+    return Cost(2 * C, 0) + attention_pool_cost(cfg, tokens) + linear
 
 
 def cost_breakdown(cfg: ViTConfig) -> dict[str, Cost]:

@@ -27,6 +27,14 @@ from vitrim.errors import ConfigError
 from vitrim.iret.lifting import Lifting2D
 from vitrim.models import VisionTransformer
 from vitrim.tokens.model import TokenReducedViT, check_train_keep
+from vitrim.tokens.reducers import DropReducer, Reducer
+
+
+class DetailReducer(DropReducer):
+    """Drops after ``detail_layer`` even when every patch is kept: the details arrive there."""
+
+    def reduces_after(self, block: int) -> bool:
+        return block in self.layers
 
 
 @dataclass(frozen=True)
@@ -127,18 +135,21 @@ class IncrementalViT(TokenReducedViT):
         model.patch_embed = None
         self._kept_patches = float(cfg.num_patches)
 
-    def reduces_after(self, block: int) -> bool:
-        return block in self.layers  # details arrive here even when every patch is kept
+    def make_reducer(self, method: str, layers: tuple[int, ...], **knobs) -> Reducer:
+        return DetailReducer(self.model.num_prefix_tokens, layers, refine=self.add_details, **knobs)
 
-    def embed(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """Coarse tokens (B, N, C); the detail bands wait for :meth:`add_details`."""
         self.model.check_input(images)
         half = self.config.patch_size // 2
         ll, details = self.lifting(images)  # (B, in, H/2, W/2), (B, 3 in, H/2, W/2)
         coarse = self.coarse_embed(patchify(ll, half))  # (B, P, C)
-        return self.model.add_prefix_and_position(coarse), patchify(details, half)
+        self._details = patchify(details, half)  # (B, P, 3 in s s)
+        return self.model.add_prefix_and_position(coarse)
 
-    def refine(self, x: torch.Tensor, dest: torch.Tensor, valid: torch.Tensor | None,
-               details: torch.Tensor) -> torch.Tensor:
+    def add_details(self, x: torch.Tensor, dest: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+        """The kept patches' tokens plus their embedded detail bands (the reducer's refine hook)."""
+        details = self._details
         prefix = self.model.num_prefix_tokens
         B, N, _ = x.shape
         P = details.shape[1]

@@ -76,7 +76,17 @@ class ViTConfig:
     pos_embed_prefix: bool = True  # False: position embeddings cover the patches only (timm no_embed_class)
     fc_norm: bool = False  # True: the final LayerNorm normalises the pooled vector, not the tokens
     qk_norm: bool = False  # LayerNorm over each head's queries and keys (shared across heads)
-    pool: str = "cls"
+    pool: str = "cls"  # cls, mean, cls_mean (the two concatenated: DINOv2's head), map (attention pooling)
+    pool_heads: int = 0  # pool="map": heads of the pooling attention (SigLIP's probe)
+    pool_mlp_dim: int = 0  # pool="map": hidden units of the pooling MLP
+    pool_dim: int = 0  # pool="map": width of the pooling attention (0: embed_dim; kept when embed_dim is pruned)
+    mlp_act: str = "gelu"  # gelu, gelu_tanh, quick_gelu, silu
+    mlp_gated: bool = False  # fc1 emits [gate | up] halves, hidden = act(gate) * up (SwiGLU with silu)
+    pre_norm: bool = False  # a LayerNorm on the embedded sequence before the first block (CLIP)
+    patch_bias: bool = True
+    head_bias: bool = True
+    pos_embed_grid: int | None = None  # patch grid the position embedding was stored for, when it differs
+    pos_embed_antialias: bool = False  # resize that grid with antialiasing (DINOv2 with registers)
     layer_scale_init: float | None = None
     qkv_bias: bool = True
     norm_eps: float = 1e-6
@@ -90,6 +100,8 @@ class ViTConfig:
         self.blocks = [b if isinstance(b, BlockDims) else BlockDims(**b) for b in self.blocks]
         self.mean = tuple(float(m) for m in self.mean)
         self.std = tuple(float(s) for s in self.std)
+        if self.pool == "map" and self.pool_dim == 0:
+            self.pool_dim = self.embed_dim  # explicit, so that pruning the embedding keeps it
         self.validate()
 
     def validate(self) -> None:
@@ -104,16 +116,30 @@ class ViTConfig:
             )
         if not self.blocks:
             raise ConfigError("a ViT needs at least one block")
-        if self.pool not in ("cls", "mean"):
-            raise ConfigError(f"pool must be 'cls' or 'mean', got {self.pool!r}")
+        if self.pool not in POOLS:
+            raise ConfigError(f"pool must be one of {', '.join(POOLS)}, got {self.pool!r}")
+        if self.mlp_act not in MLP_ACTS:
+            raise ConfigError(f"mlp_act must be one of {', '.join(MLP_ACTS)}, got {self.mlp_act!r}")
+        if self.pool == "map":
+            if self.pool_heads < 1 or self.map_dim % self.pool_heads or self.pool_mlp_dim < 1:
+                raise ConfigError(f"pool='map' needs pool_heads dividing pool_dim {self.map_dim} and "
+                                  f"pool_mlp_dim >= 1, got {self.pool_heads} and {self.pool_mlp_dim}")
+        if self.pool == "cls_mean" and self.fc_norm:
+            raise ConfigError("pool='cls_mean' normalises the tokens before pooling; set fc_norm=false")
+        if self.pool != "map" and (self.pool_heads or self.pool_mlp_dim or self.pool_dim):
+            raise ConfigError("pool_heads / pool_mlp_dim / pool_dim belong to pool='map'; set them to 0 for "
+                              "other pools")
+        if self.pos_embed_grid is not None and (isinstance(self.pos_embed_grid, bool)
+                                                or not isinstance(self.pos_embed_grid, int) or self.pos_embed_grid < 1):
+            raise ConfigError(f"pos_embed_grid must be a positive integer or null, got {self.pos_embed_grid!r}")
         if self.distill_token and not self.class_token:
             raise ConfigError("distill_token needs class_token=True (DeiT puts it after the class token)")
         if self.distill_head and not self.distill_token:
             raise ConfigError("distill_head needs distill_token=True")
         if isinstance(self.reg_tokens, bool) or not isinstance(self.reg_tokens, int) or self.reg_tokens < 0:
             raise ConfigError(f"reg_tokens must be a non-negative integer, got {self.reg_tokens!r}")
-        if self.pool == "cls" and not self.class_token:
-            raise ConfigError("pool='cls' needs class_token=True (use pool='mean' without one)")
+        if self.pool in ("cls", "cls_mean") and not self.class_token:
+            raise ConfigError(f"pool={self.pool!r} needs class_token=True (use pool='mean' or 'map' without one)")
         if len(self.mean) != self.in_chans or len(self.std) != self.in_chans:
             raise ConfigError(
                 f"mean/std need {self.in_chans} values (one per input channel), "
@@ -152,9 +178,24 @@ class ViTConfig:
         return int(self.class_token) + int(self.distill_token) + self.reg_tokens
 
     @property
+    def stored_grid(self) -> int:
+        """Side of the patch grid the position embedding holds (interpolated to :attr:`grid_size`)."""
+        return self.pos_embed_grid or self.grid_size
+
+    @property
     def num_pos_embed(self) -> int:
         """Rows of the position embedding."""
-        return self.num_tokens if self.pos_embed_prefix else self.num_patches
+        return self.stored_grid**2 + (self.num_prefix_tokens if self.pos_embed_prefix else 0)
+
+    @property
+    def map_dim(self) -> int:
+        """Width of the attention-pooling head's attention (pool='map')."""
+        return self.pool_dim or self.embed_dim
+
+    @property
+    def pooled_dim(self) -> int:
+        """Width of the pooled vector the head reads (two embeddings for ``cls_mean``)."""
+        return 2 * self.embed_dim if self.pool == "cls_mean" else self.embed_dim
 
     @property
     def num_tokens(self) -> int:
@@ -197,12 +238,17 @@ class ViTConfig:
         return ViTConfig.from_dict(data)
 
 
+POOLS = ("cls", "mean", "cls_mean", "map")
+MLP_ACTS = ("gelu", "gelu_tanh", "quick_gelu", "silu")
+
 # The JSON type each ViTConfig / BlockDims key takes: int, bool, str, number (int or float),
 # number? (a number or null), numbers (a list of numbers), strings? (a list of strings or null).
 CONFIG_TYPES = {
     "image_size": "int", "patch_size": "int", "in_chans": "int", "num_classes": "int", "embed_dim": "int",
     "blocks": "blocks", "class_token": "bool", "distill_token": "bool", "distill_head": "bool",
     "reg_tokens": "int", "pos_embed_prefix": "bool", "fc_norm": "bool", "qk_norm": "bool", "pool": "str",
+    "pool_heads": "int", "pool_mlp_dim": "int", "pool_dim": "int", "mlp_act": "str", "mlp_gated": "bool", "pre_norm": "bool",
+    "patch_bias": "bool", "head_bias": "bool", "pos_embed_grid": "int?", "pos_embed_antialias": "bool",
     "layer_scale_init": "number?", "qkv_bias": "bool", "norm_eps": "number", "drop_path_rate": "number",
     "dropout": "number", "mean": "numbers", "std": "numbers", "class_names": "strings?",
 }
@@ -210,7 +256,7 @@ BLOCK_TYPES = {"heads": "int", "qk_dim": "int", "v_dim": "int", "mlp_dim": "int"
                "mlp": "bool", "attn_scale": "number?"}
 BLOCK_REQUIRED = ("heads", "qk_dim", "v_dim", "mlp_dim")
 _EXPECTED = {"int": "an integer", "bool": "true or false", "str": "a string", "number": "a number",
-             "number?": "a number or null", "numbers": "a list of numbers",
+             "number?": "a number or null", "int?": "an integer or null", "numbers": "a list of numbers",
              "strings?": "a list of strings or null"}
 
 
@@ -234,6 +280,8 @@ def _fits(value: Any, kind: str) -> bool:
         return isinstance(value, str)
     if kind == "number":
         return _is_number(value)
+    if kind == "int?":
+        return value is None or (isinstance(value, int) and not isinstance(value, bool))
     if kind == "number?":
         return value is None or _is_number(value)
     if kind == "numbers":

@@ -11,12 +11,14 @@ from torch import nn
 
 from vitrim.errors import DataError
 from vitrim.models.config import BlockDims, ViTConfig
+from vitrim.models.tokens import TokenReducer, TokenState, packed
 
 
 class PatchEmbed(nn.Module):
     def __init__(self, cfg: ViTConfig) -> None:
         super().__init__()
-        self.proj = nn.Conv2d(cfg.in_chans, cfg.embed_dim, cfg.patch_size, stride=cfg.patch_size)
+        self.proj = nn.Conv2d(cfg.in_chans, cfg.embed_dim, cfg.patch_size, stride=cfg.patch_size,
+                              bias=cfg.patch_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj(x).flatten(2).transpose(1, 2)  # (B, P, C)
@@ -49,27 +51,72 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         return q, k, val
 
-    def mix(self, x: torch.Tensor) -> torch.Tensor:
-        """Attention-weighted values before the output projection: (B, N, C) -> (B, N, H*v)."""
+    def mix(self, x: torch.Tensor, bias: torch.Tensor | None = None,
+            capture: dict[str, Any] | None = None) -> torch.Tensor:
+        """Attention-weighted values before the output projection: (B, N, C) -> (B, N, H*v).
+
+        ``bias``: additive logits (B, 1, 1, N); ``capture`` (a dict) receives ``q``, ``k``,
+        ``scale`` and ``bias`` for a token reducer.
+        """
         B, N, _ = x.shape
         q, k, v = self.split_qkv(x)
-        out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)  # (B, H, N, v)
+        if capture is not None:
+            capture.update(q=q, k=k, scale=self.scale, bias=bias)
+        mask = bias.to(q.dtype) if bias is not None else None
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)  # (B, H, N, v)
         return out.transpose(1, 2).reshape(B, N, self.heads * self.v_dim)
 
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None,
+                capture: dict[str, Any] | None = None) -> torch.Tensor:
+        return self.proj(self.mix(x, bias, capture))
+
+
+def quick_gelu(x: torch.Tensor) -> torch.Tensor:
+    return x * torch.sigmoid(1.702 * x)
+
+
+class Activation(nn.Module):
+    """The MLP's nonlinearity by name (see :data:`~vitrim.models.config.MLP_ACTS`)."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.name = name
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(self.mix(x))
+        if self.name == "gelu":
+            return F.gelu(x)
+        if self.name == "gelu_tanh":
+            return F.gelu(x, approximate="tanh")
+        if self.name == "quick_gelu":
+            return quick_gelu(x)
+        return F.silu(x)
+
+    def extra_repr(self) -> str:
+        return self.name
 
 
 class Mlp(nn.Module):
-    def __init__(self, embed_dim: int, hidden: int, dropout: float = 0.0) -> None:
+    """``fc2(act(fc1(x)))``; gated: ``fc1`` emits [gate (M) | up (M)] and the hidden units are
+    ``act(gate) * up`` (SwiGLU with silu), so hidden unit ``m`` owns fc1 rows ``m`` and ``M + m``."""
+
+    def __init__(self, embed_dim: int, hidden: int, dropout: float = 0.0, act: str = "gelu",
+                 gated: bool = False) -> None:
         super().__init__()
-        self.fc1 = nn.Linear(embed_dim, hidden)
-        self.act = nn.GELU()
+        self.gated = gated
+        self.fc1 = nn.Linear(embed_dim, 2 * hidden if gated else hidden)
+        self.act = Activation(act)
         self.fc2 = nn.Linear(hidden, embed_dim)
         self.drop = nn.Dropout(dropout)
 
+    def hidden(self, x: torch.Tensor) -> torch.Tensor:  # (B, N, C) -> (B, N, M)
+        h = self.fc1(x)
+        if self.gated:
+            gate, up = h.chunk(2, dim=-1)
+            return self.act(gate) * up
+        return self.act(h)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+        return self.drop(self.fc2(self.drop(self.hidden(x))))
 
 
 class LayerScale(nn.Module):
@@ -90,8 +137,16 @@ def drop_path(x: torch.Tensor, rate: float, training: bool) -> torch.Tensor:
     return x * mask / keep
 
 
+def make_mlp(cfg: ViTConfig, hidden: int) -> Mlp:
+    return Mlp(cfg.embed_dim, hidden, cfg.dropout, cfg.mlp_act, cfg.mlp_gated)
+
+
 class Block(nn.Module):
-    """Pre-norm block; a removed sub-layer is simply absent (``None``)."""
+    """Pre-norm block; a removed sub-layer is simply absent (``None``).
+
+    ``state`` (a reduced sequence) adds its attention bias and runs the MLP on valid tokens only;
+    ``capture`` records the attention's queries and keys for a token reducer.
+    """
 
     def __init__(self, cfg: ViTConfig, dims: BlockDims, drop_path_rate: float = 0.0) -> None:
         super().__init__()
@@ -101,20 +156,24 @@ class Block(nn.Module):
         self.attn = Attention(C, dims, cfg.qkv_bias, cfg.qk_norm, cfg.norm_eps) if dims.attention else None
         self.ls1 = _layer_scale(C, cfg.layer_scale_init) if dims.attention else None
         self.norm2 = nn.LayerNorm(C, eps=cfg.norm_eps) if dims.mlp else None
-        self.mlp = Mlp(C, dims.mlp_dim, cfg.dropout) if dims.mlp else None
+        self.mlp = make_mlp(cfg, dims.mlp_dim) if dims.mlp else None
         self.ls2 = _layer_scale(C, cfg.layer_scale_init) if dims.mlp else None
 
-    def attention_branch(self, x: torch.Tensor) -> torch.Tensor:
-        return self.ls1(self.attn(self.norm1(x)))
+    def attention_branch(self, x: torch.Tensor, bias: torch.Tensor | None = None,
+                         capture: dict[str, Any] | None = None) -> torch.Tensor:
+        return self.ls1(self.attn(self.norm1(x), bias, capture))
 
     def mlp_branch(self, x: torch.Tensor) -> torch.Tensor:
         return self.ls2(self.mlp(self.norm2(x)))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, N, C) -> (B, N, C)
+    def forward(self, x: torch.Tensor, state: TokenState | None = None,
+                capture: dict[str, Any] | None = None) -> torch.Tensor:  # (B, N, C) -> (B, N, C)
         if self.attn is not None:
-            x = x + drop_path(self.attention_branch(x), self.drop_path_rate, self.training)
+            bias = state.attention_bias() if state is not None else None
+            x = x + drop_path(self.attention_branch(x, bias, capture), self.drop_path_rate, self.training)
         if self.mlp is not None:
-            x = x + drop_path(self.mlp_branch(x), self.drop_path_rate, self.training)
+            valid = state.valid if state is not None else None
+            x = x + drop_path(packed(self.mlp_branch, x, valid), self.drop_path_rate, self.training)
         return x
 
 
@@ -122,8 +181,40 @@ def _layer_scale(dim: int, init: float | None) -> nn.Module:
     return LayerScale(dim, init) if init is not None else nn.Identity()
 
 
+class AttentionPool(nn.Module):
+    """Multi-head attention pooling (SigLIP's head): a learned probe attends over the tokens, then
+    a residual MLP. The attention is ``dim`` wide whatever the embedding width (it survives
+    embedding pruning): q from the probe, [k | v] from the tokens."""
+
+    def __init__(self, cfg: ViTConfig) -> None:
+        super().__init__()
+        C, W = cfg.embed_dim, cfg.map_dim
+        self.heads, self.dim = cfg.pool_heads, W
+        self.probe = nn.Parameter(torch.zeros(1, 1, C))
+        self.q = nn.Linear(C, W)
+        self.kv = nn.Linear(C, 2 * W)
+        self.proj = nn.Linear(W, C)
+        self.norm = nn.LayerNorm(C, eps=cfg.norm_eps)
+        self.mlp = make_mlp(cfg, cfg.pool_mlp_dim)
+
+    def forward(self, tokens: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:  # (B, N, C) -> (B, C)
+        B, N, _ = tokens.shape
+        H, W = self.heads, self.dim
+        q = self.q(self.probe.repeat(B, 1, 1)).view(B, 1, H, W // H).transpose(1, 2)  # (B, H, 1, d)
+        k, v = self.kv(tokens).view(B, N, 2, H, W // H).permute(2, 0, 3, 1, 4)  # (B, H, N, d) each
+        mask = bias.to(q.dtype) if bias is not None else None
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, 1, d)
+        x = self.proj(out.transpose(1, 2).reshape(B, 1, W))  # (B, 1, C)
+        return (x + self.mlp(self.norm(x)))[:, 0]
+
+
 class VisionTransformer(nn.Module):
-    """A ViT built from a :class:`ViTConfig`; blocks may differ in every dimension."""
+    """A ViT built from a :class:`ViTConfig`; blocks may differ in every dimension.
+
+    This is vitrim's one ViT forward: token reduction passes a :class:`TokenReducer` to
+    :meth:`forward_features` / :meth:`forward_tokens` and the same blocks (drop-path, LayerScale,
+    q/k norm, registers) run on the reduced sequence.
+    """
 
     def __init__(self, cfg: ViTConfig) -> None:
         super().__init__()
@@ -137,10 +228,12 @@ class VisionTransformer(nn.Module):
         self.dist_token = nn.Parameter(torch.zeros(1, 1, C)) if cfg.distill_token else None
         self.reg_token = nn.Parameter(torch.zeros(1, cfg.reg_tokens, C)) if cfg.reg_tokens else None
         self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_pos_embed, C))
+        self.norm_pre = nn.LayerNorm(C, eps=cfg.norm_eps) if cfg.pre_norm else None
         rates = torch.linspace(0, cfg.drop_path_rate, cfg.depth).tolist() if cfg.depth > 1 else [cfg.drop_path_rate]
         self.blocks = nn.ModuleList(Block(cfg, dims, rate) for dims, rate in zip(cfg.blocks, rates))
         self.norm = nn.LayerNorm(C, eps=cfg.norm_eps)  # on the tokens, or on the pooled vector (fc_norm)
-        self.head = nn.Linear(C, cfg.num_classes)
+        self.attn_pool = AttentionPool(cfg) if cfg.pool == "map" else None
+        self.head = nn.Linear(cfg.pooled_dim, cfg.num_classes, bias=cfg.head_bias)
         self.head_dist = nn.Linear(C, cfg.num_classes) if cfg.distill_head else None
         self.reset_parameters()
 
@@ -154,9 +247,12 @@ class VisionTransformer(nn.Module):
         for token in (self.cls_token, self.dist_token, self.reg_token):
             if token is not None:
                 nn.init.trunc_normal_(token, std=0.02)
+        if self.attn_pool is not None:
+            nn.init.trunc_normal_(self.attn_pool.probe, std=0.02)
         w = self.patch_embed.proj.weight
         nn.init.trunc_normal_(w.view(w.shape[0], -1), std=math.sqrt(1.0 / w[0].numel()))
-        nn.init.zeros_(self.patch_embed.proj.bias)
+        if self.patch_embed.proj.bias is not None:
+            nn.init.zeros_(self.patch_embed.proj.bias)
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.trunc_normal_(module.weight, std=0.02)
@@ -181,35 +277,78 @@ class VisionTransformer(nn.Module):
         self.check_input(x)
         return self.add_prefix_and_position(self.patch_embed(x))
 
+    def position_embedding(self) -> torch.Tensor:  # (1, rows, C)
+        """The position embedding for this image size: the stored grid resized bicubically when
+        it was stored for another (``pos_embed_grid``), prefix rows unchanged."""
+        cfg = self.config
+        if cfg.stored_grid == cfg.grid_size:
+            return self.pos_embed
+        rows = cfg.num_prefix_tokens if cfg.pos_embed_prefix else 0
+        g, G, C = cfg.stored_grid, cfg.grid_size, cfg.embed_dim
+        grid = self.pos_embed[:, rows:].reshape(1, g, g, C).permute(0, 3, 1, 2)  # (1, C, g, g)
+        grid = F.interpolate(grid.float(), size=(G, G), mode="bicubic", align_corners=False,
+                             antialias=cfg.pos_embed_antialias)
+        grid = grid.to(self.pos_embed.dtype).permute(0, 2, 3, 1).reshape(1, G * G, C)
+        return torch.cat([self.pos_embed[:, :rows], grid], dim=1)
+
     def add_prefix_and_position(self, x: torch.Tensor) -> torch.Tensor:  # (B, P, C) -> (B, N, C)
         """Patch tokens in, the sequence the blocks see out: prefix tokens and position embedding."""
+        pos = self.position_embedding()
         if not self.config.pos_embed_prefix:
-            x = x + self.pos_embed
+            x = x + pos
         prefix = [t.expand(x.shape[0], -1, -1) for t in (self.cls_token, self.dist_token, self.reg_token)
                   if t is not None]
         if prefix:
             x = torch.cat([*prefix, x], dim=1)
-        return x + self.pos_embed if self.config.pos_embed_prefix else x
+        x = x + pos if self.config.pos_embed_prefix else x
+        return self.norm_pre(x) if self.norm_pre is not None else x
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_tokens(self, x: torch.Tensor, reducer: TokenReducer | None = None, normalize: bool = True
+                       ) -> tuple[torch.Tensor, TokenState | None]:
+        """Embedded tokens (B, N, C) through the blocks and (``normalize``) the final norm; with a
+        ``reducer``, shortened between blocks. Returns the tokens and their state (None without
+        a reducer)."""
+        state = TokenState.initial(x) if reducer is not None else None
+        for i, block in enumerate(self.blocks):
+            if reducer is None:
+                x = block(x)
+                continue
+            reducer.record(i, x, state)
+            capture: dict[str, Any] | None = {} if reducer.reduces_after(i) and block.attn is not None else None
+            x = block(x, state, capture)
+            if capture is not None:
+                x, state = reducer.reduce(i, x, state, capture)
+        return (self.final_norm(x) if normalize else x), state
+
+    def forward_features(self, x: torch.Tensor, reducer: TokenReducer | None = None) -> torch.Tensor:
         """Output tokens ``(B, N, C)``, prefix tokens first (normalised unless ``fc_norm``)."""
-        x = self.embed(x)
-        for block in self.blocks:
-            x = block(x)
-        return self.final_norm(x)
+        return self.forward_tokens(self.embed(x), reducer)[0]
 
     def final_norm(self, tokens: torch.Tensor) -> torch.Tensor:
         return tokens if self.config.fc_norm else self.norm(tokens)
 
-    def pool(self, tokens: torch.Tensor) -> torch.Tensor:  # (B, N, C) -> (B, C)
-        if self.config.pool == "cls":
+    def pool(self, tokens: torch.Tensor, state: TokenState | None = None) -> torch.Tensor:  # (B, N, C) -> (B, C')
+        """The vector the head reads; a reduced sequence's tokens count by the patches they stand for."""
+        pool, prefix = self.config.pool, self.num_prefix_tokens
+        if pool == "cls":
             return tokens[:, 0]
-        return tokens[:, self.num_prefix_tokens :].mean(dim=1)
+        if pool == "map":
+            return self.attn_pool(tokens, state.attention_bias() if state is not None else None)
+        if state is None:
+            mean = tokens[:, prefix:].mean(dim=1)
+        else:
+            w = state.weights()[:, prefix:].unsqueeze(-1)  # (B, P, 1)
+            mean = (tokens[:, prefix:] * w).sum(1) / w.sum(1)
+        return torch.cat([tokens[:, 0], mean], dim=-1) if pool == "cls_mean" else mean
 
-    def classify(self, tokens: torch.Tensor) -> torch.Tensor:
+    def pooled(self, tokens: torch.Tensor, state: TokenState | None = None) -> torch.Tensor:
+        """The pooled embedding a backbone outputs: :meth:`pool`, normalised when ``fc_norm``."""
+        pooled = self.pool(tokens, state)
+        return self.norm(pooled) if self.config.fc_norm else pooled
+
+    def classify(self, tokens: torch.Tensor, state: TokenState | None = None) -> torch.Tensor:
         """Logits from normalised tokens (B, N, C); with a distillation head, the two heads' mean."""
-        pooled = self.pool(tokens)
-        logits = self.head(self.norm(pooled) if self.config.fc_norm else pooled)
+        logits = self.head(self.pooled(tokens, state))
         if self.head_dist is not None:
             logits = (logits + self.head_dist(tokens[:, 1])) / 2
         return logits

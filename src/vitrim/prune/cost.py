@@ -23,18 +23,21 @@ class CostModel:
             raise ConfigError(f"unknown cost metric {metric!r}; use one of {', '.join(METRICS)} "
                               f"or supply attention, mlp and fixed cost functions")
         self.metric = metric
-        self.attention = attention or (lambda C, d, N: getattr(attention_cost(C, d, N), metric))
-        self.mlp = mlp or (lambda C, d, N: getattr(mlp_cost(C, d, N), metric))
+        self.attention, self.mlp = attention, mlp
         self.fixed = fixed or (lambda cfg: getattr(embedding_cost(cfg), metric) + getattr(head_cost(cfg), metric))
 
-    def block(self, C: int, dims: BlockDims, tokens: int) -> float:
+    def block(self, C: int, dims: BlockDims, tokens: int, cfg: ViTConfig | None = None) -> float:
+        """One block's cost; ``cfg`` (the model's) supplies what the dims do not say (qkv bias,
+        q/k norm, a gated MLP) to the analytic counts."""
         total = 0.0
         if dims.attention:
-            total += self.attention(C, dims, tokens)
+            total += self.attention(C, dims, tokens) if self.attention is not None else getattr(
+                attention_cost(C, dims, tokens, *((cfg.qkv_bias, cfg.qk_norm) if cfg else ())), self.metric)
         if dims.mlp:
-            total += self.mlp(C, dims, tokens)
+            total += self.mlp(C, dims, tokens) if self.mlp is not None else getattr(
+                mlp_cost(C, dims, tokens, bool(cfg and cfg.mlp_gated)), self.metric)
         return total
 
     def total(self, cfg: ViTConfig) -> float:
         N = cfg.num_tokens
-        return self.fixed(cfg) + sum(self.block(cfg.embed_dim, d, N) for d in cfg.blocks)
+        return self.fixed(cfg) + sum(self.block(cfg.embed_dim, d, N, cfg) for d in cfg.blocks)

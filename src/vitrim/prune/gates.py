@@ -114,6 +114,14 @@ def gated(model: VisionTransformer, gates: dict[str, torch.Tensor]) -> Iterator[
     if embed is not None:
         handles.append(model.blocks[0].register_forward_pre_hook(lambda mod, args: (args[0] * embed,)))
         residual_norms = [model.norm] + [n for b in model.blocks for n in (b.norm1, b.norm2) if n is not None]
+        if model.norm_pre is not None:
+            residual_norms.append(model.norm_pre)
+        pool = model.attn_pool
+        if pool is not None:  # its probe, output and MLP live in the embedding width too
+            residual_norms.append(pool.norm)
+            handles.append(pool.q.register_forward_pre_hook(lambda mod, args: (args[0] * embed,)))
+            for layer in (pool.proj, pool.mlp.fc2):
+                handles.append(layer.register_forward_hook(lambda mod, inp, out: out * embed))
         for norm in residual_norms:
             norm.forward = (lambda x, norm=norm: masked_layer_norm(x, embed, norm))  # type: ignore[method-assign]
             patched_norms.append(norm)

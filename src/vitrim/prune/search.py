@@ -124,8 +124,8 @@ class Search:
             new = BlockDims(0, 0, 0, 0, attention=False, mlp=False)
         else:
             new = BlockDims(**values)
-        return self.cost.block(self.embed_keep, new, self.cfg.num_tokens) - \
-            self.cost.block(self.embed_keep, d, self.cfg.num_tokens)
+        return self.cost.block(self.embed_keep, new, self.cfg.num_tokens, self.cfg) - \
+            self.cost.block(self.embed_keep, d, self.cfg.num_tokens, self.cfg)
 
     def candidates(self, current: float) -> list[Candidate]:
         out: list[Candidate] = []

@@ -47,7 +47,10 @@ def slice_model(model: VisionTransformer, plan: PrunePlan) -> VisionTransformer:
     E = torch.tensor(plan.embed, dtype=torch.long)
     pe_src, pe_dst = model.patch_embed.proj, new.patch_embed.proj
     pe_dst.weight.copy_(pe_src.weight[E])
-    pe_dst.bias.copy_(pe_src.bias[E])
+    if pe_src.bias is not None:
+        pe_dst.bias.copy_(pe_src.bias[E])
+    if model.norm_pre is not None:
+        _copy_norm(new.norm_pre, model.norm_pre, E)
     for name in ("cls_token", "dist_token", "reg_token"):
         if getattr(model, name) is not None:
             _copy_vector(getattr(new, name), getattr(model, name), E)
@@ -66,16 +69,34 @@ def slice_model(model: VisionTransformer, plan: PrunePlan) -> VisionTransformer:
                 new_block.attn.q_norm.load_state_dict(old_block.attn.q_norm.state_dict())
                 new_block.attn.k_norm.load_state_dict(old_block.attn.k_norm.state_dict())
         if bp.mlp_on:
-            M = torch.tensor(bp.mlp, dtype=torch.long)
-            _copy_linear(new_block.mlp.fc1, old_block.mlp.fc1, M, E)
-            _copy_linear(new_block.mlp.fc2, old_block.mlp.fc2, E, M)
+            _copy_mlp(new_block.mlp, old_block.mlp, torch.tensor(bp.mlp, dtype=torch.long), E)
             _copy_norm(new_block.norm2, old_block.norm2, E)
             _copy_layer_scale(new_block.ls2, old_block.ls2, E)
     _copy_norm(new.norm, model.norm, E)
-    _copy_linear(new.head, model.head, None, E)
+    if model.attn_pool is not None:
+        _copy_attention_pool(new.attn_pool, model.attn_pool, E)
+    head_columns = torch.cat([E, cfg.embed_dim + E]) if cfg.pool == "cls_mean" else E
+    _copy_linear(new.head, model.head, None, head_columns)
     if model.head_dist is not None:
         _copy_linear(new.head_dist, model.head_dist, None, E)
     return new.train(model.training)
+
+
+def _copy_mlp(dst: nn.Module, src: nn.Module, M: torch.Tensor, E: torch.Tensor | None) -> None:
+    """Hidden units ``M`` (a gated MLP's unit m owns fc1 rows m and M + m) and channels ``E``."""
+    rows = torch.cat([M, src.fc2.in_features + M]) if src.gated else M
+    _copy_linear(dst.fc1, src.fc1, rows, E)
+    _copy_linear(dst.fc2, src.fc2, E, M)
+
+
+def _copy_attention_pool(dst: nn.Module, src: nn.Module, E: torch.Tensor) -> None:
+    """The pooling head keeps its attention width; only its embedding-side rows/columns go."""
+    _copy_vector(dst.probe, src.probe, E)
+    _copy_linear(dst.q, src.q, None, E)
+    _copy_linear(dst.kv, src.kv, None, E)
+    _copy_linear(dst.proj, src.proj, E, None)
+    _copy_norm(dst.norm, src.norm, E)
+    _copy_mlp(dst.mlp, src.mlp, torch.arange(src.mlp.fc2.in_features), E)
 
 
 def _copy_norm(dst: nn.LayerNorm, src: nn.LayerNorm, E: torch.Tensor) -> None:

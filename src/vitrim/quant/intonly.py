@@ -160,6 +160,14 @@ class _Builder:
             raise QuantConfigError("the integer-only simulation does not cover q/k normalisation")
         if cfg.fc_norm and vit.head_dist is not None:
             raise QuantConfigError("the integer-only simulation does not cover a distillation head with fc_norm")
+        unsupported = [what for what, present in (
+            (f"the {cfg.mlp_act} activation (only GELU)", cfg.mlp_act != "gelu"), ("a gated MLP", cfg.mlp_gated),
+            ("a pre-encoder norm", cfg.pre_norm), (f"pool={cfg.pool!r}", cfg.pool in ("map", "cls_mean")),
+            ("resized position embeddings", cfg.stored_grid != cfg.grid_size),
+            ("a patch embedding or head without bias", not (cfg.patch_bias and cfg.head_bias))) if present]
+        if unsupported:
+            raise QuantConfigError(f"the integer-only simulation does not cover {', '.join(unsupported)}; use "
+                                   f"--scheme w8a8 or w4a8 (ONNX Runtime) for this model")
         s_in = self.scale("in", o.act_bits)
         s_x = self.scale("x0", o.residual_bits)
         self.put("in.scale", torch.tensor(s_in, dtype=torch.float64))

@@ -90,10 +90,10 @@ def _layers_in(*modules: nn.Module | None) -> list[QuantModule]:
 
 
 def stages(sim: nn.Module) -> list[Stage]:
-    """Embedding, each block, then final norm + head: ``images -> tokens -> ... -> logits``."""
+    """Embedding, each block, then final norm, pooling head and head: ``images -> tokens -> ... -> logits``."""
     vit = vit_inside(sim)
     result = [Stage("embed", vit.embed, _layers_in(vit.patch_embed))]
     result += [Stage(f"block {i}", block, _layers_in(block)) for i, block in enumerate(vit.blocks)]
     result.append(Stage("head", lambda tokens: vit.classify(vit.final_norm(tokens)),
-                        _layers_in(vit.norm, vit.head, vit.head_dist)))
+                        _layers_in(vit.norm, vit.attn_pool, vit.head, vit.head_dist)))
     return result

@@ -42,6 +42,14 @@ def prefix_dest(B: int, N: int, prefix: int) -> torch.Tensor:
     return dest
 
 
+def fuse_tokens(patches: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """EViT's fused token: the ``weights``-weighted average of ``patches`` (B, P, C), weights
+    (B, P) zero for the tokens that stay. Returns (fused (B, 1, C), total weight (B, 1))."""
+    total = weights.sum(1, keepdim=True)  # (B, 1)
+    fused = (weights.unsqueeze(-1) * patches).sum(1, keepdim=True) / total.clamp_min(1e-12).unsqueeze(-1)
+    return fused, total
+
+
 def drop_tokens(x: torch.Tensor, sizes: torch.Tensor, scores: torch.Tensor, keep: int, prefix: int,
                 fuse: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Keep the ``keep`` most-attended patch tokens; with ``fuse``, add one token that is the
@@ -56,9 +64,7 @@ def drop_tokens(x: torch.Tensor, sizes: torch.Tensor, scores: torch.Tensor, keep
     dest = prefix_dest(B, N, prefix)
     if fuse and keep < patches.shape[1]:
         dropped = torch.ones_like(patch_scores, dtype=torch.bool).scatter(1, index, torch.zeros_like(index, dtype=torch.bool))  # (B, P)
-        weights = patch_scores * dropped  # (B, P)
-        fused = (weights.unsqueeze(-1) * patches).sum(1, keepdim=True) / weights.sum(1, keepdim=True).clamp_min(1e-12).unsqueeze(-1)
-        parts.append(fused)
+        parts.append(fuse_tokens(patches, patch_scores * dropped)[0])
         size_parts.append((patch_sizes * dropped).sum(1, keepdim=True))
         dest[:, prefix:] = prefix + keep  # the fused token, unless kept below
     dest[:, prefix:] = dest[:, prefix:].scatter(1, index, prefix + torch.arange(keep).expand(B, -1))
