@@ -27,10 +27,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, load_reference, write_results  # noqa: E402
 
 import vitrim  # noqa: E402
+from vitrim.adapters.sources import load_model  # noqa: E402
 from vitrim.bench.latency import paired_latency  # noqa: E402
 from vitrim.compress import CompressConfig, compress, torch_size  # noqa: E402
 from vitrim.data import load_dataset  # noqa: E402
-from vitrim.models import get_preset  # noqa: E402
 from vitrim.quant import OnnxModel, export, quantize  # noqa: E402
 from vitrim.quant.blockwise import BlockwiseConfig  # noqa: E402
 from vitrim.quant.intonly import IntOnlyOptions, int_only  # noqa: E402
@@ -106,8 +106,7 @@ def compress_row(dense: Any, test: Any, args: argparse.Namespace, out: Path) -> 
 
 
 def deit_rows(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
-    cfg = get_preset("vit-small").build()
-    model = vitrim.create(cfg, seed=0).eval()
+    model = load_model("vit-small", allow_random=True).model  # random init, seed 0
     check = torch.randn(args.deit_calib, 3, 224, 224, generator=torch.Generator().manual_seed(0))
     fp32 = export(model, work / "deit-fp32.onnx", check_images=check[:2], threads=args.threads)
     ort_fp32 = OnnxModel(fp32.path, threads=args.threads)

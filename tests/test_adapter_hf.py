@@ -6,7 +6,7 @@ import transformers
 import vitrim
 from tests.test_prune import random_set
 from vitrim.adapters import head_kind
-from vitrim.adapters.hf import from_canonical, hf_metadata, to_canonical
+from vitrim.adapters.families.hf_vit import from_canonical, hf_metadata, to_canonical
 from vitrim.errors import ConfigError, ModelFileError
 from vitrim.models import BlockDims
 
@@ -159,13 +159,15 @@ def test_pooler_follows_the_pruned_embedding_channels(tmp_path, images):
         assert torch.equal(again(pixel_values=images).pooler_output, pooled)
 
 
-def test_backbone_without_head_needs_magnitude_saliency():
+def test_backbone_without_head_prunes_by_its_features():
+    """No classifier: labels mean nothing, so 'auto' prunes by the distance to the dense features."""
     model = hf_model("ViTModel")
     data = random_set(to_canonical(model).config, n=8, classes=1)
-    with pytest.raises(ConfigError, match="no head .*saliency='magnitude'"):
-        vitrim.prune(model, "flops=0.6", data, calib_images=8, progress=False)
-    result = vitrim.prune(model, "flops=0.6", data, saliency="magnitude", calib_images=8, round_to=4, progress=False)
+    with pytest.raises(ConfigError, match="no head .*objective='features'"):
+        vitrim.prune(model, "flops=0.6", data, objective="labels", calib_images=8, progress=False)
+    result = vitrim.prune(model, "flops=0.6", data, calib_images=8, round_to=4, progress=False)
     assert type(result.model).__name__ == "ViTModel" and result.kept_ratio <= 0.6
+    assert result.config.objective == "features" and result.model.config.hidden_size == model.config.hidden_size
 
 
 # --- Hugging Face directories (save_pretrained) ------------------------------------------------
@@ -315,7 +317,8 @@ def test_cli_bench_analyze_and_eval_on_hf_directories(capsys, tmp_path):
 @pytest.mark.parametrize("argv, message", [
     (["eval", "{backbone}"], "ViTModel without a classifier; eval needs class logits"),
     (["bench", "{resnet}"], r"ResNetForImageClassification model\) is not a model vitrim knows; supported"),
-    (["prune", "{backbone}", "--data", "random", "--calib", "4"], "no head .*--saliency magnitude"),
+    (["prune", "{backbone}", "--data", "random", "--calib", "4", "--objective", "labels"],
+     "no head .*--objective features"),
     (["bench", "{vit}", "--pretrained"], "--pretrained .*applies to timm:NAME models"),
     (["analyze", "hf:"], "incomplete: use hf:DIR or timm:NAME"),
 ])

@@ -130,10 +130,12 @@ def test_pretrained_cfg_survives_pruning_and_reload(tmp_path):
     assert to_canonical(again).config.mean == (0.485, 0.456, 0.406)
 
 
-def test_backbone_without_head_needs_magnitude_saliency():
+def test_backbone_without_head_prunes_by_its_features():
     model = build(num_classes=0)
-    with pytest.raises(ConfigError, match="no head .*saliency='magnitude'"):
-        vitrim.prune(model, "flops=0.6", calibration(model, 8), calib_images=8, progress=False)
+    with pytest.raises(ConfigError, match="no head .*objective='features'"):
+        vitrim.prune(model, "flops=0.6", calibration(model, 8), objective="labels", calib_images=8, progress=False)
+    result = vitrim.prune(model, "flops=0.6", calibration(model, 8), calib_images=8, round_to=4, progress=False)
+    assert type(result.model) is type(model) and result.kept_ratio <= 0.6 and result.config.objective == "features"
 
 
 def test_cli_prune_keeps_the_timm_family(capsys, tmp_path, images):

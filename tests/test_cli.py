@@ -160,3 +160,46 @@ def test_prune_with_random_calibration(capsys, tmp_path):
     from vitrim.prune.report import dimension_plan
 
     assert dimension_plan(vitrim.load(out).config) == report["pruned"]["dimension_plan"]
+
+
+def test_cli_functions_are_at_most_80_lines():
+    """The command line parses, calls the library and prints: no long functions there."""
+    import ast
+    from pathlib import Path
+
+    src = Path(__file__).resolve().parents[1] / "src" / "vitrim"
+    long = []
+    for path in (src / "cli.py", src / "quant" / "cli.py", src / "cli_common.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                start = min([node.lineno] + [d.lineno for d in node.decorator_list])
+                if node.end_lineno - start + 1 > 80:
+                    long.append(f"{path.name}:{node.name} ({node.end_lineno - start + 1} lines)")
+    assert not long, "functions over 80 lines: " + ", ".join(long)
+
+
+def test_cli_defaults_are_the_librarys():
+    """Each default is declared once, in the library; the parser and its help show that one."""
+    import argparse
+
+    from vitrim.cli import build_parser
+    from vitrim.cli_common import default_of
+    from vitrim.compress import CompressConfig
+    from vitrim.prune import PruneConfig
+    from vitrim.train import TrainConfig
+
+    parser = build_parser()
+    prune = parser.parse_args(["prune"])
+    assert (prune.target, prune.calib, prune.steps, prune.kd_lr) == (
+        PruneConfig.target, PruneConfig.calib_images, PruneConfig.steps, PruneConfig.kd_lr)
+    train = parser.parse_args(["train", "--out", "x"])
+    for name in ("epochs", "batch_size", "lr", "min_lr", "weight_decay", "label_smoothing", "augment", "seed",
+                 "precision", "distill_alpha", "distill_temperature"):
+        assert getattr(train, name) == default_of(TrainConfig, name), name
+    compress = parser.parse_args(["compress"])
+    assert (compress.prune, compress.quant, compress.calib) == (CompressConfig.prune, CompressConfig.quant,
+                                                                 CompressConfig.calib)
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    assert "--lr LR default: 0.001" in " ".join(sub.choices["train"].format_help().split())
+    with pytest.raises(Exception, match="no field 'nope'"):
+        default_of(TrainConfig, "nope")

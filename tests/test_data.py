@@ -97,8 +97,14 @@ def test_image_folder(tmp_path):
     assert data.images.shape == (4, 3, 16, 16) and data.class_names == ["cat", "dog"]
     assert data.labels.tolist() == [0, 0, 1, 1]
     assert data.images[2].mean().item() == pytest.approx(200 / 255, abs=1e-3)
-    with pytest.raises(DataError, match="no class sub-folders"):
-        load_dataset(f"folder:{tmp_path / 'f' / 'cat'}")
+    flat = load_dataset(f"folder:{tmp_path / 'f' / 'cat'}", image_size=16)  # no class sub-folders: unlabelled
+    assert flat.labels is None and flat.class_names == [] and len(flat) == 2
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no images .* and no class sub-folders; use one layout"):
+        load_dataset(f"folder:{tmp_path / 'empty'}")
+    (tmp_path / "f" / "loose.png").write_bytes((tmp_path / "f" / "cat" / "0.png").read_bytes())
+    with pytest.raises(DataError, match=r"holds both images \(loose.png, ...\) and sub-folders \(cat/, ...\)"):
+        load_dataset(f"folder:{tmp_path / 'f'}")
 
 
 def test_batches_normalise_and_cover_every_image():

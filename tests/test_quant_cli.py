@@ -17,7 +17,9 @@ from vitrim.data import load_dataset  # noqa: E402
 from vitrim.errors import ConfigError  # noqa: E402
 from vitrim.models import uniform_config  # noqa: E402
 from vitrim.quant import MissingMetadataError, OnnxModel  # noqa: E402
-from vitrim.quant.cli import add_onnx_input_args, measure_any, register, resolve_model_or_onnx  # noqa: E402
+from vitrim.bench.any_model import measure_any  # noqa: E402
+from vitrim.cli_common import add_onnx_input_args, resolve_runnable  # noqa: E402
+from vitrim.quant.cli import register  # noqa: E402
 
 _build_parser = vitrim.cli.build_parser
 
@@ -129,6 +131,11 @@ def test_unknown_scheme_or_calibrator_is_a_usage_error(setup, capsys, tmp_path):
             vitrim.cli.main(["quantize", str(setup / "model.onnx"), "--out", str(tmp_path / "q"), *extra])
         assert exc.value.code == 2
         assert "invalid choice" in capsys.readouterr().err
+
+
+def resolve_model_or_onnx(args):
+    """The model eval/bench run for ``args.model``: a .onnx file in ONNX Runtime, else the torch model."""
+    return resolve_runnable(args)
 
 
 def _eval_bench_parser():

@@ -14,9 +14,9 @@ from typing import Any, Callable
 
 from torch import nn
 
-from vitrim.bench.accuracy import evaluate
+from vitrim.bench.any_model import compare_models
 from vitrim.bench.flops import model_cost
-from vitrim.bench.latency import choose_threads, interleaved_latency, unstable_warning
+from vitrim.bench.latency import unstable_warning
 from vitrim.data.dataset import ImageSet
 from vitrim.errors import ConfigError
 from vitrim.fsutil import atomic_dir, atomic_path, check_output_dir, write_json, write_text
@@ -111,11 +111,16 @@ def compress(model: VisionTransformer, train: ImageSet, test: ImageSet, cfg: Com
     check_compress(model, train, cfg, out_dir)
     with atomic_dir(out_dir) as tmp:
         stages, runners = run_stages(model, train, test, cfg, tmp, progress=progress, log=log)
-        log("timing every stage, interleaved")
-        time_stages(stages, runners, cfg, tmp)
-        dense = stages[0]
+        measured = compare_models(runners, LATENCY_BATCHES, test=test, image_size=model.config.image_size,
+                                  threads=cfg.threads, runs=cfg.runs, progress=progress, desc="{name}", log=log)
+        dense = measured[stages[0]["stage"]]
         for entry in stages:
-            entry["size_ratio"] = dense["size_bytes"] / entry["size_bytes"]
+            result = measured[entry["stage"]]
+            entry.update(accuracy=result["accuracy"], threads=result["thread_policy"], latency=result["latency"])
+            for batch in LATENCY_BATCHES:
+                entry[f"latency_ms_b{batch}"] = result["latency"][str(batch)]["median_ms"]
+                entry[f"speedup_b{batch}"] = result["latency"][str(batch)]["speedup"]
+            entry["size_ratio"] = stages[0]["size_bytes"] / entry["size_bytes"]
             entry["drop_points"] = (dense["accuracy"] - entry["accuracy"]) * 100
         report = {"config": asdict(cfg), "stages": stages}
         write_report(tmp, report)
@@ -124,7 +129,7 @@ def compress(model: VisionTransformer, train: ImageSet, test: ImageSet, cfg: Com
 
 def run_stages(model: VisionTransformer, train: ImageSet, test: ImageSet, cfg: CompressConfig, out: Path, *,
                progress: bool, log: Callable[[str], None]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Build every stage and measure its accuracy; the stage entries and ``{stage: model}`` to time."""
+    """Build every stage; the stage entries (size, FLOPs, checks) and ``{stage: model}`` to measure."""
     from vitrim.prune import prune
     from vitrim.tokens import reduce_tokens, reduced_flops
 
@@ -134,9 +139,7 @@ def run_stages(model: VisionTransformer, train: ImageSet, test: ImageSet, cfg: C
     runners: dict[str, Any] = {}
 
     def add(name: str, net, size_bytes: int, flops: float, **extra: Any) -> None:
-        log(f"evaluating {name}")
-        stages.append({"stage": name, "size_bytes": size_bytes, "flops": flops, **extra,
-                       "accuracy": evaluate(net, test, image_size=size, progress=progress, desc=name)["accuracy"]})
+        stages.append({"stage": name, "size_bytes": size_bytes, "flops": flops, **extra})
         runners[name] = net
 
     add("torch fp32 dense", model, torch_size(model), model_cost(model.config).flops)
@@ -168,25 +171,6 @@ def run_stages(model: VisionTransformer, train: ImageSet, test: ImageSet, cfg: C
             OnnxModel(quantized.path, threads=cfg.threads), quantized.size_bytes, flops,
             check=quantized.check.to_dict())
     return stages, runners
-
-
-def time_stages(stages: list[dict[str, Any]], runners: dict[str, Any], cfg: CompressConfig, out: Path) -> None:
-    """Time all stages in one interleaved run at one thread count; fill in each stage's latency."""
-    from vitrim.quant.bench import with_threads
-    from vitrim.quant.runtime import OnnxModel
-
-    choice = choose_threads(cfg.threads)
-    ready = {name: with_threads(net, choice.threads) if isinstance(net, OnnxModel) else net
-             for name, net in runners.items()}
-    timed = interleaved_latency(ready, LATENCY_BATCHES, threads=choice.threads, runs=cfg.runs,
-                                reference=stages[0]["stage"])
-    for entry in stages:
-        entry["threads"] = choice.to_dict()
-        entry["latency"] = {str(batch): timed[entry["stage"]][batch] for batch in LATENCY_BATCHES}
-        for batch in LATENCY_BATCHES:
-            stats = timed[entry["stage"]][batch]
-            entry[f"latency_ms_b{batch}"] = stats["median_ms"]
-            entry[f"speedup_b{batch}"] = stats["speedup"]
 
 
 def _ms(stage: dict[str, Any], batch: int, digits: int) -> str:

@@ -112,7 +112,7 @@ def save(model: nn.Module, directory: str | Path, extra: dict[str, Any] | None =
 
 def _canonical_for_saving(model: nn.Module, extra: dict[str, Any] | None) -> tuple[nn.Module, dict[str, Any]]:
     """The module whose weights are stored, and the config entries that rebuild the original."""
-    from vitrim.adapters import family_of, metadata, to_canonical
+    from vitrim.adapters import is_converted, metadata, to_canonical
     from vitrim.iret import IncrementalViT
     from vitrim.tokens import TokenReducedViT
 
@@ -124,11 +124,13 @@ def _canonical_for_saving(model: nn.Module, extra: dict[str, Any] | None) -> tup
         model = model.model
     elif isinstance(model, VisionTransformer) and model.token_reduction:
         extra["tokens"] = dict(model.token_reduction)
-    if family_of(model) in ("hf", "timm"):
+    if is_converted(model):
         extra.update(metadata(model))
         model = to_canonical(model)
     if not isinstance(model, VisionTransformer):
-        raise ConfigError(f"vitrim.save handles vitrim, Hugging Face and timm ViTs, got {type(model).__name__}")
+        from vitrim.adapters import unsupported
+
+        raise unsupported(f"vitrim.save: {type(model).__name__}")
     return model, extra
 
 
@@ -157,10 +159,8 @@ def load_dir(directory: str | Path) -> nn.Module:
     family = data.get("family", "vitrim")
     try:
         cfg = ViTConfig.from_dict(data["config"])
-        if family in ("hf", "timm"):
-            from vitrim.adapters import check_family_metadata
-
-            check_family_metadata(data, cfg.num_classes)  # before the weights are read
+        if family != "iret":
+            _check_family(data, cfg.num_classes)  # before the weights are read
     except (ConfigError, ModelFileError) as exc:
         raise ModelFileError(f"{directory / CONFIG_FILE}: {exc}") from None
     model = VisionTransformer(cfg)
@@ -176,9 +176,19 @@ def load_dir(directory: str | Path) -> nn.Module:
         return model.eval()
     if "tokens" in data:
         model.token_reduction = check_token_reduction(data["tokens"], directory / CONFIG_FILE)
-    from vitrim.adapters import FAMILIES, from_canonical
+    from vitrim.adapters import from_canonical
 
-    if family not in FAMILIES:
-        raise ModelFileError(f"{directory / CONFIG_FILE} names an unknown model family {family!r} "
-                             f"({', '.join(FAMILIES)})")
     return from_canonical(model.eval(), data)
+
+
+def _check_family(data: dict[str, Any], num_classes: int) -> None:
+    """A :class:`ModelFileError` for a saved config naming an unknown family or lacking what it needs."""
+    from vitrim.adapters import check_family_metadata
+    from vitrim.adapters.registry import families
+
+    family = data.get("family", "vitrim")
+    names = [f.name for f in families()] + ["iret"]
+    if family not in names:
+        raise ModelFileError(f"it names an unknown model family {family!r} (known: {', '.join(names)}); "
+                             f"re-save the model with vitrim.save")
+    check_family_metadata(data, num_classes)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from vitrim.adapters import family_of, require_family, to_canonical
+from vitrim.adapters import is_converted, require_family, to_canonical
 
 
 class NativeModel(nn.Module):
@@ -36,4 +36,4 @@ class NativeModel(nn.Module):
 
 def native(model: nn.Module) -> nn.Module:
     """``model`` itself for a vitrim ViT (or any model of no family), else a :class:`NativeModel`."""
-    return NativeModel(model) if family_of(model) in ("hf", "timm") else model
+    return NativeModel(model) if is_converted(model) else model

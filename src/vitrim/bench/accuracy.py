@@ -23,7 +23,7 @@ def declared_outputs(model: Any) -> int | None:
     if isinstance(width, int):
         return width
     inner = getattr(model, "model", None)
-    if getattr(model, "family", None) in ("hf", "timm") and inner is not None:
+    if getattr(model, "family", "vitrim") != "vitrim" and inner is not None:
         from vitrim.adapters import head_kind
 
         if head_kind(inner) != "classifier":

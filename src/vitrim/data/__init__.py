@@ -16,7 +16,9 @@ def load_dataset(spec: str, split: str = "test", *, data_dir: str | Path | None 
                  image_size: int = 224, channels: int = 3) -> ImageSet:
     """Load a dataset by spec: ``fashion-mnist``, ``idx:DIR`` (MNIST format) or ``folder:DIR``.
 
-    For image folders, ``DIR/<split>`` is used when it exists, else ``DIR`` itself.
+    For image folders, ``DIR/<split>`` is used when it exists, else ``DIR`` itself; a folder of
+    class sub-folders is labelled, a flat folder of images unlabelled (``labels`` is ``None``, for
+    pruning with ``objective="features"``).
     """
     if spec == "fashion-mnist":
         return load_fashion_mnist(split, data_dir)

@@ -1,4 +1,5 @@
-"""Labelled image sets held as tensors, batched with augmentation written in torch."""
+"""Image sets held as tensors (labelled, or unlabelled for label-free pruning), batched with
+augmentation written in torch."""
 
 from __future__ import annotations
 
@@ -17,12 +18,16 @@ AUGMENTATIONS = ("crop", "flip")  # random shift by 2 pixels; horizontal flip
 class ImageSet:
     """Images ``(N, C, H, W)`` as uint8 (0..255) or float (0..1) and integer labels ``(N,)``.
 
-    ``inferred_classes`` marks class names guessed from the labels (an IDX directory names none),
-    so a split lacking the last classes may list fewer than the model predicts.
+    ``labels`` is ``None`` for an unlabelled set (a flat folder of images, ``class_names`` empty):
+    it serves label-free pruning (``objective="features"``), and everything that needs labels —
+    accuracy, :meth:`check_classes`, a classification loss, training — raises the
+    :class:`DataError` of :meth:`require_labels`. ``inferred_classes`` marks class names guessed
+    from the labels (an IDX directory names none), so a split lacking the last classes may list
+    fewer than the model predicts.
     """
 
     images: torch.Tensor
-    labels: torch.Tensor
+    labels: torch.Tensor | None
     class_names: list[str]
     mean: tuple[float, ...]
     std: tuple[float, ...]
@@ -32,6 +37,8 @@ class ImageSet:
     def __post_init__(self) -> None:
         if self.images.ndim != 4:
             raise DataError(f"{self.name}: images must be (N, C, H, W), got {tuple(self.images.shape)}")
+        if self.labels is None:
+            return
         if self.labels.shape != (self.images.shape[0],):
             raise DataError(f"{self.name}: {self.images.shape[0]} images but labels of shape "
                             f"{tuple(self.labels.shape)}")
@@ -41,12 +48,27 @@ class ImageSet:
             raise DataError(f"{self.name}: label {int(self.labels.min())} is negative; labels are class "
                             f"indices 0, 1, 2, ...")
 
+    @property
+    def labelled(self) -> bool:
+        """Whether the images carry labels (an unlabelled set's ``labels`` is ``None``)."""
+        return self.labels is not None
+
+    def require_labels(self, use: str) -> torch.Tensor:
+        """The labels ``(N,)``; a :class:`DataError` naming ``use`` and the fix if there are none."""
+        if self.labels is None:
+            raise DataError(f"{self.name} is unlabelled but {use} needs labels; put the images in one sub-folder "
+                            f"per class (DIR/<class>/<image>), or, to prune, use objective='features' "
+                            f"(--objective features), which needs none")
+        return self.labels
+
     def check_classes(self, num_outputs: int, model: str = "the model") -> None:
         """A :class:`DataError` unless ``model``'s ``num_outputs`` logits fit these labels and classes.
 
         Every label must be below ``num_outputs``; unless the class names were inferred from the
-        labels, the data set's class count must equal ``num_outputs`` too.
+        labels, the data set's class count must equal ``num_outputs`` too. Unlabelled data fails
+        (:meth:`require_labels`).
         """
+        self.require_labels(f"evaluation against {model}'s classes (accuracy, classification loss)")
         if len(self.labels) and int(self.labels.max()) >= num_outputs:
             raise DataError(f"{self.name} has labels up to {int(self.labels.max())} but {model} has "
                             f"{num_outputs} outputs (classes 0..{num_outputs - 1}); use data labelled for this "
@@ -73,8 +95,13 @@ class ImageSet:
             raise DataError(f"a subset needs at least 1 image, asked for {count}")
         if count > len(self):
             raise DataError(f"{self.name} has {len(self)} images, asked for {count}")
-        return ImageSet(self.images[:count], self.labels[:count], self.class_names, self.mean,
-                        self.std, self.name, self.inferred_classes)
+        return self.take(slice(0, count))
+
+    def take(self, index: torch.Tensor | slice) -> "ImageSet":
+        """The images (and labels, if any) at ``index`` (K,) or in a slice, in that order."""
+        labels = self.labels[index] if self.labels is not None else None
+        return ImageSet(self.images[index], labels, self.class_names, self.mean, self.std, self.name,
+                        self.inferred_classes)
 
     def batches(
         self,
@@ -85,8 +112,8 @@ class ImageSet:
         augment: bool | Collection[str] = False,
         generator: torch.Generator | None = None,
         drop_last: bool = False,
-    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Normalised float batches ``(B, C, S, S)`` and labels ``(B,)``.
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+        """Normalised float batches ``(B, C, S, S)`` and labels ``(B,)`` (``None`` when unlabelled).
 
         ``augment``: the random transforms of :data:`AUGMENTATIONS` to apply ("crop", "flip");
         ``True`` means both.
@@ -101,7 +128,7 @@ class ImageSet:
             x = to_float(self.images[index])
             if ops:
                 x = random_crop_flip(x, generator, crop="crop" in ops, flip="flip" in ops)
-            yield self.prepare(x, image_size), self.labels[index]
+            yield self.prepare(x, image_size), self.labels[index] if self.labels is not None else None
 
     def prepare(self, x: torch.Tensor, image_size: int | None = None) -> torch.Tensor:
         if image_size is not None and x.shape[-1] != image_size:

@@ -1,4 +1,5 @@
-"""An image-folder dataset: one sub-folder per class, decoded with PIL, resized in torch."""
+"""Image-folder datasets decoded with PIL, resized in torch: one sub-folder per class (labelled),
+or a flat folder of images (unlabelled, for label-free pruning)."""
 
 from __future__ import annotations
 
@@ -58,7 +59,12 @@ def _check_folder_memory(root: Path, count: int, channels: int, image_size: int)
 def load_image_folder(root: str | Path, image_size: int, channels: int = 3,
                       mean: tuple[float, ...] | None = None,
                       std: tuple[float, ...] | None = None) -> ImageSet:
-    """Decode every image under ``root/<class>/`` into memory at ``image_size``."""
+    """Decode every image under ``root`` into memory at ``image_size``.
+
+    ``root/<class>/<image>`` gives a labelled set (classes in sorted folder order);
+    ``root/<image>`` with no sub-folders an unlabelled one (``labels`` is ``None``). A folder
+    holding both images and sub-folders is refused, as it fits neither layout.
+    """
     try:
         import PIL.Image  # noqa: F401 - decode_image needs it
     except ImportError:
@@ -66,23 +72,34 @@ def load_image_folder(root: str | Path, image_size: int, channels: int = 3,
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"image folder {root} does not exist")
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
-    if not classes:
-        raise DataError(f"{root} has no class sub-folders; expected {root}/<class>/<image>.png")
     mode = {1: "L", 3: "RGB"}.get(channels)
     if mode is None:
         raise DataError(f"image folders support 1 or 3 channels, got {channels}")
-    files = [(label, path) for label, name in enumerate(classes) for path in sorted((root / name).iterdir())
-             if path.suffix.lower() in IMAGE_SUFFIXES]
-    if not files:
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    loose = _images_in(root)
+    layouts = (f"use one layout: {root}/<class>/<image>.png (labelled) or {root}/<image>.png with no "
+               f"sub-folders (unlabelled, for objective='features')")
+    if classes and loose:
+        raise DataError(f"{root} holds both images ({loose[0].name}, ...) and sub-folders ({classes[0]}/, ...); "
+                        f"{layouts}")
+    if not classes and not loose:
+        raise DataError(f"{root} has no images ({', '.join(sorted(IMAGE_SUFFIXES))}) and no class sub-folders; "
+                        f"{layouts}")
+    files = [(label, path) for label, name in enumerate(classes) for path in _images_in(root / name)]
+    if classes and not files:
         raise DataError(f"{root} has class folders but no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    files = files or [(None, path) for path in loose]
     _check_folder_memory(root, len(files), channels, image_size)
-    images, labels = [], []
-    for label, path in files:
+    images = []
+    for _, path in files:
         tensor = torch.from_numpy(decode_image(path, mode).copy()).float().div_(255.0)
         tensor = tensor[None] if tensor.ndim == 2 else tensor.permute(2, 0, 1)
         images.append(resize_center_crop(tensor, image_size))
-        labels.append(label)
+    labels = torch.tensor([label for label, _ in files]) if classes else None  # (N,), or unlabelled
     default_mean, default_std = (IMAGENET_MEAN, IMAGENET_STD) if channels == 3 else ((0.5,), (0.5,))
-    return ImageSet(torch.stack(images), torch.tensor(labels), classes, mean or default_mean,
-                    std or default_std, name=str(root))
+    return ImageSet(torch.stack(images), labels, classes, mean or default_mean, std or default_std, name=str(root))
+
+
+def _images_in(folder: Path) -> list[Path]:
+    """The image files directly in ``folder``, sorted by name."""
+    return [p for p in sorted(folder.iterdir()) if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]

@@ -18,13 +18,18 @@ from vitrim.models import VisionTransformer
 from vitrim.progress import progress_bar
 from vitrim.prune.cost import CostModel
 from vitrim.prune.recover import distill, reconstruct
-from vitrim.prune.saliency import METHODS, LossFn, classification_loss, saliency
+from vitrim.prune.saliency import (METHODS, SECOND_ORDER, FeatureDistance, LossFn, classification_loss,
+                                   output_features, saliency)
 from vitrim.prune.search import STRUCTURES, Search
 from vitrim.prune.surgery import slice_model
 
 RECOVERY = ("none", "reconstruct", "kd", "reconstruct+kd")  # the last: least squares, then distillation
 TARGET_METRICS = ("flops", "params", "latency")
 STRUCTURE_ALIASES = {"attn-layer": "attn_layer", "mlp-layer": "mlp_layer", "head": "heads"}
+# what the loss measures: the classification loss on labels, the distance to the dense model's
+# output features (no labels; for backbones), or "auto": features for a model without a
+# classifier or data without labels, else labels
+OBJECTIVES = ("auto", "labels", "features")
 
 
 def parse_target(target: str | tuple[str, float]) -> tuple[str, float]:
@@ -48,6 +53,7 @@ def parse_target(target: str | tuple[str, float]) -> tuple[str, float]:
 
 
 def parse_structures(structures: str | tuple[str, ...] | list[str] | None) -> tuple[str, ...]:
+    """``"heads,mlp,attn-layer"`` -> ("heads", "mlp", "attn_layer"); ``None``: every kind."""
     if structures is None:
         return STRUCTURES
     items = structures.split(",") if isinstance(structures, str) else list(structures)
@@ -61,8 +67,11 @@ def parse_structures(structures: str | tuple[str, ...] | list[str] | None) -> tu
 
 @dataclass
 class PruneConfig:
+    """Pruning settings; ``structures=None`` is every kind, but without ``embed`` under the
+    ``features`` objective (a backbone keeps its output width unless ``embed`` is listed)."""
+
     target: str = "flops=0.5"
-    structures: tuple[str, ...] = STRUCTURES
+    structures: tuple[str, ...] | None = None
     exclude: tuple[str, ...] = ()
     saliency: str = "fisher"
     calib_images: int = 512
@@ -78,11 +87,15 @@ class PruneConfig:
     latency_batch: int = 1  # batch size the latency table is measured at (target latency=...)
     step_kd_images: int = 0  # distillation between pruning steps (0 = none)
     seed: int = 0
+    objective: str = "auto"  # see OBJECTIVES
 
     def __post_init__(self) -> None:
         self.metric, self.ratio = parse_target(self.target)
+        self._default_structures = self.structures is None  # not a field: replace() makes them explicit
         self.structures = parse_structures(self.structures)
         self.exclude = tuple(self.exclude)
+        if self.objective not in OBJECTIVES:
+            raise ConfigError(f"unknown objective {self.objective!r}; use one of {', '.join(OBJECTIVES)}")
         if self.saliency not in METHODS:
             raise ConfigError(f"unknown saliency {self.saliency!r}; use one of {', '.join(METHODS)}")
         if self.recover not in RECOVERY:
@@ -109,7 +122,7 @@ class PruneConfig:
         return self.recover in ("kd", "reconstruct+kd")
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()}
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items() if not k.startswith("_")}
 
 
 @dataclass
@@ -119,6 +132,8 @@ class PruneResult:
     pruned_cost: float
     metric: str
     steps: list[dict[str, Any]] = field(default_factory=list)
+    embed_index: list[int] = field(default_factory=list)  # the dense channel of each kept embedding channel
+    config: PruneConfig | None = None  # the settings used: objective decided, structures as pruned
 
     @property
     def kept_ratio(self) -> float:
@@ -131,8 +146,47 @@ def calibration_batches(data: ImageSet, count: int, batch_size: int, image_size:
     if count > len(data):
         raise DataError(f"asked for {count} calibration images but {data.name} has {len(data)}")
     order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:count]
-    picked = ImageSet(data.images[order], data.labels[order], data.class_names, data.mean, data.std, data.name)
-    return list(picked.batches(batch_size, image_size=image_size))
+    return list(data.take(order).batches(batch_size, image_size=image_size))
+
+
+def resolve_objective(cfg: PruneConfig, model: Any, data: ImageSet | None, loss_fn: LossFn = classification_loss,
+                      say: Callable[[str], None] = lambda text: None) -> PruneConfig:
+    """``cfg`` with the objective ``"auto"`` decided and the structures it implies, checked against
+    ``model`` (any supported family) and ``data`` before any work.
+
+    ``"auto"`` is ``"features"`` when the model's head is not a classifier (a pooler or none) or
+    the data has no labels, else ``"labels"`` (always, with a custom ``loss_fn``). Under
+    ``"features"``, default structures leave ``embed`` out, so the output width stays.
+    """
+    from vitrim.adapters import head_kind
+
+    head = head_kind(model)
+    objective = cfg.objective
+    unlabelled = data is not None and not data.labelled
+    if objective == "auto":
+        custom = loss_fn is not classification_loss
+        objective = "features" if not custom and (head != "classifier" or unlabelled) else "labels"
+        if objective == "features":  # the usual choice goes unsaid
+            why = "the model has no classifier" if head != "classifier" else "the images have no labels"
+            say(f"objective 'auto': features ({why})")
+    needs_loss = cfg.saliency != "magnitude"
+    if objective == "labels" and head == "none" and (needs_loss or cfg.distils):
+        raise ConfigError(f"{type(model).__name__} has no head (no classifier or pooler), so objective='labels' "
+                          f"has no logits; use objective='features' (--objective features) to prune it by the "
+                          f"distance to its dense output features")
+    if objective == "labels" and unlabelled and needs_loss and loss_fn is classification_loss:
+        data.require_labels(f"the {cfg.saliency} saliency of objective='labels'")
+    if objective == "features" and loss_fn is not classification_loss:
+        raise ConfigError("loss_fn applies to objective='labels'; drop it, or pass objective='labels'")
+    if objective == "features" and cfg.saliency == "taylor":
+        say("objective 'features' with the taylor saliency: the distance is at its minimum at the dense model, so "
+            "the first step sees no first-order signal; fisher or taylor2 (--saliency) rank by the second-order term")
+    structures = cfg.structures
+    if objective == "features" and cfg._default_structures and "embed" in structures:
+        structures = tuple(s for s in structures if s != "embed")
+        say("objective 'features': embedding channels are not pruned, so the output width stays (list 'embed' "
+            "in structures, --structures, to prune them)")
+    return dataclasses.replace(cfg, objective=objective, structures=structures)
 
 
 def prune(model: VisionTransformer, target: str = "flops=0.5", data: ImageSet | None = None, *,
@@ -141,38 +195,37 @@ def prune(model: VisionTransformer, target: str = "flops=0.5", data: ImageSet | 
           log: Callable[[str], None] | None = None, **options: Any) -> PruneResult:
     """Prune ``model`` to ``target`` (e.g. ``"flops=0.5"``) and recover; ``model`` is not modified.
 
-    ``data`` supplies calibration images (labels are used by the default loss); ``train_data``
-    the images for ``recover="kd"`` or ``"reconstruct+kd"`` (defaults to ``data``). ``options``
-    are :class:`PruneConfig` fields (``structures``, ``exclude``, ``saliency``, ``steps``,
-    ``round_to``, ...).
+    ``data`` supplies calibration images; ``train_data`` the images for ``recover="kd"`` or
+    ``"reconstruct+kd"`` (defaults to ``data``). ``options`` are :class:`PruneConfig` fields
+    (``structures``, ``exclude``, ``saliency``, ``steps``, ``round_to``, ``objective``, ...).
+    With ``objective="labels"`` the loss is ``loss_fn`` (cross-entropy) on the labels; with
+    ``"features"`` (the ``"auto"`` choice for a backbone or unlabelled images) it is the
+    :class:`~vitrim.prune.saliency.FeatureDistance` to the dense model's output features, for
+    saliency and distillation alike, so no labels are needed.
     """
     cfg = config or PruneConfig(target=target, recover=recover, **options)
-    from vitrim.adapters import family_of, from_canonical, head_kind, metadata, require_family, to_canonical
+    from vitrim.adapters import family, from_canonical, is_converted, metadata, to_canonical
 
-    if family_of(model) in ("hf", "timm"):
-        if head_kind(model) == "none" and cfg.saliency != "magnitude":
-            # a backbone's canonical head is a zero placeholder: no loss gradient reaches the gates
-            raise ConfigError(f"{type(model).__name__} has no head (no classifier or pooler), so the {cfg.saliency} "
-                              f"saliency has no loss to differentiate; use saliency='magnitude' "
-                              f"(--saliency magnitude)")
-        # Both families' attention uses one head width for queries, keys and values (timm's fused
-        # kernel also derives the softmax scale from it): heads are pruned whole there.
-        kept = tuple(s for s in cfg.structures if s not in ("qk", "v"))
-        if not kept:
-            raise ConfigError("Hugging Face and timm ViTs can be pruned by heads, mlp, embed, attn-layer, mlp-layer")
+    say = log or (lambda text: None)
+    cfg = resolve_objective(cfg, model, data, loss_fn, say)
+    found = family(model)  # an unknown model: one error naming the supported families
+    kept = tuple(s for s in cfg.structures if s in found.prunable)
+    if not kept:
+        raise ConfigError(f"{type(model).__name__} can be pruned by {', '.join(found.prunable)} only "
+                          f"(asked for {', '.join(cfg.structures)})")
+    if kept != cfg.structures:
+        # e.g. Hugging Face and timm attention share one head width for queries, keys and values
+        # (timm's fused kernel also derives the softmax scale from it): heads are pruned whole there
         cfg = dataclasses.replace(cfg, structures=kept)
+    if is_converted(model):
         meta = metadata(model)
         result = prune(to_canonical(model), data=data, train_data=train_data, config=cfg, cost=cost, loss_fn=loss_fn,
                        progress=progress, log=log)
         result.model = from_canonical(result.model, meta)
         return result
-    require_family(model)
-    if isinstance(model, VisionTransformer) and model.config.qk_norm and "qk" in cfg.structures:
+    if model.config.qk_norm and "qk" in cfg.structures:
         # q/k norm spans each head's channels, so they cannot be pruned one by one
         cfg = dataclasses.replace(cfg, structures=tuple(s for s in cfg.structures if s != "qk"))
-    if not isinstance(model, VisionTransformer):
-        raise ConfigError(f"vitrim.prune handles vitrim ViTs and Hugging Face ViTForImageClassification / "
-                          f"ViTModel, got {type(model).__name__}")
     check_prunable(model, cfg)
     if data is None and (cfg.saliency != "magnitude" or cfg.reconstructs):
         raise DataError("pruning needs calibration data (pass data=ImageSet)")
@@ -182,20 +235,30 @@ def prune(model: VisionTransformer, target: str = "flops=0.5", data: ImageSet | 
         cost = LatencyTable.for_model(model, batch_size=cfg.latency_batch, progress=progress).cost_model()
     elif cost is None:
         cost = CostModel(cfg.metric)
-    say = log or (lambda text: None)
     dense = model.eval()
     dense_cost = cost.total(dense.config)
     image_size = dense.config.image_size
     batches = (calibration_batches(data, cfg.calib_images, cfg.batch_size, image_size, cfg.seed)
                if data is not None else None)
+    features = cfg.objective == "features"
+    if features and "embed" in cfg.structures:
+        say("objective 'features': pruning embedding channels narrows the output features; the removed "
+            "channels count as lost in the distance")
+    if features and batches:
+        with torch.no_grad():  # each batch's target, computed once: the dense features (calib x N x C floats)
+            batches = [(x, output_features(dense, x)) for x, _ in batches]
     current = copy.deepcopy(dense)
     embed_index = list(range(dense.config.embed_dim))
     steps: list[dict[str, Any]] = []
     for step in range(1, cfg.steps + 1):
         step_target = dense_cost * cfg.ratio ** (step / cfg.steps)
-        scores = saliency(current, batches, cfg.saliency, loss_fn=loss_fn, progress=progress,
-                          total=len(batches) if batches else None) if cfg.saliency != "magnitude" \
-            else saliency(current, None, "magnitude")
+        if cfg.saliency == "magnitude":
+            scores = saliency(current, None, "magnitude")
+        else:
+            probe = torch.Generator().manual_seed(cfg.seed * 1000 + step) if cfg.saliency in SECOND_ORDER else None
+            loss = (dict(loss_fn=FeatureDistance(embed_index, probe), forward=output_features) if features
+                    else dict(loss_fn=loss_fn))
+            scores = saliency(current, batches, cfg.saliency, progress=progress, total=len(batches), **loss)
         search = Search(current.config, scores, cost, structures=cfg.structures, exclude=cfg.exclude,
                         round_to=cfg.round_to)
         start = search.total_cost()
@@ -220,7 +283,8 @@ def prune(model: VisionTransformer, target: str = "flops=0.5", data: ImageSet | 
         if cfg.step_kd_images and step < cfg.steps and train_data is not None:
             with tempfile.TemporaryDirectory() as tmp:
                 distill(current, dense, train_data, tmp, images=cfg.step_kd_images, lr=cfg.kd_lr,
-                        batch_size=cfg.kd_batch_size, seed=cfg.seed, progress=progress)
+                        batch_size=cfg.kd_batch_size, seed=cfg.seed, progress=progress, objective=cfg.objective,
+                        embed_index=embed_index)
     if cfg.reconstructs:
         images = torch.cat([x for x, _ in batches])
         reconstruct(dense, current, embed_index, images, batch_size=cfg.batch_size, progress=progress)
@@ -230,8 +294,9 @@ def prune(model: VisionTransformer, target: str = "flops=0.5", data: ImageSet | 
             raise DataError(f"recover={cfg.recover!r} needs training images (train_data=ImageSet)")
         with tempfile.TemporaryDirectory() as tmp:
             distill(current, dense, train, tmp, epochs=cfg.kd_epochs, images=cfg.kd_images, lr=cfg.kd_lr,
-                    batch_size=cfg.kd_batch_size, seed=cfg.seed, progress=progress)
-    result = PruneResult(current.eval(), dense_cost, cost.total(current.config), cost.metric, steps)
+                    batch_size=cfg.kd_batch_size, seed=cfg.seed, progress=progress, objective=cfg.objective,
+                    embed_index=embed_index)
+    result = PruneResult(current.eval(), dense_cost, cost.total(current.config), cost.metric, steps, embed_index, cfg)
     if result.kept_ratio < cfg.ratio * (1 - cfg.tolerance) - 1e-9:
         say(f"warning: kept {result.kept_ratio:.3f} of the {cost.metric}, below the target {cfg.ratio:g}: the "
             f"structures left to remove were coarser than the budget (a smaller round_to, --round-to, or "

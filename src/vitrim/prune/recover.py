@@ -4,11 +4,14 @@
 attention and MLP sub-layer by ridge least squares so that the pruned model's residual stream
 matches the dense model's on calibration images (the layer-wise reconstruction of Kwon et al.,
 "A Fast Post-Training Pruning Framework for Transformers", with the residual error of earlier
-blocks folded into each target). ``distill``: short knowledge distillation from the dense model.
+blocks folded into each target) — label-free, as the targets are the dense model's activations.
+``distill``: short knowledge distillation from the dense model, of its logits, or (label-free) of
+its output features.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -17,7 +20,9 @@ from torch import nn
 from vitrim.data.dataset import ImageSet
 from vitrim.models import VisionTransformer
 from vitrim.progress import progress_bar
+from vitrim.prune.saliency import FeatureDistance, output_features
 from vitrim.train import TrainConfig, fit
+from vitrim.train.loop import TrainLoss
 
 
 class NormalEquations:
@@ -77,7 +82,7 @@ def reconstruct(dense: VisionTransformer, pruned: VisionTransformer, embed_index
                 if branch == "attention":
                     hidden = bp.attn.mix(bp.norm1(x_pruned))
                 else:
-                    hidden = bp.mlp.act(bp.mlp.fc1(bp.norm2(x_pruned)))
+                    hidden = bp.mlp.hidden(bp.norm2(x_pruned))
                 gamma = _layer_scale(ls, x_pruned[0, 0])
                 target = (x_dense[..., E] - x_pruned) / gamma  # (b, N, C)
                 eq.add(hidden.flatten(0, 1), target.flatten(0, 1))
@@ -86,13 +91,36 @@ def reconstruct(dense: VisionTransformer, pruned: VisionTransformer, embed_index
     return pruned
 
 
+def feature_distillation(teacher: VisionTransformer, embed_index: Sequence[int] | None = None) -> TrainLoss:
+    """The training loss (for :func:`vitrim.train.fit`) of label-free distillation: the mean
+    :class:`~vitrim.prune.saliency.FeatureDistance` from the student's output features to the
+    (frozen, eval-mode) ``teacher``'s on the same batch."""
+    distance = FeatureDistance(embed_index)
+    teacher.eval()
+
+    def loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        with torch.no_grad():
+            target = output_features(teacher, x)  # tokens (B, N, C_dense), pooled (B, C_dense)
+        return distance(output_features(model, x), target).mean()
+
+    return loss
+
+
 def distill(student: VisionTransformer, teacher: VisionTransformer, train_set: ImageSet, out_dir: str | Path,
             *, epochs: int = 1, images: int | None = None, lr: float = 2e-4, batch_size: int = 128,
-            seed: int = 0, progress: bool = True) -> VisionTransformer:
-    """Knowledge distillation (KL to the teacher's logits) for a budget of epochs or images."""
+            seed: int = 0, progress: bool = True, objective: str = "labels",
+            embed_index: Sequence[int] | None = None) -> VisionTransformer:
+    """Knowledge distillation for a budget of epochs or images, in place.
+
+    ``objective="labels"``: KL to the teacher's logits. ``"features"``: the
+    :class:`~vitrim.prune.saliency.FeatureDistance` to the teacher's output tokens and pooled
+    embedding, with ``embed_index`` the teacher channel of each student channel (``None``: the same).
+    Neither uses labels.
+    """
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, min_lr=lr * 0.01, warmup_epochs=0.05,
                       label_smoothing=0.0, weight_decay=0.01, distill_alpha=1.0, seed=seed,
                       limit_train=images, augment="crop,flip")  # matching the teacher: flips cannot mislabel
-    fit(student, train_set, cfg, out_dir, teacher=teacher, image_size=student.config.image_size,
-        progress=progress)
+    loss_fn = feature_distillation(teacher, embed_index) if objective == "features" else None
+    fit(student, train_set, cfg, out_dir, teacher=None if loss_fn is not None else teacher,
+        image_size=student.config.image_size, progress=progress, loss_fn=loss_fn)
     return student.eval()

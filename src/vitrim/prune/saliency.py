@@ -10,15 +10,25 @@ structure of every kind at once:
 - ``taylor2``: -mean_b dl_b/dg + 0.5 * mean_b (dl_b/dg)^2 — first-order term plus the Fisher
   second-order term (useful when the model is not at a minimum of the calibration loss);
 - ``magnitude``: the L2 norm of the weights the structure owns (not in loss units; a baseline).
+
+The loss is the classification loss on labelled images, or — for a backbone, or images without
+labels — the :class:`FeatureDistance` from the model's output features to the dense model's.
+That distance is 0, with a zero gradient, at the dense model, so the squared gradients would be
+zero too; for the second-order methods each sample's target is instead drawn from the Gaussian
+the normalised squared error is the likelihood of (the "true" Fisher, as sampling a label from
+the predicted distribution is for cross-entropy): ``0.5 * mean_b (dl_b/dg)^2`` then estimates
+the Gauss-Newton loss increase ``|| d features / dg ||^2`` in the distance's own units.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from vitrim.data.dataset import ImageSet
 from vitrim.errors import ConfigError, DataError
 from vitrim.models import VisionTransformer
 from vitrim.progress import progress_bar
@@ -26,12 +36,71 @@ from vitrim.prune.gates import gate_shapes, gated, kind_of
 
 METHODS = ("fisher", "taylor", "taylor2", "magnitude")
 GRADIENT_METHODS = ("fisher", "taylor", "taylor2")
-Batch = tuple[torch.Tensor, torch.Tensor]
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (output, target) -> per-sample loss (B,)
+SECOND_ORDER = ("fisher", "taylor2")  # the methods that read squared gradients
+Batch = tuple[torch.Tensor, Any]  # images (B, C, H, W) and the loss's target (labels (B,), or dense features)
+LossFn = Callable[[Any, Any], torch.Tensor]  # (output, target) -> per-sample loss (B,)
+Forward = Callable[[VisionTransformer, torch.Tensor], Any]  # (model, images) -> the output a LossFn reads
+Features = tuple[torch.Tensor, torch.Tensor]  # output tokens (B, N, C) and pooled embedding (B, C)
+UNLABELLED = ("the calibration images carry no labels but the classification loss needs them; use "
+              "objective='features' (--objective features), or labelled images (DIR/<class>/<image>)")
 
 
-def classification_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def classification_loss(logits: torch.Tensor, target: torch.Tensor | None) -> torch.Tensor:
+    """Per-sample cross-entropy (B,) of ``logits`` (B, classes) against labels ``target`` (B,)."""
+    if target is None:
+        raise DataError(UNLABELLED)
     return F.cross_entropy(logits, target, reduction="none")
+
+
+def output_features(model: VisionTransformer, x: torch.Tensor) -> Features:
+    """What a backbone outputs: the tokens of ``forward_features`` (B, N, C) and the pooled
+    embedding (B, C) — ``pool(tokens)``, normalised by ``norm`` when ``config.fc_norm``."""
+    tokens = model.forward_features(x)  # (B, N, C)
+    pooled = model.pool(tokens)  # (B, C)
+    return tokens, (model.norm(pooled) if model.config.fc_norm else pooled)
+
+
+class FeatureDistance:
+    """Per-sample distance (B,) from a model's :func:`output_features` to the dense model's.
+
+    The sum of two normalised mean squared errors, tokens and pooled embedding, each divided by
+    the dense features' mean square over the batch, so either is 1 for an all-zero output.
+    ``embed_index``: for each embedding channel of the (pruned) model, its channel in the dense
+    one (``None``: the same channels); a dense channel the model lacks counts as lost, its
+    dense value the error. ``generator``: draw each sample's target around the dense features
+    (see the module docstring) — for second-order saliency only; the distance's value then is
+    not the distance.
+    """
+
+    def __init__(self, embed_index: Sequence[int] | None = None, generator: torch.Generator | None = None) -> None:
+        self.embed_index = torch.tensor(list(embed_index), dtype=torch.long) if embed_index is not None else None
+        self.generator = generator
+
+    def widen(self, out: torch.Tensor, width: int) -> torch.Tensor:
+        """``out`` (..., C) in the dense model's ``width`` channels, zero where a channel was removed."""
+        if self.embed_index is None:
+            if out.shape[-1] != width:
+                raise ConfigError(f"features {out.shape[-1]} wide cannot be compared with dense features {width} "
+                                  f"wide; pass embed_index, the dense channel of each kept channel")
+            return out
+        if out.shape[-1] != len(self.embed_index):
+            raise ConfigError(f"embed_index names {len(self.embed_index)} channels but the features are "
+                              f"{out.shape[-1]} wide; pass the embed_index of this pruned model")
+        return out.new_zeros(out.shape[:-1] + (width,)).index_copy(-1, self.embed_index, out)
+
+    def __call__(self, output: Features, target: Features) -> torch.Tensor:
+        total = torch.zeros(())
+        for out, ref in zip(output, target):  # tokens (B, N, C), then pooled (B, C)
+            ref = ref.float()
+            err = self.widen(out.float(), ref.shape[-1]) - ref
+            scale = ref.pow(2).mean().clamp_min(1e-12)  # the dense features' mean square
+            dims = tuple(range(1, err.ndim))
+            loss = err.pow(2).mean(dims) / scale  # (B,)
+            if self.generator is not None:  # target ref + sigma * noise, sigma^2 = numel * scale / 2
+                noise = torch.randn(err.shape, generator=self.generator, dtype=err.dtype)
+                loss = loss - (noise * err).sum(dims) * torch.sqrt(2 / (err[0].numel() * scale))
+            total = total + loss
+        return total
 
 
 class SaliencyAccumulator:
@@ -62,19 +131,44 @@ class SaliencyAccumulator:
         return {k: 0.5 * self.second[k] / n - self.first[k] / n for k in self.first}  # taylor2
 
 
+@torch.no_grad()
+def feature_distance(model: VisionTransformer, dense: VisionTransformer, data: ImageSet | torch.Tensor, *,
+                     embed_index: Sequence[int] | None = None, batch_size: int = 64) -> float:
+    """Mean :class:`FeatureDistance` of ``model``'s output features from ``dense``'s over ``data``
+    (an :class:`ImageSet`, or normalised images (B, C, H, W)); 0 when they agree."""
+    was = model.training, dense.training
+    model.eval()
+    dense.eval()
+    distance = FeatureDistance(embed_index)
+    chunks = (data.split(batch_size) if isinstance(data, torch.Tensor)
+              else [x for x, _ in data.batches(batch_size, image_size=dense.config.image_size)])
+    try:
+        total = torch.cat([distance(output_features(model, x), output_features(dense, x)) for x in chunks])
+    finally:
+        model.train(was[0])
+        dense.train(was[1])
+    return float(total.mean())
+
+
 def gradient_saliency(model: VisionTransformer, batches: Iterable[Batch], method: str = "fisher",
                       loss_fn: LossFn = classification_loss, kinds: Iterable[str] | None = None,
-                      progress: bool = False, total: int | None = None) -> dict[str, torch.Tensor]:
+                      progress: bool = False, total: int | None = None,
+                      forward: Forward | None = None) -> dict[str, torch.Tensor]:
     """Gradient saliency (fisher | taylor | taylor2) of every gate key (restricted to ``kinds`` if given)."""
     if method not in GRADIENT_METHODS:
         raise ConfigError(f"unknown gradient saliency {method!r}; use one of {', '.join(GRADIENT_METHODS)}")
-    return accumulate_gradients(model, batches, loss_fn, kinds, progress, total).scores(method)
+    return accumulate_gradients(model, batches, loss_fn, kinds, progress, total, forward).scores(method)
 
 
 def accumulate_gradients(model: VisionTransformer, batches: Iterable[Batch], loss_fn: LossFn = classification_loss,
                          kinds: Iterable[str] | None = None, progress: bool = False,
-                         total: int | None = None) -> SaliencyAccumulator:
-    """One pass over ``batches``: per-sample gate gradients summed for every gradient method."""
+                         total: int | None = None, forward: Forward | None = None) -> SaliencyAccumulator:
+    """One pass over ``batches``: per-sample gate gradients summed for every gradient method.
+
+    ``loss_fn(forward(model, x), target)`` is each batch's per-sample loss; ``forward`` defaults
+    to the logits ``model(x)`` (with :func:`output_features` and a :class:`FeatureDistance`, the
+    batches' targets are the dense model's features).
+    """
     shapes = gate_shapes(model.config)
     if kinds is not None:
         wanted = set(kinds)
@@ -91,7 +185,7 @@ def accumulate_gradients(model: VisionTransformer, batches: Iterable[Batch], los
         for x, y in progress_bar(batches, total=total, desc="saliency", enabled=progress):
             gates = {k: torch.ones((x.shape[0],) + s, dtype=dtype, requires_grad=True) for k, s in shapes.items()}
             with gated(model, gates):
-                losses = loss_fn(model(x), y)
+                losses = loss_fn(forward(model, x) if forward is not None else model(x), y)
             if losses.ndim != 1 or losses.shape[0] != x.shape[0]:
                 raise ConfigError(f"loss_fn must return one loss per sample, shape ({x.shape[0]},), "
                                   f"got {tuple(losses.shape)}")

@@ -1,46 +1,56 @@
-"""``vitrim export`` and ``vitrim quantize``, and the hooks that let ``eval``/``bench`` run ``.onnx`` files.
+"""``vitrim export`` and ``vitrim quantize``: their parsers and commands.
 
-``vitrim.cli`` stays the owner of the parser: it calls :func:`register` for the two sub-commands,
-:func:`add_onnx_input_args` on the eval/bench parsers, and :func:`resolve_model_or_onnx` /
-:func:`measure_any` in place of ``resolve_model`` / ``measure``.
+``vitrim.cli`` owns the parser and calls :func:`register` for the two sub-commands; the shared
+option helpers come from :mod:`vitrim.cli_common`, models from
+:func:`vitrim.adapters.sources.load_model`, so this module imports nothing from ``vitrim.cli``.
 """
 
 from __future__ import annotations
 
 import argparse
-import shlex
 import types
-from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from vitrim.cli_common import (add_json, add_pretrained, add_threads, check_batch_options, command_line, default_of,
+                               emit, load_data_for, number, positive_float, positive_int, resolve_model)
 from vitrim.errors import ConfigError
 from vitrim.fsutil import write_json
 
 MODEL_HELP = "a model directory or a preset name (see `vitrim models`); presets without weights use random init"
+CHECK_IMAGES = 8  # images export checks ONNX Runtime against PyTorch on, by default
+CALIBRATED_IMAGES = 128  # calibration images of the schemes that calibrate, by default
 
 
 def register(sub: Any) -> None:
     """Add the ``export`` and ``quantize`` sub-commands to ``vitrim``'s sub-parser object."""
-    from vitrim.cli import add_pretrained, add_threads, number, positive_float, positive_int
-    from vitrim.quant.blockwise import ROUNDINGS, BlockwiseConfig
-    from vitrim.quant.export import EXPORTERS, MIN_OPSET
-    from vitrim.quant.intonly import GELUS
-    from vitrim.quant.quantize import CALIBRATORS, SCHEMES
+    add_export_parser(sub)
+    add_quantize_parser(sub)
+
+
+def add_export_parser(sub: Any) -> None:
+    """``vitrim export``: its defaults are :func:`vitrim.quant.export.export`'s."""
+    from vitrim.quant.export import EXPORTERS, MIN_OPSET, export
 
     p = sub.add_parser("export", help="export to ONNX (checked against PyTorch in ONNX Runtime)")
     p.add_argument("model", help=MODEL_HELP)
     p.add_argument("--out", required=True, help="output .onnx file (written only if the check passes)")
-    p.add_argument("--opset", type=positive_int, default=MIN_OPSET, help=f"ONNX opset (>= {MIN_OPSET})")
-    p.add_argument("--exporter", choices=EXPORTERS, default="auto",
+    p.add_argument("--opset", type=positive_int, default=default_of(export, "opset"), help=f"ONNX opset (>= {MIN_OPSET})")
+    p.add_argument("--exporter", choices=EXPORTERS, default=default_of(export, "exporter"),
                    help="auto: torch.export-based, TorchScript only if that fails")
-    p.add_argument("--tolerance", type=positive_float, default=1e-3, help="max abs logit difference allowed")
-    p.add_argument("--check-images", type=positive_int, default=8, help="images for the numeric check")
+    p.add_argument("--tolerance", type=positive_float, default=default_of(export, "tolerance"),
+                   help="max abs logit difference allowed")
+    p.add_argument("--check-images", type=positive_int, default=CHECK_IMAGES, help="images for the numeric check")
     _add_data_args(p, "check on this dataset's first images (default: seeded random images)", "test")
     add_pretrained(p)
     add_threads(p)
-    p.add_argument("--json", action="store_true", help="print a JSON object")
+    add_json(p)
     p.set_defaults(func=cmd_export)
+
+
+def add_quantize_parser(sub: Any) -> None:
+    """``vitrim quantize``: its defaults are :func:`vitrim.quant.quantize.quantize`'s and the option classes'."""
+    from vitrim.quant.quantize import CALIBRATORS, SCHEMES, quantize
 
     p = sub.add_parser("quantize", help="int8 / 4-bit quantization through ONNX Runtime, or an integer-only simulation",
                        description="Quantize a model. The ORT schemes write DIR/model.onnx (run it with `vitrim eval` "
@@ -50,36 +60,46 @@ def register(sub: Any) -> None:
                                    "rounding in PyTorch, carried into the ORT model; needs the model directory or "
                                    "preset, not a .onnx file).")
     p.add_argument("model", help=MODEL_HELP + "; or a .onnx file written by `vitrim export`")
-    p.add_argument("--scheme", choices=[*SCHEMES, "int-only"], default="w8a8",
+    p.add_argument("--scheme", choices=[*SCHEMES, "int-only"], default=default_of(quantize, "scheme"),
                    help="w8-dynamic: int8 weights, dynamic activations | w8a8: static int8 QDQ of every linear "
                         "layer's input and weights, calibrated | w4: 4-bit block-wise weights (MatMulNBits) | "
                         "int-only: integer-only inference simulated in PyTorch (Shiftmax, integer GELU and "
                         "LayerNorm, dyadic requantization)")
     p.add_argument("--calib", type=positive_int, default=None,
-                   help="calibration images (default 128 for w8a8, blockwise and int-only; other schemes use "
-                        "them for the check only)")
-    p.add_argument("--calib-method", choices=list(CALIBRATORS), default="minmax",
+                   help=f"calibration images (default {CALIBRATED_IMAGES} for w8a8, blockwise and int-only; other "
+                        f"schemes use them for the check only)")
+    p.add_argument("--calib-method", choices=list(CALIBRATORS), default=default_of(quantize, "calibrator"),
                    help="w8a8: any; w4: minmax (ORT's round-to-nearest) or blockwise")
-    p.add_argument("--percentile", type=number(0, 100, low_open=True), default=99.999, help="percentile calibrator's percentile")
-    p.add_argument("--block-size", type=positive_int, default=32, help="w4 weights per scale (power of 2)")
+    p.add_argument("--percentile", type=number(0, 100, low_open=True), default=default_of(quantize, "percentile"),
+                   help="percentile calibrator's percentile")
+    p.add_argument("--block-size", type=positive_int, default=default_of(quantize, "block_size"),
+                   help="w4 weights per scale (power of 2)")
     p.add_argument("--no-per-channel", action="store_true", help="w8a8: one scale per weight tensor")
-    defaults = BlockwiseConfig()
-    g = p.add_argument_group("blockwise calibration")
-    g.add_argument("--rounding", choices=ROUNDINGS, default=defaults.rounding,
-                   help="learned: AdaRound-style per block, kept only where it beats nearest rounding")
-    g.add_argument("--round-steps", type=positive_int, default=defaults.steps, help="learned-rounding steps per block")
-    g.add_argument("--search-images", type=positive_int, default=defaults.search_images,
-                   help="images the clipping search scores each candidate on")
-    g = p.add_argument_group("int-only")
-    g.add_argument("--int-gelu", choices=GELUS, default="shift",
-                   help="shift: I-ViT's ShiftGELU | poly: I-BERT's polynomial GELU (closer without retraining)")
-    g.add_argument("--residual-bits", type=positive_int, default=8, help="width of the residual stream (8 or 16)")
+    _add_blockwise_args(p)
     p.add_argument("--out", required=True, help="output directory (receives model.onnx and quantize.json)")
     _add_data_args(p, "calibration dataset", "train")
     add_pretrained(p)
     add_threads(p)
-    p.add_argument("--json", action="store_true", help="print a JSON object")
+    add_json(p)
     p.set_defaults(func=cmd_quantize)
+
+
+def _add_blockwise_args(p: argparse.ArgumentParser) -> None:
+    from vitrim.quant.blockwise import ROUNDINGS, BlockwiseConfig
+    from vitrim.quant.intonly import GELUS, IntOnlyOptions
+
+    g = p.add_argument_group("blockwise calibration")
+    g.add_argument("--rounding", choices=ROUNDINGS, default=default_of(BlockwiseConfig, "rounding"),
+                   help="learned: AdaRound-style per block, kept only where it beats nearest rounding")
+    g.add_argument("--round-steps", type=positive_int, default=default_of(BlockwiseConfig, "steps"),
+                   help="learned-rounding steps per block")
+    g.add_argument("--search-images", type=positive_int, default=default_of(BlockwiseConfig, "search_images"),
+                   help="images the clipping search scores each candidate on")
+    g = p.add_argument_group("int-only")
+    g.add_argument("--int-gelu", choices=GELUS, default=default_of(IntOnlyOptions, "gelu"),
+                   help="shift: I-ViT's ShiftGELU | poly: I-BERT's polynomial GELU (closer without retraining)")
+    g.add_argument("--residual-bits", type=positive_int, default=default_of(IntOnlyOptions, "residual_bits"),
+                   help="width of the residual stream (8 or 16)")
 
 
 def _add_data_args(p: argparse.ArgumentParser, help_text: str, split: str) -> None:
@@ -89,103 +109,8 @@ def _add_data_args(p: argparse.ArgumentParser, help_text: str, split: str) -> No
     p.add_argument("--resize", action="store_true", help="resize images to the model's input size")
 
 
-def add_onnx_input_args(p: argparse.ArgumentParser) -> None:
-    """Preprocessing flags for ONNX files that carry no vitrim metadata (eval / bench)."""
-    from vitrim.cli import number, positive_float, positive_int
-
-    g = p.add_argument_group("ONNX files without vitrim metadata")
-    g.add_argument("--image-size", type=positive_int, default=None, help="input height = width")
-    g.add_argument("--in-chans", type=positive_int, default=None, help="input channels")
-    g.add_argument("--mean", type=number(), nargs="+", default=None, help="per-channel mean")
-    g.add_argument("--std", type=positive_float, nargs="+", default=None, help="per-channel std")
-
-
-def is_onnx_spec(spec: str) -> bool:
-    """True for what :mod:`vitrim.quant` runs itself: a ``*.onnx`` path or any existing regular file
-    (model directories are not files), or an integer-only model directory."""
-    from vitrim.quant.intonly_file import is_int_only_dir
-
-    path = Path(spec)
-    return path.suffix.lower() == ".onnx" or path.is_file() or is_int_only_dir(path)
-
-
-def preprocessing_from_args(args: argparse.Namespace) -> Any:
-    """A :class:`Preprocessing` from ``--image-size/--in-chans/--mean/--std``, or None if none given."""
-    from vitrim.quant.metadata import Preprocessing
-
-    flags = {"--image-size": getattr(args, "image_size", None), "--in-chans": getattr(args, "in_chans", None),
-             "--mean": getattr(args, "mean", None), "--std": getattr(args, "std", None)}
-    given = [k for k, v in flags.items() if v is not None]
-    if not given:
-        return None
-    missing = [k for k, v in flags.items() if v is None]
-    if missing:
-        raise ConfigError(f"preprocessing flags go together; also pass {', '.join(missing)} (no defaults are guessed)")
-    return Preprocessing(args.image_size, args.in_chans, tuple(args.mean), tuple(args.std))
-
-
-def resolve_model_or_onnx(args: argparse.Namespace, allow_random: bool = False) -> tuple[Any, str]:
-    """``vitrim.cli.resolve_model`` that also opens ``.onnx`` files in ONNX Runtime and integer-only
-    model directories (simulated in PyTorch).
-
-    The ORT session gets ``--threads`` intra-op threads (default: torch's thread count).
-    """
-    from vitrim.cli import resolve_model
-
-    if not is_onnx_spec(args.model):
-        return resolve_model(args.model, allow_random=allow_random)
-    from vitrim.quant.intonly_file import is_int_only_dir, load_int_only
-    from vitrim.quant.runtime import OnnxModel
-
-    if is_int_only_dir(args.model):
-        return load_int_only(args.model), "int-only"
-
-    return OnnxModel(args.model, threads=getattr(args, "threads", None),
-                     preprocessing=preprocessing_from_args(args)), "onnx"
-
-
-def measure_any(model: Any, batch_sizes: Sequence[int], *, threads: int | None = None,
-                runs: int = 30) -> dict[str, Any]:
-    """``vitrim.measure`` for torch models, :func:`vitrim.quant.measure_onnx` for ONNX models.
-
-    ``model`` may be a mapping ``{name: model}`` of torch and ONNX models: they are then timed
-    interleaved (see :func:`measure_all`) and the result maps each name to its measurement.
-    """
-    from vitrim.quant.runtime import OnnxModel
-
-    if isinstance(model, Mapping):
-        return measure_all(model, batch_sizes, threads=threads, runs=runs)
-    if isinstance(model, OnnxModel):
-        from vitrim.quant.bench import measure_onnx
-
-        return measure_onnx(model, batch_sizes, threads=threads, runs=runs)
-    from vitrim.bench import measure
-
-    return measure(model, batch_sizes, threads=threads, runs=runs)
-
-
-def measure_all(models: Mapping[str, Any], batch_sizes: Sequence[int], *, threads: Any = None,
-                runs: int = 30) -> dict[str, dict[str, Any]]:
-    """Torch and ONNX models timed interleaved in one loop at one thread count.
-
-    ``threads``: a count, None (the free cores) or a ``ThreadChoice`` already made. Each
-    ``latency[batch]["speedup"]`` is the first model's median over this model's. ONNX sessions
-    opened with another thread count are reopened with the one chosen.
-    """
-    from vitrim.bench import describe, measure_many
-    from vitrim.bench.latency import ThreadChoice, choose_threads
-    from vitrim.quant.bench import describe_onnx, with_threads
-    from vitrim.quant.runtime import OnnxModel
-
-    choice = threads if isinstance(threads, ThreadChoice) else choose_threads(threads)
-    ready = {name: with_threads(m, choice.threads) if isinstance(m, OnnxModel) else m for name, m in models.items()}
-    return measure_many(ready, batch_sizes, threads=choice, runs=runs,
-                        describe_fn=lambda m: describe_onnx(m) if isinstance(m, OnnxModel) else describe(m))
-
-
 def _images(model_config: Any, args: argparse.Namespace, count: int) -> Any:
     """The first ``count`` images of ``--data``/``--split``, checked against the model's input."""
-    from vitrim.cli import load_data_for
     from vitrim.quant.errors import CalibrationError
 
     args.limit = None
@@ -197,8 +122,8 @@ def _images(model_config: Any, args: argparse.Namespace, count: int) -> Any:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
+    """``vitrim export``: export to ONNX, checked against PyTorch in ONNX Runtime."""
     from vitrim.bench.latency import fixed_threads
-    from vitrim.cli import check_batch_options, emit, resolve_model
     from vitrim.fsutil import check_output_file
     from vitrim.quant.export import export
     from vitrim.report import human
@@ -224,10 +149,11 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 
 def cmd_quantize(args: argparse.Namespace) -> None:
+    """``vitrim quantize``: int8 / 4-bit through ONNX Runtime, or the integer-only simulation."""
     import sys
 
+    from vitrim.adapters.sources import is_runtime_spec
     from vitrim.bench.latency import fixed_threads
-    from vitrim.cli import emit, resolve_model
     from vitrim.quant.blockwise import BlockwiseConfig
     from vitrim.quant.errors import QuantConfigError
     from vitrim.quant.metadata import Preprocessing, read_props
@@ -244,7 +170,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     if int_only and args.calib_method != "minmax":
         raise QuantConfigError("int-only sets its scales from the calibration images' min/max ranges; "
                                "drop --calib-method")
-    if is_onnx_spec(args.model):
+    if is_runtime_spec(args.model):
         if int_only or args.calib_method == "blockwise":
             what = "--scheme int-only" if int_only else "--calib-method blockwise"
             raise QuantConfigError(f"{what} runs the model in PyTorch; give the model directory or preset, "
@@ -256,14 +182,14 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         source, weights = resolve_model(args.model, allow_random=True, pretrained=args.pretrained)
         config = source.config
     calibrated = args.scheme == "w8a8" or args.calib_method == "blockwise" or int_only
-    count = args.calib or (128 if calibrated else None)
+    count = args.calib or (CALIBRATED_IMAGES if calibrated else None)
     calib = None
     if count is not None:
         if args.data is None:
             args.data = "fashion-mnist"
         calib = _images(config, args, count)
     log = (lambda text: None) if args.json else (lambda text: print(text, file=sys.stderr, flush=True))
-    command = "vitrim " + " ".join(shlex.quote(a) for a in getattr(args, "argv", []))
+    command = command_line(args)
     with fixed_threads(args.threads), atomic_dir(out_dir) as tmp:  # the model and its record appear together
         if int_only:
             result = _int_only(args, source, tmp, calib, count)

@@ -23,6 +23,9 @@ from vitrim.train.checkpoint import load_checkpoint, save_checkpoint
 from vitrim.train.config import TrainConfig
 
 CHECKPOINT_DIR = "checkpoint"
+# (model, images (B, C, H, W), labels (B,) or None) -> the batch's scalar loss, replacing
+# cross-entropy / distillation (e.g. a feature distance to a teacher for label-free recovery)
+TrainLoss = Callable[[nn.Module, torch.Tensor, torch.Tensor | None], torch.Tensor]
 
 
 @dataclass
@@ -77,16 +80,22 @@ def fit(
     progress: bool = True,
     on_epoch_end: Callable[[nn.Module, dict[str, Any]], None] | None = None,
     locked: bool = False,
+    loss_fn: TrainLoss | None = None,
 ) -> TrainResult:
     """Train ``model`` in place; checkpoint to ``out_dir/checkpoint`` after every epoch.
 
     The run holds :func:`vitrim.fsutil.output_lock` on ``out_dir`` (``locked``: the caller does),
-    so a second run to the same place is refused.
+    so a second run to the same place is refused. ``loss_fn`` replaces the cross-entropy and
+    distillation loss (``teacher`` is then unused); without it, unlabelled ``train_set`` is
+    refused unless the loss is pure distillation (``distill_alpha=1`` with a ``teacher``).
     """
     out_dir = check_output_dir(out_dir)
     check_teacher(model, teacher)
+    if loss_fn is None and (teacher is None or cfg.distill_alpha < 1):
+        train_set.require_labels("training with a cross-entropy loss")
     with locked_output(out_dir, held=locked):
-        return _fit(model, train_set, cfg, out_dir, test_set, teacher, resume, image_size, progress, on_epoch_end)
+        return _fit(model, train_set, cfg, out_dir, test_set, teacher, resume, image_size, progress, on_epoch_end,
+                    loss_fn)
 
 
 def check_teacher(model: nn.Module, teacher: nn.Module | None) -> None:
@@ -117,7 +126,8 @@ def resume_state(ckpt_dir: Path, model: nn.Module, optimizer: torch.optim.Optimi
 
 def _fit(model: nn.Module, train_set: ImageSet, cfg: TrainConfig, out_dir: Path, test_set: ImageSet | None,
          teacher: nn.Module | None, resume: bool, image_size: int | None, progress: bool,
-         on_epoch_end: Callable[[nn.Module, dict[str, Any]], None] | None) -> TrainResult:
+         on_epoch_end: Callable[[nn.Module, dict[str, Any]], None] | None,
+         loss_fn: TrainLoss | None = None) -> TrainResult:
     ckpt_dir = out_dir / CHECKPOINT_DIR
     if cfg.limit_train is not None:
         train_set = train_set.subset(min(cfg.limit_train, len(train_set)))
@@ -150,20 +160,25 @@ def _fit(model: nn.Module, train_set: ImageSet, cfg: TrainConfig, out_dir: Path,
             for group in optimizer.param_groups:
                 group["lr"] = cfg.lr_at(step, total_steps, steps_per_epoch)
             with precision_context(bf16):
-                logits = model(x)
-                loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
-                if teacher is not None:
-                    with torch.no_grad():
-                        teacher_logits = teacher(x).float()
-                    kd = distillation_loss(logits.float(), teacher_logits, cfg.distill_temperature)
-                    loss = (1 - cfg.distill_alpha) * loss + cfg.distill_alpha * kd
+                if loss_fn is not None:
+                    loss = loss_fn(model, x, y)
+                else:
+                    logits = model(x)
+                    # unlabelled images (y None) come here only for pure distillation (fit checks)
+                    loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing) \
+                        if y is not None else 0.0
+                    if teacher is not None:
+                        with torch.no_grad():
+                            teacher_logits = teacher(x).float()
+                        kd = distillation_loss(logits.float(), teacher_logits, cfg.distill_temperature)
+                        loss = (1 - cfg.distill_alpha) * loss + cfg.distill_alpha * kd
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip > 0:
                 nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()
-            loss_sum += loss.item() * y.numel()
-            seen += y.numel()
+            loss_sum += loss.item() * x.shape[0]
+            seen += x.shape[0]
             bar.set_postfix(refresh=False, loss=f"{loss_sum / seen:.4f}",
                             img_s=f"{seen / (time.perf_counter() - started):.0f}")
         record: dict[str, Any] = {"epoch": epoch + 1, "train_loss": loss_sum / seen,

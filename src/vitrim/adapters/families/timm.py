@@ -1,4 +1,4 @@
-"""timm ``VisionTransformer`` (vit_*, deit_*) <-> the canonical vitrim ViT, both ways, exactly.
+"""The timm family: ``VisionTransformer`` (vit_*, deit_*) <-> the canonical vitrim ViT, both ways, exactly.
 
 timm's module names match the canonical ViT's almost one to one (``patch_embed.proj``,
 ``blocks.i.attn.qkv``, ``ls1.gamma``, ...), so conversion is a copy. Going back builds the same
@@ -6,6 +6,11 @@ timm class at the pruned embedding width and resizes each block: ``qkv``/``proj`
 attention's ``num_heads``/``attn_dim``, the MLP, and a removed sub-layer becomes a module that
 adds nothing. timm's fused attention derives its softmax scale from the head width, so heads
 are pruned whole in this family (their query/key/value widths stay as trained).
+
+``timm:NAME`` models are built by timm itself: random init unless ``pretrained``. Pretrained
+weights come through timm from the Hugging Face Hub or its local cache (timm reads safetensors
+there, and pickle files only with ``weights_only=True``); without network only cached weights
+load, and vitrim says so instead of hanging on a missing download.
 """
 
 from __future__ import annotations
@@ -15,22 +20,28 @@ from typing import Any
 import torch
 from torch import nn
 
-from vitrim.errors import ConfigError
+from vitrim.adapters.registry import ALL_PRUNABLE, Family, MetadataKeys, check_metadata_keys, register, unsupported
+from vitrim.errors import ConfigError, ModelFileError
 from vitrim.models import BlockDims, ViTConfig, VisionTransformer
 
 CLASSES = ("VisionTransformer", "VisionTransformerDistilled")
 
 
 def is_timm_vit(model: Any) -> bool:
+    """True for a live timm ViT of a class this family converts."""
     return type(model).__name__ in CLASSES and type(model).__module__.startswith("timm.")
 
 
 class RemovedAttention(nn.Module):
+    """Stands in for a pruned-away timm attention: adds nothing to the residual stream."""
+
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         return torch.zeros_like(x)
 
 
 class RemovedMlp(nn.Module):
+    """Stands in for a pruned-away timm MLP: adds nothing to the residual stream."""
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.zeros_like(x)
 
@@ -201,3 +212,66 @@ def from_canonical(canonical: VisionTransformer, timm_class: str, timm_global_po
         restored = {k: tuple(v) if isinstance(v, list) else v for k, v in timm_pretrained_cfg.items()}
         model.pretrained_cfg = model.default_cfg = restored
     return model.eval()
+
+
+def create_timm(name: str, pretrained: bool = False) -> nn.Module:
+    """``timm.create_model(name, pretrained=pretrained)`` in eval mode, checked for vitrim."""
+    try:
+        import timm
+    except ImportError:
+        raise ConfigError("timm:NAME needs timm: pip install 'vitrim[timm]' (timm needs torchvision)") from None
+    if not name.startswith("hf-hub:") and not timm.is_model(name):
+        raise ConfigError(f"timm has no model {name!r}; list the ViTs with timm.list_models('vit_*') or "
+                          f"timm.list_models('deit_*')")
+    try:
+        model = timm.create_model(name, pretrained=pretrained)
+    except OSError as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ModelFileError(f"could not fetch {'pretrained weights' if pretrained else 'the model'} for "
+                             f"timm:{name} ({reason}); they come from the Hugging Face Hub or its local cache. "
+                             f"Offline, leave out --pretrained (pretrained=False) for random weights") from None
+    except (RuntimeError, ValueError, TypeError, AssertionError) as exc:
+        raise ConfigError(f"timm could not build {name!r}: {str(exc).splitlines()[0] if str(exc) else exc!r}") from None
+    if not is_timm_vit(model):
+        raise unsupported(f"timm:{name} ({type(model).__name__})")
+    try:
+        check(model)
+    except ConfigError as exc:
+        raise ConfigError(f"timm:{name}: {exc}") from None
+    return model.eval()
+
+
+METADATA_KEYS: MetadataKeys = {
+    "timm_class": ((str,), True), "timm_global_pool": ((str,), True),
+    "timm_num_classes": ((int, type(None)), True), "timm_pretrained_cfg": ((dict, type(None)), False)}
+
+
+def _check_metadata(meta: dict[str, Any], num_classes: int) -> None:
+    check_metadata_keys(meta, METADATA_KEYS)
+    count = meta.get("timm_num_classes")
+    if count is not None and count not in (0, num_classes):
+        raise ModelFileError(f"the model config's 'timm_num_classes' is {count} but the model has "
+                             f"{num_classes} classes (0 for a backbone); re-save the model with vitrim.save, "
+                             f"which records the family's class and config")
+
+
+def _rebuild(canonical: VisionTransformer, meta: dict[str, Any]) -> nn.Module:
+    return from_canonical(canonical, meta["timm_class"], meta["timm_global_pool"], meta["timm_num_classes"],
+                          meta.get("timm_pretrained_cfg"))
+
+
+FAMILY = register(Family(
+    name="timm",
+    summary="timm VisionTransformer (timm:vit_*, timm:deit_*)",
+    recognizes=is_timm_vit,
+    to_canonical=to_canonical,
+    from_canonical=_rebuild,
+    metadata=timm_metadata,
+    check_metadata=_check_metadata,
+    head_kind=lambda model: "classifier" if isinstance(model.head, nn.Linear) else "none",
+    prunable=tuple(s for s in ALL_PRUNABLE if s not in ("qk", "v")),
+    check=check,
+    spec_prefix="timm",
+    load_spec=create_timm,
+    order=20,
+))

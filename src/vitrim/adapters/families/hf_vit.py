@@ -1,4 +1,4 @@
-"""Hugging Face ``transformers`` ViT / DeiT <-> the canonical vitrim ViT, weights and dims both ways.
+"""The Hugging Face family: ``transformers`` ViT / DeiT <-> the canonical vitrim ViT, weights and dims both ways.
 
 Pruning stays family-agnostic: a ``ViTForImageClassification`` (or DeiT) is converted to the canonical
 model (exactly: same outputs), pruned there, and converted back into the same HF class with
@@ -19,43 +19,35 @@ from typing import Any
 import torch
 from torch import nn
 
+from vitrim.adapters.hf_common import (RemovedAttention, RemovedMlp, block_from_canonical, block_to_canonical,
+                                       check_hf_config)
+from vitrim.adapters.registry import ALL_PRUNABLE, Family, MetadataKeys, check_metadata_keys, register
 from vitrim.errors import ConfigError
 from vitrim.models import BlockDims, ViTConfig, VisionTransformer
 
 # class -> (attribute holding the backbone or None, config class, classifier attributes)
-FAMILIES: dict[str, tuple[str | None, str, tuple[str, ...]]] = {
+CLASSES: dict[str, tuple[str | None, str, tuple[str, ...]]] = {
     "ViTForImageClassification": ("vit", "ViTConfig", ("classifier",)),
     "ViTModel": (None, "ViTConfig", ()),
     "DeiTForImageClassification": ("deit", "DeiTConfig", ("classifier",)),
     "DeiTForImageClassificationWithTeacher": ("deit", "DeiTConfig", ("cls_classifier", "distillation_classifier")),
     "DeiTModel": (None, "DeiTConfig", ()),
 }
-SUPPORTED = tuple(FAMILIES)
+SUPPORTED = tuple(CLASSES)
 
 
 def is_hf_vit(model: Any) -> bool:
+    """True for a live ``transformers`` ViT/DeiT of a class this family converts."""
     return type(model).__name__ in SUPPORTED and type(model).__module__.startswith("transformers.")
 
 
-class RemovedAttention(nn.Module):
-    """Stands in for a pruned-away HF attention: contributes nothing to the residual stream."""
-
-    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, None]:
-        return torch.zeros_like(hidden_states), None
-
-
-class RemovedMlp(nn.Module):
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return torch.zeros_like(hidden_states)
-
-
 def _backbone(model: nn.Module) -> nn.Module:
-    attr = FAMILIES[type(model).__name__][0]
+    attr = CLASSES[type(model).__name__][0]
     return getattr(model, attr) if attr else model
 
 
 def _classifiers(model: nn.Module) -> list[nn.Linear]:
-    heads = [getattr(model, name) for name in FAMILIES[type(model).__name__][2]]
+    heads = [getattr(model, name) for name in CLASSES[type(model).__name__][2]]
     return [h for h in heads if isinstance(h, nn.Linear)]
 
 
@@ -64,7 +56,7 @@ def check(model: nn.Module) -> None:
     if not is_hf_vit(model):
         raise ConfigError(f"{type(model).__name__} is not a supported Hugging Face ViT ({', '.join(SUPPORTED)})")
     cfg = model.config
-    if FAMILIES[type(model).__name__][2] and len(_classifiers(model)) != len(FAMILIES[type(model).__name__][2]):
+    if CLASSES[type(model).__name__][2] and len(_classifiers(model)) != len(CLASSES[type(model).__name__][2]):
         raise ConfigError(f"{type(model).__name__} has no classification head (num_labels=0 is not supported)")
     if cfg.hidden_act != "gelu":
         raise ConfigError(f"hidden_act {cfg.hidden_act!r} is not supported (vitrim's ViT uses exact GELU)")
@@ -92,6 +84,7 @@ def _heads(model: nn.Module) -> list[nn.Linear]:
 
 
 def block_dims(layer: nn.Module) -> BlockDims:
+    """One HF layer's canonical dims (a removed attention or MLP has none)."""
     attn, mlp = layer.attention, layer.mlp
     has_attn, has_mlp = not isinstance(attn, RemovedAttention), not isinstance(mlp, RemovedMlp)
     if has_attn:
@@ -132,19 +125,8 @@ def _hf_to_canonical_state(model: nn.Module) -> dict[str, torch.Tensor]:
     if getattr(emb, "distillation_token", None) is not None:
         state["dist_token"] = emb.distillation_token
     for i, layer in enumerate(vit.layers):
-        p = f"blocks.{i}."
-        if not isinstance(layer.attention, RemovedAttention):
-            a = layer.attention
-            state[p + "attn.qkv.weight"] = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight])
-            if a.q_proj.bias is not None:
-                state[p + "attn.qkv.bias"] = torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias])
-            state[p + "attn.proj.weight"], state[p + "attn.proj.bias"] = a.o_proj.weight, a.o_proj.bias
-            state[p + "norm1.weight"], state[p + "norm1.bias"] = layer.layernorm_before.weight, layer.layernorm_before.bias
-        if not isinstance(layer.mlp, RemovedMlp):
-            for name in ("fc1", "fc2"):
-                fc = getattr(layer.mlp, name)
-                state[p + f"mlp.{name}.weight"], state[p + f"mlp.{name}.bias"] = fc.weight, fc.bias
-            state[p + "norm2.weight"], state[p + "norm2.bias"] = layer.layernorm_after.weight, layer.layernorm_after.bias
+        state.update(block_to_canonical(f"blocks.{i}.", layer.attention, "o_proj", layer.layernorm_before,
+                                        layer.mlp, layer.layernorm_after))
     heads = _heads(model)
     for name, head in zip(("head", "head_dist"), heads):
         state[f"{name}.weight"], state[f"{name}.bias"] = head.weight, head.bias
@@ -167,12 +149,12 @@ def from_canonical(canonical: VisionTransformer, hf_class: str, hf_config: dict[
         if d.attention and d.qk_dim != d.v_dim:
             raise ConfigError(f"block {i} has qk_dim {d.qk_dim} != v_dim {d.v_dim}; Hugging Face ViT attention "
                               f"uses one head_dim for queries, keys and values (prune them together)")
-    if hf_class not in FAMILIES:
+    if hf_class not in CLASSES:
         raise ConfigError(f"unsupported Hugging Face class {hf_class!r} ({', '.join(SUPPORTED)})")
     backbone_only = hf_class.endswith("Model")
     if pooler and not backbone_only:
         raise ConfigError(f"{hf_class} has no pooler (only ViTModel and DeiTModel do)")
-    _, config_class, _ = FAMILIES[hf_class]
+    _, config_class, _ = CLASSES[hf_class]
     config = getattr(transformers, config_class).from_dict({**hf_config, **config_sizes(cfg, pooler)})
     model_class = getattr(transformers, hf_class)
     model = model_class(config, add_pooling_layer=pooler) if backbone_only else model_class(config)
@@ -215,7 +197,7 @@ def config_sizes(cfg: ViTConfig, pooler: bool = False) -> dict[str, int]:
 
 
 def _canonical_to_hf_state(canonical: VisionTransformer, model: nn.Module) -> dict[str, torch.Tensor]:
-    attr = FAMILIES[type(model).__name__][0]
+    attr = CLASSES[type(model).__name__][0]
     prefix = f"{attr}." if attr else ""
     src = canonical.state_dict()
     state = {prefix + "embeddings.patch_embeddings.projection.weight": src["patch_embed.proj.weight"],
@@ -226,22 +208,11 @@ def _canonical_to_hf_state(canonical: VisionTransformer, model: nn.Module) -> di
     if "dist_token" in src:
         state[prefix + "embeddings.distillation_token"] = src["dist_token"]
     for i, d in enumerate(canonical.config.blocks):
-        p, q = f"blocks.{i}.", f"{prefix}layers.{i}."
-        if d.attention:
-            H, qk, v = d.heads, d.qk_dim, d.v_dim
-            w = src[p + "attn.qkv.weight"].split([H * qk, H * qk, H * v])
-            for name, tensor in zip(("q_proj", "k_proj", "v_proj"), w):
-                state[q + f"attention.{name}.weight"] = tensor
-            if p + "attn.qkv.bias" in src:
-                for name, tensor in zip(("q_proj", "k_proj", "v_proj"), src[p + "attn.qkv.bias"].split([H * qk, H * qk, H * v])):
-                    state[q + f"attention.{name}.bias"] = tensor
-            state[q + "attention.o_proj.weight"], state[q + "attention.o_proj.bias"] = src[p + "attn.proj.weight"], src[p + "attn.proj.bias"]
-            state[q + "layernorm_before.weight"], state[q + "layernorm_before.bias"] = src[p + "norm1.weight"], src[p + "norm1.bias"]
-        if d.mlp:
-            for name in ("fc1", "fc2"):
-                state[q + f"mlp.{name}.weight"], state[q + f"mlp.{name}.bias"] = src[p + f"mlp.{name}.weight"], src[p + f"mlp.{name}.bias"]
-            state[q + "layernorm_after.weight"], state[q + "layernorm_after.bias"] = src[p + "norm2.weight"], src[p + "norm2.bias"]
-    targets = FAMILIES[type(model).__name__][2] or (("pooler.dense",) if _pooler(model) is not None else ())
+        q = f"{prefix}layers.{i}."
+        state.update(block_from_canonical(src, f"blocks.{i}.", d, {
+            "attention": q + "attention", "out_proj": q + "attention.o_proj", "norm1": q + "layernorm_before",
+            "mlp": q + "mlp", "norm2": q + "layernorm_after"}))
+    targets = CLASSES[type(model).__name__][2] or (("pooler.dense",) if _pooler(model) is not None else ())
     for name, head in zip(targets, ("head", "head_dist")):
         state[f"{name}.weight"], state[f"{name}.bias"] = src[f"{head}.weight"], src[f"{head}.bias"]
     return state
@@ -251,3 +222,58 @@ def hf_metadata(model: nn.Module) -> dict[str, Any]:
     """Class, config and pooler presence: what :func:`from_canonical` needs (JSON-serialisable)."""
     return {"hf_class": type(model).__name__, "hf_config": model.config.to_dict(),
             "hf_pooler": _pooler(model) is not None}
+
+
+def _rebuild(canonical: VisionTransformer, meta: dict[str, Any]) -> nn.Module:
+    return from_canonical(canonical, meta["hf_class"], meta["hf_config"], pooler=bool(meta.get("hf_pooler", False)))
+
+
+METADATA_KEYS: MetadataKeys = {"hf_class": ((str,), True), "hf_config": ((dict,), True),
+                               "hf_pooler": ((bool,), False)}
+
+
+def check_config(config: dict[str, Any], source: Any) -> None:
+    """Type- and size-check a ViT/DeiT ``config.json`` before transformers builds anything."""
+    check_hf_config(config, source, num_prefix_tokens=2 if config.get("model_type") == "deit" else 1)
+
+
+def _check_metadata(meta: dict[str, Any], num_classes: int) -> None:
+    check_metadata_keys(meta, METADATA_KEYS)
+    check_config(meta["hf_config"], "the model config's \"hf_config\"")
+
+
+def infer_class(config: dict[str, Any], names: list[str]) -> str:
+    """The class a ``config.json`` without ``architectures`` describes, from its weight names."""
+    prefix = "DeiT" if config.get("model_type") == "deit" else "ViT"
+    if any(n.startswith("cls_classifier.") for n in names):
+        return "DeiTForImageClassificationWithTeacher"
+    return f"{prefix}ForImageClassification" if any(n.startswith("classifier.") for n in names) else f"{prefix}Model"
+
+
+def load_options(hf_class: str, names: list[str]) -> dict[str, Any]:
+    """``add_pooling_layer`` for a ``ViTModel``/``DeiTModel``: whether the weights hold a pooler."""
+    if hf_class.endswith("Model"):
+        return {"add_pooling_layer": any(n.endswith("pooler.dense.weight") for n in names)}
+    return {}
+
+
+FAMILY = register(Family(
+    name="hf",
+    summary=("Hugging Face ViT/DeiT (ViTForImageClassification, ViTModel, "
+             "DeiTForImageClassification[WithTeacher], DeiTModel; a save_pretrained directory or hf:DIR)"),
+    recognizes=is_hf_vit,
+    to_canonical=to_canonical,
+    from_canonical=_rebuild,
+    metadata=hf_metadata,
+    check_metadata=_check_metadata,
+    head_kind=head_kind,
+    prunable=tuple(s for s in ALL_PRUNABLE if s not in ("qk", "v")),
+    hf_classes=SUPPORTED,
+    hf_model_types=("vit", "deit"),
+    hf_config_class=lambda hf_class: CLASSES[hf_class][1],
+    hf_infer_class=infer_class,
+    hf_check_config=check_config,
+    hf_load_options=load_options,
+    order=10,
+    check=check,
+))
