@@ -347,3 +347,23 @@ def test_fine_tuning_a_reduced_model_keeps_stochastic_depth(images, monkeypatch)
         wrapped(images)
         rates = [rate for rate, training in calls if training]
         assert len(rates) == 2 * model.config.depth and max(rates) == pytest.approx(0.4)
+
+
+def test_feature_maps_for_dense_heads(model, images):
+    """Backbone interface: (B, C, G, G) maps from chosen blocks; a reduced model restores the grid."""
+    G, C = model.config.grid_size, model.config.embed_dim
+    with torch.no_grad():
+        first, last = model.forward_intermediates(images, [1, -1])
+        tokens = model.forward_features(images)
+        assert first.shape == last.shape == (3, C, G, G)
+        torch.testing.assert_close(last, model.grid_map(tokens), atol=0, rtol=0)
+        reduced = reduce_tokens(model, "tome", layers=(0, 2), keep=1.0)
+        for a, b in zip(reduced.forward_intermediates(images, [1, -1]), (first, last)):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+        reduced.keep = 0.5
+        maps = reduced.forward_intermediates(images, [-1])
+        grid, _ = reduced.forward_features(images, restore=True)
+    assert reduced.last_token_counts[-1] < model.config.num_tokens  # really reduced, then unmerged
+    torch.testing.assert_close(maps[0], model.grid_map(grid), atol=1e-6, rtol=0)
+    with pytest.raises(ConfigError, match="outside the model's 4 blocks"):
+        model.forward_intermediates(images, [4])

@@ -15,7 +15,7 @@ def load(path_or_name: str | Path, pretrained: bool = False) -> nn.Module:
 
     * a vitrim model directory (``vitrim.save``): a vitrim ViT, or the Hugging Face / timm class
       it was saved from (e.g. a pruned ``ViTForImageClassification``);
-    * a Hugging Face ViT/DeiT directory (``save_pretrained``), or ``"hf:DIR"``;
+    * a Hugging Face ViT/DeiT, DINOv2, CLIP or SigLIP vision directory (``save_pretrained``), or ``"hf:DIR"``;
     * ``"timm:NAME"`` (e.g. ``"timm:deit_small_patch16_224"``): timm's model, random weights unless
       ``pretrained=True`` (which needs the network or timm's local cache);
     * a preset that ships trained weights (e.g. ``"fmnist-vit"``).

@@ -77,7 +77,7 @@ def read_config(directory: Path) -> dict[str, Any]:
     path = directory / CONFIG_FILE
     data = read_json_file(path, f"{directory} has no {CONFIG_FILE}",
                           f"a model directory holds {CONFIG_FILE} and {WEIGHTS_FILE} (written by vitrim.save, "
-                          f"or by save_pretrained for a Hugging Face ViT/DeiT)")
+                          f"or by save_pretrained for a Hugging Face model)")
     if not isinstance(data, dict) or data.get("format") != FORMAT or "config" not in data:
         raise ModelFileError(f"{path} is neither a vitrim model config (\"format\": \"vitrim\") nor a Hugging "
                              f"Face one (\"model_type\")")

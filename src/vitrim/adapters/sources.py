@@ -24,8 +24,9 @@ from vitrim.adapters.registry import spec_prefixes
 from vitrim.errors import ConfigError, UnknownModelError
 from vitrim.models import ViTConfig, VisionTransformer, get_preset
 
-SPEC_HELP = ("a vitrim model directory, a preset name (see `vitrim models`), a Hugging Face ViT/DeiT "
-             "directory (save_pretrained; or hf:DIR), or timm:NAME (e.g. timm:deit_small_patch16_224)")
+SPEC_HELP = ("a vitrim model directory, a preset name (see `vitrim models`), a Hugging Face ViT/DeiT, DINOv2, "
+             "CLIP or SigLIP vision directory (save_pretrained; or hf:DIR), or timm:NAME (e.g. "
+             "timm:deit_small_patch16_224)")
 HF_PREFIX = "hf"
 FORMS = ("family", "canonical", "native")
 

@@ -155,8 +155,8 @@ class IncrementalViT(TokenReducedViT):
         P = details.shape[1]
         moved = dest[:, prefix:]  # (B, P): each patch's new slot, -1 if dropped
         slot = torch.where(moved >= 0, moved, N)  # dropped patches go to a spare slot
-        source = torch.full((B, N + 1), -1, dtype=torch.long)
-        source.scatter_(1, slot, torch.arange(P).expand(B, -1))
+        source = torch.full((B, N + 1), -1, dtype=torch.long, device=x.device)
+        source.scatter_(1, slot, torch.arange(P, device=x.device).expand(B, -1))
         source = source[:, prefix:N]  # (B, N - prefix): which patch each slot holds
         present = source >= 0
         picked = details.gather(1, source.clamp_min(0).unsqueeze(-1).expand(-1, -1, details.shape[-1]))
@@ -183,7 +183,7 @@ def split_patch_embedding(vit: VisionTransformer, iret: IncrementalViT) -> None:
     coarse(LL) + detail(LH, HL, HH) equals ``vit``'s patch embedding of the same patch exactly."""
     cfg = vit.config
     p, c = cfg.patch_size, cfg.in_chans
-    basis = torch.eye(c * p * p).view(-1, c, p, p)  # every one-pixel patch
+    basis = torch.eye(c * p * p, device=vit.pos_embed.device).view(-1, c, p, p)  # every one-pixel patch
     ll, details = iret.lifting(basis)
     half = p // 2
     bands = torch.cat([patchify(ll, half)[:, 0], patchify(details, half)[:, 0]], dim=1)  # (cpp, cpp)

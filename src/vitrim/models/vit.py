@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vitrim.errors import DataError
+from vitrim.errors import ConfigError, DataError
 from vitrim.models.config import BlockDims, ViTConfig
 from vitrim.models.tokens import TokenReducer, TokenState, packed
 
@@ -303,22 +304,56 @@ class VisionTransformer(nn.Module):
         x = x + pos if self.config.pos_embed_prefix else x
         return self.norm_pre(x) if self.norm_pre is not None else x
 
-    def forward_tokens(self, x: torch.Tensor, reducer: TokenReducer | None = None, normalize: bool = True
+    def forward_tokens(self, x: torch.Tensor, reducer: TokenReducer | None = None, normalize: bool = True,
+                       after_block: Callable[[int, torch.Tensor], None] | None = None
                        ) -> tuple[torch.Tensor, TokenState | None]:
         """Embedded tokens (B, N, C) through the blocks and (``normalize``) the final norm; with a
-        ``reducer``, shortened between blocks. Returns the tokens and their state (None without
-        a reducer)."""
+        ``reducer``, shortened between blocks; ``after_block(i, tokens)`` sees each block's output
+        (after any reduction). Returns the tokens and their state (None without a reducer)."""
         state = TokenState.initial(x) if reducer is not None else None
         for i, block in enumerate(self.blocks):
             if reducer is None:
                 x = block(x)
-                continue
-            reducer.record(i, x, state)
-            capture: dict[str, Any] | None = {} if reducer.reduces_after(i) and block.attn is not None else None
-            x = block(x, state, capture)
-            if capture is not None:
-                x, state = reducer.reduce(i, x, state, capture)
+            else:
+                reducer.record(i, x, state)
+                capture: dict[str, Any] | None = {} if reducer.reduces_after(i) and block.attn is not None else None
+                x = block(x, state, capture)
+                if capture is not None:
+                    x, state = reducer.reduce(i, x, state, capture)
+            if after_block is not None:
+                after_block(i, x)
         return (self.final_norm(x) if normalize else x), state
+
+    def forward_intermediates(self, x: torch.Tensor, indices: Sequence[int] | None = None, *,
+                              norm: bool = True) -> list[torch.Tensor]:
+        """Patch-token feature maps ``(B, C, G, G)`` after the blocks in ``indices`` (default: the
+        last; negative counts from the end), for dense heads (detection, segmentation); ``norm``
+        applies the final norm to each. A token-reduced model restores the full grid first:
+        :meth:`vitrim.tokens.TokenReducedViT.forward_intermediates`."""
+        wanted = self.block_indices(indices)
+        maps: list[torch.Tensor] = []
+
+        def grab(i: int, tokens: torch.Tensor) -> None:
+            if i in wanted:
+                maps.append(self.grid_map(self.norm(tokens) if norm else tokens))
+
+        self.forward_tokens(self.embed(x), normalize=False, after_block=grab)
+        return maps
+
+    def block_indices(self, indices: Sequence[int] | None) -> set[int]:
+        """Block indices (negative from the end) as a set; a :class:`ConfigError` outside the model."""
+        depth = self.config.depth
+        chosen = [depth - 1] if indices is None else list(indices)
+        outside = [i for i in chosen if not -depth <= i < depth]
+        if outside or not chosen:
+            raise ConfigError(f"block indices {outside or chosen} are outside the model's {depth} blocks "
+                              f"(0..{depth - 1}, or negative from the end)")
+        return {i % depth for i in chosen}
+
+    def grid_map(self, tokens: torch.Tensor) -> torch.Tensor:  # (B, prefix + G*G, C) -> (B, C, G, G)
+        """The patch tokens of a full sequence as a feature map."""
+        G = self.config.grid_size
+        return tokens[:, self.num_prefix_tokens:].transpose(1, 2).reshape(tokens.shape[0], -1, G, G)
 
     def forward_features(self, x: torch.Tensor, reducer: TokenReducer | None = None) -> torch.Tensor:
         """Output tokens ``(B, N, C)``, prefix tokens first (normalised unless ``fc_norm``)."""

@@ -136,6 +136,25 @@ class TokenReducedViT(nn.Module):
             return self.model.final_norm(self.reducer.restore(tokens)), None
         return tokens, state
 
+    def forward_intermediates(self, images: torch.Tensor, indices: Sequence[int] | None = None, *,
+                              norm: bool = True) -> list[torch.Tensor]:
+        """Full-grid feature maps ``(B, C, G, G)`` after the blocks in ``indices`` for a dense head:
+        the reduced tokens are restored to their patches (merge, then unmerge), so a detection or
+        segmentation head sees the grid it was built for. See
+        :meth:`vitrim.models.VisionTransformer.forward_intermediates`."""
+        x = self.embed(images)
+        self.reducer.start(x, track=True)
+        maps: list[torch.Tensor] = []
+        wanted = self.model.block_indices(indices)
+
+        def grab(i: int, tokens: torch.Tensor) -> None:
+            if i in wanted:
+                grid = self.reducer.restore(tokens)
+                maps.append(self.model.grid_map(self.model.norm(grid) if norm else grid))
+
+        self.model.forward_tokens(x, self.reducer, normalize=False, after_block=grab)
+        return maps
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:  # (B, in, H, W) -> (B, classes)
         if not (self.training and self.mode == "static" and self.train_keep is not None):
             return self.classify_images(images)

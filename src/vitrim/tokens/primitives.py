@@ -35,10 +35,10 @@ def top_patches(scores: torch.Tensor, keep: int) -> torch.Tensor:
     return index.sort(dim=1).values
 
 
-def prefix_dest(B: int, N: int, prefix: int) -> torch.Tensor:
+def prefix_dest(B: int, N: int, prefix: int, device: torch.device | None = None) -> torch.Tensor:
     """(B, N) destinations: prefix tokens stay in place, the rest start as dropped (-1)."""
-    dest = torch.full((B, N), -1, dtype=torch.long)
-    dest[:, :prefix] = torch.arange(prefix)
+    dest = torch.full((B, N), -1, dtype=torch.long, device=device)
+    dest[:, :prefix] = torch.arange(prefix, device=device)
     return dest
 
 
@@ -61,13 +61,13 @@ def drop_tokens(x: torch.Tensor, sizes: torch.Tensor, scores: torch.Tensor, keep
     kept_sizes = patch_sizes.gather(1, index)
     parts, size_parts = [x[:, :prefix], kept], [sizes[:, :prefix], kept_sizes]
     B, N, _ = x.shape
-    dest = prefix_dest(B, N, prefix)
+    dest = prefix_dest(B, N, prefix, x.device)
     if fuse and keep < patches.shape[1]:
         dropped = torch.ones_like(patch_scores, dtype=torch.bool).scatter(1, index, torch.zeros_like(index, dtype=torch.bool))  # (B, P)
         parts.append(fuse_tokens(patches, patch_scores * dropped)[0])
         size_parts.append((patch_sizes * dropped).sum(1, keepdim=True))
         dest[:, prefix:] = prefix + keep  # the fused token, unless kept below
-    dest[:, prefix:] = dest[:, prefix:].scatter(1, index, prefix + torch.arange(keep).expand(B, -1))
+    dest[:, prefix:] = dest[:, prefix:].scatter(1, index, prefix + torch.arange(keep, device=x.device).expand(B, -1))
     return torch.cat(parts, dim=1), torch.cat(size_parts, dim=1), dest
 
 
@@ -88,7 +88,7 @@ def bipartite_merge(x: torch.Tensor, metric: torch.Tensor, sizes: torch.Tensor, 
     B, N, C = x.shape
     r = min(r, (N - prefix) // 2)
     if r <= 0:
-        dest = torch.arange(N).expand(B, -1)
+        dest = torch.arange(N, device=x.device).expand(B, -1)
         return x, sizes, dest if valid is None else dest.masked_fill(~valid, -1), valid
     m = metric[:, prefix:] / metric[:, prefix:].norm(dim=-1, keepdim=True).clamp_min(1e-12)
     a, b = m[:, ::2], m[:, 1::2]  # (B, Na, d), (B, Nb, d)
@@ -122,13 +122,14 @@ def bipartite_merge(x: torch.Tensor, metric: torch.Tensor, sizes: torch.Tensor, 
     new_sizes = torch.cat([sizes[:, :prefix], sa.gather(1, keep_a) * stays, new_sb], dim=1)
     new_valid = None
     if valid is not None or threshold is not None:
-        old = valid if valid is not None else torch.ones(B, N, dtype=torch.bool)
+        old = valid if valid is not None else torch.ones(B, N, dtype=torch.bool, device=x.device)
         new_valid = torch.cat([old[:, :prefix], stays & old[:, prefix::2].gather(1, keep_a), old[:, prefix + 1::2]], 1)
     base_b = prefix + Na - fewest
-    slot_a = torch.full((B, Na), -1, dtype=torch.long).scatter_(1, keep_a, prefix + torch.arange(Na - fewest).expand(B, -1))
-    dest = prefix_dest(B, N, prefix)
+    slot_a = torch.full((B, Na), -1, dtype=torch.long, device=x.device).scatter_(
+        1, keep_a, prefix + torch.arange(Na - fewest, device=x.device).expand(B, -1))
+    dest = prefix_dest(B, N, prefix, x.device)
     dest[:, prefix::2] = torch.where(merged, base_b + best_dst, slot_a)
-    dest[:, prefix + 1::2] = base_b + torch.arange(Nb).expand(B, -1)
+    dest[:, prefix + 1::2] = base_b + torch.arange(Nb, device=x.device).expand(B, -1)
     if valid is not None:
         dest = dest.masked_fill(~valid, -1)
     return tokens, new_sizes, dest, new_valid

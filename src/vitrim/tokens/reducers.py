@@ -98,7 +98,7 @@ class Reducer:
         self.counts = []
         self._tracking = track
         B, N, C = x.shape
-        self._source = torch.arange(self.prefix, N).expand(B, -1) if track else None  # (B, P): each patch's token
+        self._source = torch.arange(self.prefix, N, device=x.device).expand(B, -1) if track else None  # (B, P): each patch's token
         self._frozen = x.new_zeros(B, N - self.prefix, C) if track else None
 
     def record(self, block: int, x: torch.Tensor, state: TokenState) -> None:
@@ -154,7 +154,7 @@ class DropReducer(Reducer):
         if not self.per_image:
             keep = max(1, round(self.keep * patches))
             if keep >= patches:
-                return x, sizes, valid, torch.arange(x.shape[1]).expand(x.shape[0], -1)
+                return x, sizes, valid, torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)
             x, sizes, dest = drop_tokens(x, sizes, scores, keep, prefix, fuse=self.fuse)
             return x, sizes, valid, dest
         return self._drop_per_image(x, sizes, valid, scores if valid is None else scores * valid)
@@ -169,9 +169,9 @@ class DropReducer(Reducer):
         keep_mask = ranks < counts.unsqueeze(1)  # (B, width)
         kept = gather_tokens(x[:, prefix:], index)
         kept_sizes = sizes[:, prefix:].gather(1, index) * keep_mask
-        new_valid = torch.cat([torch.ones(B, prefix, dtype=torch.bool), keep_mask], dim=1)
+        new_valid = torch.cat([torch.ones(B, prefix, dtype=torch.bool, device=x.device), keep_mask], dim=1)
         parts, size_parts = [x[:, :prefix], kept * keep_mask.unsqueeze(-1)], [sizes[:, :prefix], kept_sizes]
-        dest = prefix_dest(B, x.shape[1], prefix)
+        dest = prefix_dest(B, x.shape[1], prefix, x.device)
         if self.fuse:
             dropped_weight = scores[:, prefix:].clone()
             dropped_weight.scatter_(1, index, dropped_weight.gather(1, index) * (~keep_mask))
@@ -180,7 +180,7 @@ class DropReducer(Reducer):
             size_parts.append(sizes[:, prefix:].sum(1, keepdim=True) - kept_sizes.sum(1, keepdim=True))
             new_valid = torch.cat([new_valid, total > 0], dim=1)
             dest[:, prefix:] = prefix + width
-        slots = torch.where(keep_mask, prefix + torch.arange(width).expand(B, -1), dest[:, prefix:].gather(1, index))
+        slots = torch.where(keep_mask, prefix + torch.arange(width, device=x.device).expand(B, -1), dest[:, prefix:].gather(1, index))
         dest[:, prefix:] = dest[:, prefix:].scatter(1, index, slots)
         if valid is not None:
             dest = dest.masked_fill(~valid, -1)
