@@ -130,3 +130,25 @@ def test_uniform_config_checks_divisibility():
     with pytest.raises(ConfigError, match="not divisible by heads"):
         uc(2, 100, 3)
     assert uniform_config(1, 96, 3, head_dim=16).blocks[0].qk_dim == 16
+
+
+def test_a_model_at_another_image_size_keeps_its_weights():
+    """Same weights, position rows resampled: at the original size it is the model itself."""
+    from vitrim.models.resize import with_image_size
+
+    torch.manual_seed(0)
+    model = VisionTransformer(uniform_config(2, 32, 2, image_size=16, patch_size=4, in_chans=1, num_classes=3,
+                                             mean=(0.5,), std=(0.5,))).eval()
+    same = with_image_size(model, 16)
+    x = torch.randn(2, 1, 16, 16)
+    torch.testing.assert_close(same(x), model(x), atol=0, rtol=0)
+    big = with_image_size(model, 32)
+    assert big.config.num_tokens == 65 and big.config.pos_embed_grid is None
+    # the stored rows are what the interpolating canonical model computes on the fly
+    interpolating = VisionTransformer(model.config.replace(image_size=32, pos_embed_grid=4)).eval()
+    interpolating.load_state_dict(model.state_dict())
+    y = torch.randn(2, 1, 32, 32)
+    torch.testing.assert_close(big(y), interpolating(y), atol=1e-6, rtol=0)
+    torch.testing.assert_close(big.pos_embed[:, :1], model.pos_embed[:, :1])  # the class token's row stays
+    with pytest.raises(ConfigError, match="not a multiple of the patch size 4; use 28 or 32"):
+        with_image_size(model, 30)
