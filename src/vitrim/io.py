@@ -116,9 +116,13 @@ def _canonical_for_saving(model: nn.Module, extra: dict[str, Any] | None) -> tup
     from vitrim.iret import IncrementalViT
     from vitrim.tokens import TokenReducedViT
 
+    from vitrim.models.dense import Segmenter
+
     extra = dict(extra or {})
     if isinstance(model, IncrementalViT):
         return model, {**extra, "family": "iret", "iret": model.options.to_dict()}
+    if isinstance(model, Segmenter):
+        return model, {**extra, "family": "segmenter", "dense": model.dense.to_dict()}
     if isinstance(model, TokenReducedViT):  # the weights, and the reduction they serve
         extra["tokens"] = {"method": model.method, "layers": list(model.layers)}
         model = model.model
@@ -159,20 +163,13 @@ def load_dir(directory: str | Path) -> nn.Module:
     family = data.get("family", "vitrim")
     try:
         cfg = ViTConfig.from_dict(data["config"])
-        if family != "iret":
+        if family not in WRAPPED:
             _check_family(data, cfg.num_classes)  # before the weights are read
-    except (ConfigError, ModelFileError) as exc:
+        model = _wrap(family, VisionTransformer(cfg), data)
+    except (ConfigError, ModelFileError, TypeError) as exc:
         raise ModelFileError(f"{directory / CONFIG_FILE}: {exc}") from None
-    model = VisionTransformer(cfg)
-    if family == "iret":
-        from vitrim.iret import IncrementalViT, IretOptions
-
-        try:
-            model = IncrementalViT(model, IretOptions.from_dict(data.get("iret", {})))
-        except (ConfigError, TypeError) as exc:
-            raise ModelFileError(f"{directory / CONFIG_FILE}: {exc}") from None
     load_weights_into(model, load_state(directory / WEIGHTS_FILE), directory / WEIGHTS_FILE)
-    if family == "iret":
+    if family in WRAPPED:
         return model.eval()
     if "tokens" in data:
         model.token_reduction = check_token_reduction(data["tokens"], directory / CONFIG_FILE)
@@ -181,13 +178,32 @@ def load_dir(directory: str | Path) -> nn.Module:
     return from_canonical(model.eval(), data)
 
 
+# Models saved whole around a canonical ViT (their own modules beside it): family -> config key.
+WRAPPED = {"iret": "iret", "segmenter": "dense"}
+
+
+def _wrap(family: str, vit: VisionTransformer, data: dict[str, Any]) -> nn.Module:
+    """``vit`` itself, or the incremental-resolution ViT / dense model a saved config describes."""
+    if family == "iret":
+        from vitrim.iret import IncrementalViT, IretOptions
+
+        return IncrementalViT(vit, IretOptions.from_dict(data.get("iret", {})))
+    if family == "segmenter":
+        from vitrim.models.dense import DenseHeadConfig, Segmenter
+
+        if not isinstance(data.get("dense"), dict):
+            raise ModelFileError("a segmenter's config needs a \"dense\" object (its head); re-save it with vitrim.save")
+        return Segmenter(vit, DenseHeadConfig.from_dict(data["dense"]))
+    return vit
+
+
 def _check_family(data: dict[str, Any], num_classes: int) -> None:
     """A :class:`ModelFileError` for a saved config naming an unknown family or lacking what it needs."""
     from vitrim.adapters import check_family_metadata
     from vitrim.adapters.registry import families
 
     family = data.get("family", "vitrim")
-    names = [f.name for f in families()] + ["iret"]
+    names = [f.name for f in families()] + list(WRAPPED)
     if family not in names:
         raise ModelFileError(f"it names an unknown model family {family!r} (known: {', '.join(names)}); "
                              f"re-save the model with vitrim.save")

@@ -1,0 +1,67 @@
+"""A ViT backbone with a simple feature pyramid and a segmentation head."""
+
+import pytest
+import torch
+
+import vitrim
+from vitrim.errors import ConfigError, ModelFileError
+from vitrim.models import VisionTransformer, uniform_config
+from vitrim.models.dense import DenseHeadConfig, Segmenter
+from vitrim.tokens import reduce_tokens
+
+
+def segmenter(**head) -> Segmenter:
+    torch.manual_seed(0)
+    backbone = VisionTransformer(uniform_config(3, 32, 2, image_size=32, patch_size=4, in_chans=1, num_classes=5,
+                                                mean=(0.5,), std=(0.5,), layer_scale_init=0.5))
+    with torch.no_grad():
+        for p in backbone.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return Segmenter(backbone, DenseHeadConfig(num_classes=4, **head)).eval()
+
+
+@pytest.mark.parametrize("scales", [(2.0, 1.0, 0.5), (4.0, 1.0)])
+def test_per_pixel_logits_at_the_input_size(scales):
+    model = segmenter(scales=scales)
+    out = model(torch.randn(2, 1, 32, 32))
+    assert out.shape == (2, 4, 32, 32)
+    levels = model.pyramid(model.feature_map(torch.randn(1, 1, 32, 32)))
+    assert [t.shape[-1] for t in levels] == [int(8 * s) for s in scales]
+
+
+def test_saves_and_reloads_with_identical_outputs(tmp_path):
+    model = segmenter(index=1)
+    vitrim.save(model, tmp_path / "seg")
+    again = vitrim.load(tmp_path / "seg")
+    x = torch.randn(2, 1, 32, 32)
+    assert type(again) is Segmenter and again.dense == model.dense
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), model(x), atol=0, rtol=0)
+
+
+def test_token_reduction_unmerges_for_the_head():
+    """At keep=1 the reduced backbone is the backbone; merged tokens come back to their patches."""
+    model = segmenter()
+    x = torch.randn(2, 1, 32, 32)
+    with torch.no_grad():
+        dense = model(x)
+        view = reduce_tokens(model.backbone, "tome", layers=(0, 1), keep=1.0)
+        torch.testing.assert_close(model.use_reduced(view)(x), dense, atol=1e-5, rtol=0)
+        view.keep = 0.5
+        reduced = model(x)
+    assert reduced.shape == dense.shape and view.last_token_counts[-1] < 65
+    assert not torch.allclose(reduced, dense)
+    with pytest.raises(ConfigError, match="must wrap this segmenter's own backbone"):
+        model.use_reduced(reduce_tokens(segmenter().backbone, "tome"))
+
+
+def test_bad_head_configs_and_files(tmp_path):
+    with pytest.raises(ConfigError, match="pyramid scales must be among"):
+        DenseHeadConfig(num_classes=3, scales=(3.0,))
+    with pytest.raises(ConfigError, match="outside the model's 3 blocks"):
+        Segmenter(segmenter().backbone, DenseHeadConfig(num_classes=3, index=5))
+    vitrim.save(segmenter(), tmp_path / "seg")
+    config = tmp_path / "seg" / "config.json"
+    config.write_text(config.read_text().replace('"width": 64', '"width": "wide"'))
+    with pytest.raises(ModelFileError, match="width must be a positive integer"):
+        vitrim.load(tmp_path / "seg")
