@@ -16,7 +16,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[dev,plot,images,onnx,hf]'
+	$(PY) -m pip install --quiet -e '.[dev,plot,images,onnx,hf,dense]'
 	touch $@
 
 $(TIMM_VENV)/.installed: pyproject.toml
