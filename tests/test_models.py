@@ -152,3 +152,16 @@ def test_a_model_at_another_image_size_keeps_its_weights():
     torch.testing.assert_close(big.pos_embed[:, :1], model.pos_embed[:, :1])  # the class token's row stays
     with pytest.raises(ConfigError, match="not a multiple of the patch size 4; use 28 or 32"):
         with_image_size(model, 30)
+
+
+def test_a_teacher_sees_its_own_input_size():
+    from vitrim.models.resize import InputResized
+
+    torch.manual_seed(0)
+    model = VisionTransformer(uniform_config(2, 32, 2, image_size=16, patch_size=4, in_chans=1, num_classes=3,
+                                             mean=(0.5,), std=(0.5,))).eval()
+    small = torch.randn(2, 1, 16, 16)
+    big = F.interpolate(small, size=(32, 32), mode="nearest")  # every pixel doubled
+    teacher = InputResized(model)
+    torch.testing.assert_close(teacher(small), model(small), atol=0, rtol=0)
+    assert teacher(big).shape == (2, 3) and teacher.config is model.config

@@ -11,6 +11,8 @@ from __future__ import annotations
 import copy
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from vitrim.errors import ConfigError
 from vitrim.models.vit import VisionTransformer
@@ -39,3 +41,20 @@ def with_image_size(model: VisionTransformer, image_size: int) -> VisionTransfor
     resized.load_state_dict(state, strict=True)
     resized.token_reduction = model.token_reduction
     return resized.train(model.training)
+
+
+class InputResized(nn.Module):
+    """``model`` fed images resized to its own input size first: a teacher trained at 28x28
+    distilling a student that sees 56x56 (bilinear, antialiased when shrinking)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.config = model.config
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:  # (B, in, H', W') -> the model's output
+        size = self.config.image_size
+        if images.shape[-1] != size or images.shape[-2] != size:
+            images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False,
+                                   antialias=images.shape[-1] > size)
+        return self.model(images)
