@@ -6,18 +6,18 @@ import torch
 import vitrim
 from vitrim.errors import ConfigError, ModelFileError
 from vitrim.models import VisionTransformer, uniform_config
-from vitrim.models.dense import DenseHeadConfig, Segmenter
+from vitrim.models.dense import DenseHeadConfig, DenseModel
 from vitrim.tokens import reduce_tokens
 
 
-def segmenter(**head) -> Segmenter:
+def segmenter(**head) -> DenseModel:
     torch.manual_seed(0)
     backbone = VisionTransformer(uniform_config(3, 32, 2, image_size=32, patch_size=4, in_chans=1, num_classes=5,
                                                 mean=(0.5,), std=(0.5,), layer_scale_init=0.5))
     with torch.no_grad():
         for p in backbone.parameters():
             p.add_(torch.randn_like(p) * 0.05)
-    return Segmenter(backbone, DenseHeadConfig(num_classes=4, **head)).eval()
+    return DenseModel(backbone, DenseHeadConfig(num_classes=4, **head)).eval()
 
 
 @pytest.mark.parametrize("scales", [(2.0, 1.0, 0.5), (4.0, 1.0)])
@@ -34,7 +34,7 @@ def test_saves_and_reloads_with_identical_outputs(tmp_path):
     vitrim.save(model, tmp_path / "seg")
     again = vitrim.load(tmp_path / "seg")
     x = torch.randn(2, 1, 32, 32)
-    assert type(again) is Segmenter and again.dense == model.dense
+    assert type(again) is DenseModel and again.dense == model.dense
     with torch.no_grad():
         torch.testing.assert_close(again(x), model(x), atol=0, rtol=0)
 
@@ -51,7 +51,7 @@ def test_token_reduction_unmerges_for_the_head():
         reduced = model(x)
     assert reduced.shape == dense.shape and view.last_token_counts[-1] < 65
     assert not torch.allclose(reduced, dense)
-    with pytest.raises(ConfigError, match="must wrap this segmenter's own backbone"):
+    with pytest.raises(ConfigError, match="must wrap this dense model's own backbone"):
         model.use_reduced(reduce_tokens(segmenter().backbone, "tome"))
 
 
@@ -59,9 +59,23 @@ def test_bad_head_configs_and_files(tmp_path):
     with pytest.raises(ConfigError, match="pyramid scales must be among"):
         DenseHeadConfig(num_classes=3, scales=(3.0,))
     with pytest.raises(ConfigError, match="outside the model's 3 blocks"):
-        Segmenter(segmenter().backbone, DenseHeadConfig(num_classes=3, index=5))
+        DenseModel(segmenter().backbone, DenseHeadConfig(num_classes=3, index=5))
     vitrim.save(segmenter(), tmp_path / "seg")
     config = tmp_path / "seg" / "config.json"
     config.write_text(config.read_text().replace('"width": 64', '"width": "wide"'))
     with pytest.raises(ModelFileError, match="width must be a positive integer"):
         vitrim.load(tmp_path / "seg")
+
+
+def test_a_detector_saves_and_reloads(tmp_path):
+    torch.manual_seed(0)
+    backbone = VisionTransformer(uniform_config(2, 32, 2, image_size=32, patch_size=4, in_chans=1, num_classes=1,
+                                                mean=(0.5,), std=(0.5,)))
+    model = DenseModel(backbone, DenseHeadConfig(num_classes=3, task="detect")).eval()
+    x = torch.randn(2, 1, 32, 32)
+    assert model(x).shape == (2, 3 + 4, 16, 16) and model.stride == 2.0
+    vitrim.save(model, tmp_path / "det")
+    again = vitrim.load(tmp_path / "det")
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), model(x), atol=0, rtol=0)
+    assert again.dense.task == "detect"

@@ -21,7 +21,7 @@ def test_a_segmenter_on_a_coco_set(tmp_path):
     from vitrim.data.coco import load_coco, write_synthetic_coco
     from vitrim.data.dataset import ImageSet
     from vitrim.models import VisionTransformer, uniform_config
-    from vitrim.models.dense import DenseHeadConfig, Segmenter
+    from vitrim.models.dense import DenseHeadConfig, DenseModel
 
     items = (torch.rand(12, 1, 28, 28, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8)
     source = ImageSet(items, torch.arange(12) % 3, ["a", "b", "c"], (0.5,), (0.5,), name="items")
@@ -29,11 +29,11 @@ def test_a_segmenter_on_a_coco_set(tmp_path):
     torch.manual_seed(0)
     backbone = VisionTransformer(uniform_config(2, 32, 2, image_size=32, patch_size=4, in_chans=1, num_classes=4,
                                                 mean=(0.5,), std=(0.5,)))
-    model = Segmenter(backbone, DenseHeadConfig(num_classes=4))
+    model = DenseModel(backbone, DenseHeadConfig(num_classes=4))
     score = evaluate_segmentation(model, data)
     assert score.pixels == 4 * 32 * 32 and 0 <= score.miou <= 1
     logits = model(torch.zeros(4, 1, 32, 32))
     assert segmentation_loss(logits, data.semantic).item() > 0
-    wrong = Segmenter(backbone, DenseHeadConfig(num_classes=7))
+    wrong = DenseModel(backbone, DenseHeadConfig(num_classes=7))
     with pytest.raises(DataError, match="predicts 7 classes per pixel but .* has 4"):
         evaluate_segmentation(wrong, data)

@@ -116,13 +116,13 @@ def _canonical_for_saving(model: nn.Module, extra: dict[str, Any] | None) -> tup
     from vitrim.iret import IncrementalViT
     from vitrim.tokens import TokenReducedViT
 
-    from vitrim.models.dense import Segmenter
+    from vitrim.models.dense import DenseModel
 
     extra = dict(extra or {})
     if isinstance(model, IncrementalViT):
         return model, {**extra, "family": "iret", "iret": model.options.to_dict()}
-    if isinstance(model, Segmenter):
-        return model, {**extra, "family": "segmenter", "dense": model.dense.to_dict()}
+    if isinstance(model, DenseModel):
+        return model, {**extra, "family": "dense", "dense": model.dense.to_dict()}
     if isinstance(model, TokenReducedViT):  # the weights, and the reduction they serve
         extra["tokens"] = {"method": model.method, "layers": list(model.layers)}
         model = model.model
@@ -179,21 +179,23 @@ def load_dir(directory: str | Path) -> nn.Module:
 
 
 # Models saved whole around a canonical ViT (their own modules beside it): family -> config key.
-WRAPPED = {"iret": "iret", "segmenter": "dense"}
+WRAPPED = {"iret": "iret", "dense": "dense"}
 
 
 def _wrap(family: str, vit: VisionTransformer, data: dict[str, Any]) -> nn.Module:
-    """``vit`` itself, or the incremental-resolution ViT / dense model a saved config describes."""
+    """``vit`` itself, or the incremental-resolution ViT / dense model (segmenter, detector) a saved
+    config describes."""
     if family == "iret":
         from vitrim.iret import IncrementalViT, IretOptions
 
         return IncrementalViT(vit, IretOptions.from_dict(data.get("iret", {})))
-    if family == "segmenter":
-        from vitrim.models.dense import DenseHeadConfig, Segmenter
+    if family == "dense":
+        from vitrim.models.dense import DenseHeadConfig, DenseModel
 
         if not isinstance(data.get("dense"), dict):
-            raise ModelFileError("a segmenter's config needs a \"dense\" object (its head); re-save it with vitrim.save")
-        return Segmenter(vit, DenseHeadConfig.from_dict(data["dense"]))
+            raise ModelFileError("a dense model's config needs a \"dense\" object (its head); re-save it with "
+                                 "vitrim.save")
+        return DenseModel(vit, DenseHeadConfig.from_dict(data["dense"]))
     return vit
 
 

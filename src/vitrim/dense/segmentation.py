@@ -50,20 +50,25 @@ class SegmentationScore:
                    per_class_iou=tuple(ious), pixels=int(total))
 
 
+def normalised_batches(data, batch_size: int):
+    """``(start, images)`` over a ``DenseSet``: float images (B, C, S, S) normalised by its mean/std."""
+    mean = torch.tensor(data.mean).view(1, -1, 1, 1)
+    std = torch.tensor(data.std).view(1, -1, 1, 1)
+    for start in range(0, len(data), batch_size):
+        yield start, (data.images[start:start + batch_size].float() / 255 - mean) / std
+
+
 @torch.no_grad()
 def evaluate_segmentation(model: nn.Module, data, batch_size: int = 32) -> SegmentationScore:
     """Score ``model`` (images -> (B, K+1, H, W) logits) on a :class:`~vitrim.data.coco.DenseSet`."""
     if len(data) == 0:
         raise DataError(f"{data.name} holds no images; evaluate on a set with at least one")
     count = len(data.class_names) + 1
-    mean = torch.tensor(data.mean).view(1, -1, 1, 1)
-    std = torch.tensor(data.std).view(1, -1, 1, 1)
     matrix = torch.zeros(count, count, dtype=torch.long)
     was = model.training
     model.eval()
     try:
-        for start in range(0, len(data), batch_size):
-            images = (data.images[start:start + batch_size].float() / 255 - mean) / std
+        for start, images in normalised_batches(data, batch_size):
             logits = model(images)
             if logits.shape[1] != count:
                 raise DataError(f"the model predicts {logits.shape[1]} classes per pixel but {data.name} has "

@@ -1,5 +1,6 @@
 """A ViT as the backbone of a dense predictor: a ViTDet-style simple feature pyramid from the
-backbone's feature maps and a semantic-segmentation head.
+backbone's feature maps, and a semantic-segmentation head or an anchor-free (CenterNet-style)
+detection head.
 
 The backbone is any canonical :class:`~vitrim.models.VisionTransformer` (a Hugging Face or timm
 ViT converts to one exactly) or a token-reduced view of it, whose feature maps are the restored
@@ -18,14 +19,15 @@ from torch import nn
 from vitrim.errors import ConfigError
 from vitrim.models.vit import VisionTransformer
 
-TASKS = ("segment",)
+TASKS = ("segment", "detect")
 
 
 @dataclass(frozen=True)
 class DenseHeadConfig:
-    """``num_classes`` per-pixel classes; ``index``: the block whose feature map feeds the pyramid
-    (ViTDet: the last); ``scales``: pyramid levels relative to the patch grid (2 = twice as fine);
-    ``width``: channels of every level and of the head."""
+    """``num_classes``: per-pixel classes (segment: background included) or object classes
+    (detect); ``index``: the block whose feature map feeds the pyramid (ViTDet: the last);
+    ``scales``: pyramid levels relative to the patch grid (2 = twice as fine; detection predicts
+    on the finest); ``width``: channels of every level and of the head."""
 
     num_classes: int
     task: str = "segment"
@@ -98,10 +100,32 @@ class SegmentationHead(nn.Module):
         return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
 
 
-class Segmenter(nn.Module):
-    """A canonical ViT backbone, a simple feature pyramid and a segmentation head: (B, in, H, W) ->
-    per-pixel logits (B, K, H, W). ``backbone`` may also be a token-reduced view
-    (:func:`vitrim.reduce_tokens`) of the model whose weights it holds."""
+class DetectionHead(nn.Module):
+    """CenterNet-style, on the finest pyramid level: per class a centre heatmap (logits), per cell
+    the box size and the centre's sub-cell offset, both in cells. Output (B, K + 4, h, w)."""
+
+    def __init__(self, config: DenseHeadConfig) -> None:
+        super().__init__()
+        W = config.width
+        self.shared = nn.Sequential(nn.Conv2d(W, W, 3, padding=1), nn.GroupNorm(1, W), nn.GELU())
+        self.heatmap = nn.Conv2d(W, config.num_classes, 1)
+        self.box = nn.Conv2d(W, 4, 1)  # (width, height, dx, dy)
+        nn.init.constant_(self.heatmap.bias, -2.19)  # sigmoid = 0.1: CenterNet's prior
+
+    def forward(self, levels: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
+        finest = max(levels, key=lambda t: t.shape[-1])
+        hidden = self.shared(finest)
+        return torch.cat([self.heatmap(hidden), self.box(hidden)], dim=1)
+
+
+HEADS = {"segment": SegmentationHead, "detect": DetectionHead}
+
+
+class DenseModel(nn.Module):
+    """A canonical ViT backbone, a simple feature pyramid and the task's head. ``segment``: images
+    (B, in, H, W) -> per-pixel logits (B, K, H, W); ``detect``: -> (B, K + 4, h, w) raw head maps
+    (decode boxes with :func:`vitrim.dense.detection.decode`). The backbone can run through a
+    token-reduced view of itself (:meth:`use_reduced`)."""
 
     def __init__(self, backbone: VisionTransformer, config: DenseHeadConfig) -> None:
         super().__init__()
@@ -112,19 +136,24 @@ class Segmenter(nn.Module):
         self.backbone, self.dense = backbone, config
         self.use_reduced(None)
         self.pyramid = SimpleFeaturePyramid(backbone.config.embed_dim, config)
-        self.head = SegmentationHead(config)
+        self.head = HEADS[config.task](config)
 
     @property
     def config(self):
         """The backbone's :class:`~vitrim.models.ViTConfig` (input size, FLOPs, pruning)."""
         return self.backbone.config
 
-    def use_reduced(self, view: nn.Module | None) -> "Segmenter":
+    @property
+    def stride(self) -> float:
+        """Input pixels per cell of the detection head's output."""
+        return self.config.patch_size / max(self.dense.scales)
+
+    def use_reduced(self, view: nn.Module | None) -> "DenseModel":
         """Run the backbone through ``view``, a token-reduced view of it (``vitrim.reduce_tokens(
-        segmenter.backbone, ...)``; its knobs stay settable), or through itself again (None)."""
+        model.backbone, ...)``; its knobs stay settable), or through itself again (None)."""
         if view is not None and getattr(view, "model", None) is not self.backbone:
-            raise ConfigError("the token-reduced view must wrap this segmenter's own backbone: "
-                              "vitrim.reduce_tokens(segmenter.backbone, ...)")
+            raise ConfigError("the token-reduced view must wrap this dense model's own backbone: "
+                              "vitrim.reduce_tokens(model.backbone, ...)")
         object.__setattr__(self, "reduced", view)  # not a sub-module: its weights are the backbone's
         return self
 
