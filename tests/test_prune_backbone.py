@@ -263,3 +263,22 @@ def test_pruned_embedding_channels_count_in_the_distance(flat):
     assert distance > 0
     with pytest.raises(ConfigError, match="embed_index"):
         feature_distance(result.model, model, flat)
+
+
+def test_cli_prunes_a_backbone_from_a_flat_folder(capsys, tmp_path, flat_folder):
+    """`vitrim prune DIR --data folder:FLAT` as a user runs it: no labels, no accuracy, width kept."""
+    import json
+
+    from tests.test_cli import run
+
+    hf_backbone().save_pretrained(tmp_path / "hf")
+    out = tmp_path / "pruned"
+    code, stdout, err = run(capsys, "prune", str(tmp_path / "hf"), "--data", f"folder:{flat_folder}", "--calib", "16",
+                            "--target", "flops=0.6", "--steps", "1", "--round-to", "4", "--runs", "2",
+                            "--threads", "1", "--out", str(out), "--json")
+    assert code == 0, err
+    report = json.loads(stdout)
+    assert report["family"] == "hf" and report["config"]["objective"] == "features"
+    assert "accuracy" not in report["pruned"] and report["kept_ratio"] <= 0.6
+    pruned = vitrim.load(out)
+    assert type(pruned).__name__ == "ViTModel" and pruned.config.hidden_size == 32

@@ -2,6 +2,7 @@
 
 from vitrim.api import create, load, save
 from vitrim.bench import analyze, evaluate, measure
+from vitrim.device import resolve_device
 from vitrim.errors import ConfigError, DataError, ModelFileError, UnknownModelError, VitrimError
 from vitrim.models import BlockDims, ViTConfig, VisionTransformer
 from vitrim.prune import prune
@@ -11,4 +12,4 @@ __version__ = "0.1.0"
 
 __all__ = ["BlockDims", "ConfigError", "DataError", "ModelFileError", "UnknownModelError",
            "ViTConfig", "VisionTransformer", "VitrimError", "analyze", "create", "evaluate",
-           "load", "measure", "prune", "reduce_tokens", "save", "__version__"]
+           "load", "measure", "prune", "reduce_tokens", "resolve_device", "save", "__version__"]

@@ -14,12 +14,13 @@ from typing import Any
 
 import torch
 
-from vitrim.cli_common import (Parser, add_data_args, add_json, add_onnx_input_args, add_pretrained, add_threads,
-                               augment_spec, check_batch_options, command_line, data_for_family, default_of, emit,
-                               keep_range, load_data_for, non_negative_float, number, parse_floats, parse_ints,
+from vitrim.cli_common import (Parser, add_data_args, add_device, add_json, add_onnx_input_args, add_pretrained,
+                               add_threads, augment_spec, check_batch_options, command_line, data_for_family,
+                               default_of, emit, keep_range, load_data_for, non_negative_float, number, parse_floats, parse_ints,
                                positive_float, positive_int, resolve_model, resolve_runnable, seed_int,
                                train_and_test, unit_float)
 from vitrim.cli_common import threads as _threads
+from vitrim.distributed import barrier, is_main, main_lock
 from vitrim.errors import ConfigError, VitrimError
 
 __all__ = ["build_parser", "main", "parse_floats", "parse_ints", "positive_int"]
@@ -55,7 +56,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     data = data_for_family(model, args, args.split, family)
     with _threads(args.threads):
         metrics = evaluate(model, data, batch_size=args.batch_size, image_size=model.config.image_size,
-                           progress=not args.json)
+                           progress=not args.json, device=args.device)
     result = {"model": args.model, "data": args.data, "split": args.split, **metrics}
     emit(args, result, f"{args.model} on {args.data}/{args.split}: top-1 accuracy "
                        f"{metrics['accuracy'] * 100:.2f}%  loss {metrics['loss']:.4f}  ({metrics['count']} images)")
@@ -71,8 +72,10 @@ def bench_text(name: str, result: dict[str, Any]) -> str:
         rows.append([batch, f"{entry['median_ms']:.2f}", f"{entry['p10_ms']:.2f}-{entry['p90_ms']:.2f}",
                      f"{entry['images_per_s']:.0f}", human(mem, "B") if mem is not None else "n/a"])
     flops = f"{human(result['flops'])}FLOPs" if result["flops"] is not None else "unknown FLOPs"
+    where = result.get("device", {})
     head = (f"{name}: {human(result['params'])} params, {flops} per image, "
-            f"threads={result['threads'] or torch.get_num_threads()}")
+            f"threads={result['threads'] or torch.get_num_threads()}, {where.get('device', 'cpu')} "
+            f"({where.get('name', '?')}), {where.get('dtype', '?')}")
     return head + "\n" + format_table(rows, ["batch", "median ms", "p10-p90 ms", "images/s", "peak act. mem"])
 
 
@@ -91,7 +94,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
         models[spec], weights[spec] = resolve_runnable(
             argparse.Namespace(**{**vars(args), "model": spec, "threads": choice.threads}), allow_random=True)
     batches = args.batch or DEFAULT_BATCHES
-    results = measure_all(models, batches, threads=choice, runs=args.runs)  # interleaved
+    results = measure_all(models, batches, threads=choice, runs=args.runs, device=args.device)  # interleaved
     for spec in specs:
         results[spec].update(model=spec, weights=weights[spec])
     text = "\n\n".join(bench_text(spec, results[spec]) for spec in specs)
@@ -124,7 +127,7 @@ def cmd_analyze(args: argparse.Namespace) -> None:
 def cmd_train(args: argparse.Namespace) -> None:
     """``vitrim train``: train (or distil, or fine-tune for tokens / iret) and save the model."""
     import vitrim
-    from vitrim.fsutil import check_output_dir, output_lock
+    from vitrim.fsutil import check_output_dir
     from vitrim.train import TrainConfig, fit
     from vitrim.train.loop import CHECKPOINT_DIR, check_teacher
 
@@ -145,12 +148,14 @@ def cmd_train(args: argparse.Namespace) -> None:
     train_set = load_data_for(model, args, "train")
     test_set = None if args.no_eval else load_data_for(model, args, "test")
     command = command_line(args)
-    with output_lock(out), _threads(args.threads):
+    with main_lock(out), _threads(args.threads):
         result = fit(model, train_set, cfg, out, test_set=test_set, teacher=teacher, resume=args.resume,
-                     image_size=model.config.image_size, locked=True)
-        vitrim.save(result.model, out, extra={"training": {"command": command, "config": cfg.to_dict(),
-                                                           "history": result.history}},
-                    carry=[CHECKPOINT_DIR], locked=True)
+                     image_size=model.config.image_size, locked=True, device=args.device)
+        if is_main():
+            vitrim.save(result.model.cpu(), out, extra={"training": {"command": command, "config": cfg.to_dict(),
+                                                                     "history": result.history}},
+                        carry=[CHECKPOINT_DIR], locked=True)
+        barrier()
     final = result.history[-1]
     print(f"saved {out}  (epoch {final['epoch']}, train loss {final['train_loss']:.4f}"
           + (f", test accuracy {final['test_accuracy'] * 100:.2f}%" if "test_accuracy" in final else "") + ")")
@@ -191,7 +196,7 @@ TOKENS_TRAIN_KEEP = (0.5, 1.0)  # `train --arch tokens`: the keep range each tra
 def cmd_prune(args: argparse.Namespace) -> None:
     """``vitrim prune``: prune a model in its own family, report dense vs pruned, save it."""
     from vitrim.adapters.sources import load_model
-    from vitrim.fsutil import check_output_dir, output_lock
+    from vitrim.fsutil import check_output_dir
     from vitrim.prune import PruneConfig
 
     cfg = PruneConfig(target=args.target, structures=args.structures, exclude=tuple(args.exclude or ()),
@@ -202,7 +207,7 @@ def cmd_prune(args: argparse.Namespace) -> None:
     name = args.model or DEFAULT_MODEL
     loaded = load_model(name, pretrained=args.pretrained, allow_random=True)
     out = check_output_dir(args.out or f"runs/{loaded.spec.stem}-{cfg.metric}{cfg.ratio:g}", "--out directory")
-    with output_lock(out):  # a second run to the same --out is refused now, not after its work
+    with main_lock(out):  # a second run to the same --out is refused now, not after its work
         _prune_into(args, cfg, name, loaded, out)
 
 
@@ -221,7 +226,9 @@ def _prune_into(args: argparse.Namespace, cfg: Any, name: str, loaded: Any, out:
         report, pruned = prune_and_save(
             original, cfg, train_set, test_set, out, name=name, weights=loaded.weights, command=command_line(args),
             threads=args.threads, runs=args.runs, progress=progress,
-            log=(lambda text: print(text, file=sys.stderr)) if progress else None)
+            log=(lambda text: print(text, file=sys.stderr)) if progress else None, device=args.device)
+    if not is_main():
+        return  # rank 0 reports
     text = (f"{summary_table(report)}\n\n{plan_table(model.config, pruned.config)}\n\n"
             f"saved the pruned model to {out} and the report to {out / 'report'}")
     emit(args, report, text)
@@ -256,7 +263,7 @@ def cmd_tokens(args: argparse.Namespace) -> None:
     batches = args.batch or DEFAULT_BATCHES
     with _threads(args.threads):
         rows, dense_latency = token_sweep(model, reduced, knob, values, test=test_set, batch_sizes=batches,
-                                          threads=args.threads, runs=args.runs)
+                                          threads=args.threads, runs=args.runs, device=args.device)
     table = [[f"{r[knob]:g}", f"{r['accuracy'] * 100:.2f}%" if "accuracy" in r else "-", f"{r['flops_ratio']:.3f}"]
              + [f"{r[f'speedup_b{b}']:.2f}x" + ("" if r["latency"][str(b)]["stable"] and dense_latency[str(b)]["stable"]
                                                  else "*") for b in batches] for r in rows]
@@ -286,7 +293,8 @@ def cmd_compress(args: argparse.Namespace) -> None:
     progress = not args.json
     with _threads(args.threads):
         report = compress(model, train_set, test_set, cfg, out, progress=progress,
-                          log=(lambda text: print(text, file=sys.stderr)) if progress else (lambda text: None))
+                          log=(lambda text: print(text, file=sys.stderr)) if progress else (lambda text: None),
+                          device=args.device)
     report["command"] = command_line(args)
     emit(args, report, f"{stage_table(report)}\n\nartefacts and report.{{json,md,png}} in {out}")
 
@@ -322,6 +330,7 @@ def add_eval_parser(sub: Any) -> None:
     p.add_argument("--split", default="test", choices=["train", "test"])
     p.add_argument("--batch-size", type=positive_int, default=default_of(evaluate, "batch_size"))
     add_threads(p)
+    add_device(p)
     add_json(p)
     add_onnx_input_args(p)
     add_pretrained(p)
@@ -340,6 +349,7 @@ def add_bench_parsers(sub: Any) -> None:
                    help=f"batch size (repeatable; default {' and '.join(map(str, DEFAULT_BATCHES))})")
     p.add_argument("--runs", type=positive_int, default=runs, help="timed runs per batch size (median reported)")
     add_threads(p)
+    add_device(p)
     add_json(p)
     add_onnx_input_args(p)
     add_pretrained(p)
@@ -409,6 +419,7 @@ def add_prune_parser(sub: Any) -> None:
                    help="timed runs per latency measurement")
     p.add_argument("--out", default=None, help="output directory (default runs/MODEL-METRICRATIO)")
     add_threads(p)
+    add_device(p)
     add_json(p, "print the report as JSON")
     add_pretrained(p)
     p.set_defaults(func=cmd_prune)
@@ -440,6 +451,7 @@ def add_tokens_parser(sub: Any) -> None:
     p.add_argument("--batch", type=positive_int, action="append", help="latency batch sizes (default 1 and 64)")
     p.add_argument("--runs", type=positive_int, default=default_of(measure, "runs"))
     add_threads(p)
+    add_device(p)
     add_json(p)
     add_pretrained(p)
     p.set_defaults(func=cmd_tokens)
@@ -472,6 +484,7 @@ def add_compress_parser(sub: Any) -> None:
     p.add_argument("--runs", type=positive_int, default=d("runs"))
     p.add_argument("--out", default=None, help="output directory (default runs/MODEL-compressed)")
     add_threads(p)
+    add_device(p)
     add_json(p)
     add_pretrained(p)
     p.set_defaults(func=cmd_compress)
@@ -517,6 +530,7 @@ def add_train_parser(sub: Any) -> None:
     p.add_argument("--no-eval", action="store_true", help="skip the test-set evaluation after each epoch")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
     add_threads(p)
+    add_device(p)
     p.set_defaults(func=cmd_train)
 
 
@@ -577,6 +591,7 @@ def main(argv: list[str] | None = None) -> int:
 
     deps.VERBOSE = args.verbose  # per run: the API keeps third-party output quiet
     try:
+        join_processes(args)
         args.func(args)
     except VitrimError as exc:
         return fail(args, f"error: {exc}", 2)
@@ -592,6 +607,26 @@ def main(argv: list[str] | None = None) -> int:
         return fail(args, f"internal error: {type(exc).__name__}: {first_line(exc)} (run again with --verbose for "
                           f"the full trace, and report it)", 1)
     return 0
+
+
+DISTRIBUTED_COMMANDS = ("train", "prune", "eval")
+
+
+def join_processes(args: argparse.Namespace) -> None:
+    """Under ``torchrun`` (``WORLD_SIZE`` > 1): join the process group on this rank's device, and
+    keep the standard output of every rank but 0 quiet; other commands run in one process."""
+    import os
+
+    from vitrim.distributed import init_from_env
+
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
+        return
+    if args.command not in DISTRIBUTED_COMMANDS:
+        raise ConfigError(f"vitrim {args.command} runs in one process; launch it without torchrun "
+                          f"(torchrun runs {', '.join(DISTRIBUTED_COMMANDS)})")
+    args.device = init_from_env(args.device)
+    if not is_main():
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the rest of this process
 
 
 def first_line(exc: BaseException) -> str:

@@ -185,6 +185,26 @@ def add_threads(p: argparse.ArgumentParser) -> None:
                         "sampled before timing)")
 
 
+def device_spec(text: str) -> str:
+    """An argparse type: a device this machine has (``auto``, ``cpu``, ``cuda``, ``cuda:N``, ``mps``),
+    checked before any work; kept as typed."""
+    from vitrim.device import resolve_device
+
+    try:
+        resolve_device(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def add_device(p: argparse.ArgumentParser, help_text: str = "") -> None:
+    """``--device``, its default :func:`vitrim.device.resolve_device`'s."""
+    from vitrim.device import DEVICE_HELP, resolve_device
+
+    p.add_argument("--device", type=device_spec, default=default_of(resolve_device, "spec"),
+                   help=f"where the model runs: {DEVICE_HELP}" + (f"; {help_text}" if help_text else ""))
+
+
 def add_json(p: argparse.ArgumentParser, help_text: str = "print a JSON object") -> None:
     """``--json``."""
     p.add_argument("--json", action="store_true", help=help_text)

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
 from torch import nn
 
 from vitrim.bench.any_model import compare_models
@@ -101,22 +102,31 @@ def check_compress(model: VisionTransformer, train: ImageSet, cfg: CompressConfi
 
 
 def compress(model: VisionTransformer, train: ImageSet, test: ImageSet, cfg: CompressConfig, out_dir: str | Path,
-             *, progress: bool = True, log: Callable[[str], None] = lambda text: None) -> dict[str, Any]:
+             *, progress: bool = True, log: Callable[[str], None] = lambda text: None,
+             device: str | torch.device | None = None) -> dict[str, Any]:
     """Run the stages in order, write the artefacts and ``report.{json,md,png}`` to ``out_dir``.
 
     Everything is checked before the first stage, and ``out_dir`` appears whole or not at all
     (built in a temporary sibling, swapped into place at the end). All stages are timed together
     at the end, interleaved, so each ``speedup_b*`` is the ratio of the reported ``latency_ms_b*``.
+
+    ``device``: where the torch stages are pruned, evaluated and timed (``None``: where ``model``
+    is); export, quantization and the ONNX Runtime stages run on the CPU.
     """
+    from vitrim.device import module_device, resolve_device
+
+    target = module_device(model) if device is None else resolve_device(device)
     check_compress(model, train, cfg, out_dir)
     with atomic_dir(out_dir) as tmp:
-        stages, runners = run_stages(model, train, test, cfg, tmp, progress=progress, log=log)
+        stages, runners = run_stages(model, train, test, cfg, tmp, progress=progress, log=log, device=target)
         measured = compare_models(runners, LATENCY_BATCHES, test=test, image_size=model.config.image_size,
-                                  threads=cfg.threads, runs=cfg.runs, progress=progress, desc="{name}", log=log)
+                                  threads=cfg.threads, runs=cfg.runs, progress=progress, desc="{name}", log=log,
+                                  device=target)
         dense = measured[stages[0]["stage"]]
         for entry in stages:
             result = measured[entry["stage"]]
-            entry.update(accuracy=result["accuracy"], threads=result["thread_policy"], latency=result["latency"])
+            entry.update(accuracy=result["accuracy"], threads=result["thread_policy"], latency=result["latency"],
+                         device=result.get("device"))
             for batch in LATENCY_BATCHES:
                 entry[f"latency_ms_b{batch}"] = result["latency"][str(batch)]["median_ms"]
                 entry[f"speedup_b{batch}"] = result["latency"][str(batch)]["speedup"]
@@ -128,8 +138,11 @@ def compress(model: VisionTransformer, train: ImageSet, test: ImageSet, cfg: Com
 
 
 def run_stages(model: VisionTransformer, train: ImageSet, test: ImageSet, cfg: CompressConfig, out: Path, *,
-               progress: bool, log: Callable[[str], None]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Build every stage; the stage entries (size, FLOPs, checks) and ``{stage: model}`` to measure."""
+               progress: bool, log: Callable[[str], None],
+               device: torch.device | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Build every stage; the stage entries (size, FLOPs, checks) and ``{stage: model}`` to measure.
+
+    Pruning runs on ``device``; export and quantization on the CPU."""
     from vitrim.prune import prune
     from vitrim.tokens import reduce_tokens, reduced_flops
 
@@ -146,20 +159,22 @@ def run_stages(model: VisionTransformer, train: ImageSet, test: ImageSet, cfg: C
     current: nn.Module = model
     if cfg.prune is not None:
         result = prune(model, cfg.prune, train, recover=cfg.recover, train_data=train, calib_images=cfg.prune_calib,
-                       progress=progress)
+                       progress=progress, device=device)
+        result.model.cpu()
         current = result.model
         save(current, out / "pruned")
         add("torch fp32 pruned", current, (out / "pruned" / WEIGHTS_FILE).stat().st_size,
             model_cost(current.config).flops, kept_ratio=result.kept_ratio)
     tokens = parse_tokens(cfg.tokens)
     if tokens is not None:
-        current = reduce_tokens(current, cfg.token_method, layers=cfg.token_layers, keep=tokens[1])
+        current = reduce_tokens(current.cpu(), cfg.token_method, layers=cfg.token_layers, keep=tokens[1])
         add(f"+ tokens ({cfg.token_method} keep={tokens[1]:g})", current, torch_size(current),
             reduced_flops(current, check_images))
     flops = stages[-1]["flops"]
     if cfg.quant is not None:
         from vitrim.quant import OnnxModel, export, quantize
 
+        current.cpu()  # ONNX export and the checks against PyTorch run on the CPU
         exported = export(current, out / "model-fp32.onnx", check_images=check_images, threads=cfg.threads)
         add("ORT fp32", OnnxModel(exported.path, threads=cfg.threads), exported.size_bytes, flops,
             check=exported.check.to_dict())

@@ -46,31 +46,46 @@ def check_fits(model: Any, data: ImageSet, name: str = "the model") -> None:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, data: ImageSet, batch_size: int = 256, image_size: int | None = None,
-             progress: bool = False, desc: str = "eval") -> dict[str, float]:
+             progress: bool = False, desc: str = "eval", device: str | torch.device | None = None) -> dict[str, float]:
     """``{"accuracy", "loss", "count"}`` with accuracy in [0, 1].
+
+    ``device``: where a torch model and its batches run (``None``: where the model already is;
+    a spec as :func:`vitrim.device.resolve_device` takes; ONNX Runtime models ignore it). Under
+    ``torchrun`` every rank evaluates its exact shard (:func:`vitrim.distributed.shard`) and the
+    sums are all-reduced, so every rank returns the single-process figures.
 
     Raises :class:`DataError` before counting anything when the model's outputs do not match the
     data: a label at or beyond the model's output count, or a class count other than its width.
     """
+    from vitrim import distributed
+    from vitrim.device import module_device, resolve_device, to_device
+
     if len(data) == 0:
         raise DataError(f"{data.name} holds no images; evaluate on a data set with at least one")
     check_fits(model, data, _model_name(model))
+    target = module_device(model) if device is None else resolve_device(device)
+    if not isinstance(model, nn.Module):  # ONNX Runtime sessions take CPU tensors
+        target = torch.device("cpu")
+    to_device(model, target)
     was_training = model.training
     model.eval()
-    correct, loss_sum, count = 0, 0.0, 0
-    batches = data.batches(batch_size, image_size=image_size)
-    total = -(-len(data) // batch_size)
+    mine = distributed.shard(torch.arange(len(data)))
+    sums = torch.zeros(3, dtype=torch.float64)  # correct, loss sum, count
+    total = -(-len(mine) // batch_size)
     try:
-        for x, y in progress_bar(batches, total=total, desc=desc, enabled=progress):
-            logits = model(x).float()
-            if count == 0:
-                _check_logits(logits, data, x.shape[0], _model_name(model))
-            loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
-            correct += (logits.argmax(-1) == y).sum().item()
-            count += y.numel()
+        if len(mine):
+            batches = data.take(mine).batches(batch_size, image_size=image_size, device=target)
+            for x, y in progress_bar(batches, total=total, desc=desc, enabled=progress and distributed.is_main()):
+                logits = model(x).float()
+                if sums[2] == 0:
+                    _check_logits(logits, data, x.shape[0], _model_name(model))
+                sums[1] += F.cross_entropy(logits, y, reduction="sum").item()
+                sums[0] += (logits.argmax(-1) == y).sum().item()
+                sums[2] += y.numel()
     finally:
         model.train(was_training)
-    return {"accuracy": correct / count, "loss": loss_sum / count, "count": count}
+    correct, loss_sum, count = distributed.all_reduce_sum(sums).tolist()
+    return {"accuracy": int(correct) / int(count), "loss": loss_sum / count, "count": int(count)}
 
 
 def _check_logits(logits: torch.Tensor, data: ImageSet, batch: int, name: str) -> None:

@@ -167,18 +167,53 @@ def _percentiles(samples: list[float]) -> tuple[float, float, float]:
     return statistics.median(samples), q[0], q[-1]
 
 
+class _Clock:
+    """Milliseconds of one call on ``device``: wall time on the CPU; on CUDA, CUDA events around the
+    call and a synchronisation after it, so queued kernels are counted."""
+
+    def __init__(self, device: torch.device | None) -> None:
+        self.cuda = device is not None and device.type == "cuda"
+        self.device = device
+
+    def __call__(self, fn: Callable[[], Any]) -> float:
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize(self.device)
+            return float(start.elapsed_time(end))
+        from vitrim.device import synchronize
+
+        t0 = time.perf_counter()
+        fn()
+        if self.device is not None:
+            synchronize(self.device)  # MPS queues kernels too
+        return (time.perf_counter() - t0) * 1000.0
+
+    def settle(self) -> None:
+        """Wait for the warm-up's kernels before timing starts."""
+        if self.device is not None:
+            from vitrim.device import synchronize
+
+            synchronize(self.device)
+
+
 def time_callable(fn: Callable[[], Any], *, warmup: int = 5, runs: int = 30,
-                  min_seconds: float = 0.0) -> dict[str, float]:
-    """Milliseconds per call: median, 10th/90th percentile, runs made."""
+                  min_seconds: float = 0.0, device: torch.device | str | None = None) -> dict[str, float]:
+    """Milliseconds per call: median, 10th/90th percentile, runs made.
+
+    ``device``: where ``fn`` runs its kernels (``None``: the CPU); on CUDA each call is timed
+    with CUDA events and a synchronisation, after the warm-up."""
     _check_counts(warmup, runs)
+    clock = _Clock(torch.device(device) if isinstance(device, str) else device)
     for _ in range(warmup):
         fn()
+    clock.settle()
     samples: list[float] = []
     started = time.perf_counter()
     while len(samples) < runs or time.perf_counter() - started < min_seconds:
-        t0 = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - t0) * 1000.0)
+        samples.append(clock(fn))
     median, p10, p90 = _percentiles(samples)
     return {"median_ms": median, "p10_ms": p10, "p90_ms": p90, "runs": len(samples)}
 
@@ -201,9 +236,12 @@ def _rounds(runners: Mapping[str, Runner], inputs: Mapping[str, torch.Tensor], w
             min_seconds: float) -> tuple[dict[str, list[float]], float | None]:
     """Milliseconds per call of every runner over alternating rounds, and the others' CPU load."""
     names = list(runners)
+    clocks = {name: _Clock(inputs[name].device if inputs[name].device.type != "cpu" else None) for name in names}
     for _ in range(warmup):
         for name in names:
             runners[name](inputs[name])
+    for clock in clocks.values():
+        clock.settle()
     samples: dict[str, list[float]] = {name: [] for name in names}
     probe = LoadProbe().start()
     started = time.perf_counter()
@@ -215,9 +253,7 @@ def _rounds(runners: Mapping[str, Runner], inputs: Mapping[str, torch.Tensor], w
             shift = r % len(names)
             for name in names[shift:] + names[:shift]:  # rotating order: no runner always follows another
                 fn, x = runners[name], inputs[name]
-                t0 = time.perf_counter()
-                fn(x)
-                samples[name].append((time.perf_counter() - t0) * 1000.0)
+                samples[name].append(clocks[name](lambda: fn(x)))
             r += 1
     finally:
         if gc_was_on:
@@ -249,17 +285,30 @@ def unstable_warning(figures: Iterable[tuple[str, Any, Mapping[str, Any]]]) -> s
     return "\n* unstable latency (re-run on an idle machine or with fewer --threads):\n" + "\n".join(lines)
 
 
-def _as_runner(runner: Runner | nn.Module) -> Runner:
+def _as_runner(runner: Runner | nn.Module, device: torch.device | None = None) -> Runner:
     if isinstance(runner, nn.Module):
         runner.eval()
+        if device is not None:
+            runner.to(device)
+    elif device is not None and isinstance(getattr(runner, "model", None), nn.Module):
+        runner.model.to(device)  # e.g. WithSetting around a torch model
     return runner
+
+
+def runner_device(runner: Any) -> torch.device:
+    """Where a runner takes its inputs: a torch model's device (through ``.model`` for wrappers),
+    else the CPU (ONNX Runtime sessions)."""
+    from vitrim.device import module_device
+
+    return module_device(runner)
 
 
 def interleaved_latency(runners: Mapping[str, Runner | nn.Module], batch_sizes: Sequence[int] = (1,), *,
                         threads: int | None = None, warmup: int = 5, runs: int = 30,
                         example: torch.Tensor | Callable[[int], torch.Tensor] | None = None,
                         reference: str | None = None, min_seconds: float = 0.0,
-                        spread_limit: float = SPREAD_LIMIT) -> dict[str, dict[int, dict[str, Any]]]:
+                        spread_limit: float = SPREAD_LIMIT,
+                        device: str | torch.device | None = None) -> dict[str, dict[int, dict[str, Any]]]:
     """Time several runners interleaved; ``{name: {batch: stats}}``.
 
     For each batch size every runner is warmed up, then ``runs`` rounds run each runner once, in
@@ -272,6 +321,8 @@ def interleaved_latency(runners: Mapping[str, Runner | nn.Module], batch_sizes: 
     Inputs: ``example`` (a tensor, or a function of the batch size), else seeded random images
     of each runner's ``config`` input shape. ``threads`` fixes torch's intra-op threads
     (None: :func:`default_threads`); an ONNX Runtime model keeps the count it was opened with.
+    ``device``: where torch runners are moved (``None``: where they are); each runner's inputs go
+    to its device, and on CUDA every call is timed with CUDA events and a synchronisation.
     """
     if not runners:
         raise ConfigError("give at least one model to time")
@@ -281,13 +332,16 @@ def interleaved_latency(runners: Mapping[str, Runner | nn.Module], batch_sizes: 
     reference = next(iter(runners)) if reference is None else reference
     if reference not in runners:
         raise ConfigError(f"reference {reference!r} is not one of the timed models ({', '.join(runners)})")
-    fns = {name: _as_runner(r) for name, r in runners.items()}
+    from vitrim.device import resolve_device
+
+    moved = None if device is None else resolve_device(device)
+    fns = {name: _as_runner(r, moved) for name, r in runners.items()}
     count = default_threads() if threads is None else threads
     cores = len(usable_cores())
     result: dict[str, dict[int, dict[str, Any]]] = {name: {} for name in fns}
     with fixed_threads(count), torch.inference_mode():
         for batch in batch_sizes:
-            inputs = {name: _example(example, fns[name], batch) for name in fns}
+            inputs = {name: _example(example, fns[name], batch).to(runner_device(fns[name])) for name in fns}
             samples, load = _rounds(fns, inputs, warmup, runs, min_seconds)
             for name in fns:
                 result[name][batch] = _stats(samples[name], batch, load, cores, count, spread_limit)
@@ -307,10 +361,11 @@ def _example(example: torch.Tensor | Callable[[int], torch.Tensor] | None, runne
 
 
 def measure_latency(model: nn.Module, batch_size: int = 1, *, threads: int | None = None,
-                    warmup: int = 5, runs: int = 30) -> dict[str, Any]:
-    """Forward latency of ``model`` on random images of the model's input shape."""
+                    warmup: int = 5, runs: int = 30, device: str | torch.device | None = None) -> dict[str, Any]:
+    """Forward latency of ``model`` on random images of the model's input shape (on ``device``:
+    ``None`` is where the model is)."""
     entry = interleaved_latency({"model": model}, [batch_size], threads=threads, warmup=warmup,
-                                runs=runs)["model"][batch_size]
+                                runs=runs, device=device)["model"][batch_size]
     entry.pop("speedup")
     return entry
 
@@ -351,4 +406,4 @@ class WithSetting:
 
 __all__ = ["LoadProbe", "SPREAD_LIMIT", "ThreadChoice", "WithSetting", "busy_cores", "choose_threads",
            "default_threads", "example_input", "fixed_threads", "interleaved_latency", "measure_latency", "paired_latency",
-           "time_callable", "usable_cores"]
+           "runner_device", "time_callable", "usable_cores"]

@@ -10,9 +10,24 @@ from vitrim.bench.latency import example_input
 
 
 def peak_activation_bytes(model: nn.Module, batch_size: int = 1) -> int | None:
-    """Peak bytes allocated during a forward pass beyond the weights and input (None if unknown)."""
-    x = example_input(model, batch_size)
+    """Peak bytes allocated during a forward pass beyond the weights and input (None if unknown).
+
+    On CUDA: ``torch.cuda.max_memory_allocated`` over the pass, minus what was allocated before."""
+    from vitrim.bench.latency import runner_device
+
+    device = runner_device(model)
+    x = example_input(model, batch_size).to(device)
     model.eval()
+    if device.type == "cuda":
+        with torch.inference_mode():
+            torch.cuda.synchronize(device)
+            before = torch.cuda.memory_allocated(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            model(x)
+            torch.cuda.synchronize(device)
+            return int(torch.cuda.max_memory_allocated(device) - before)
+    if device.type != "cpu":
+        return None
     try:
         with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU], profile_memory=True,
                                              record_shapes=True, with_stack=True) as prof:

@@ -31,10 +31,18 @@ def reduced_view(model: nn.Module, method: str | None, layers: Sequence[int] | N
 
 def token_sweep(model: nn.Module, reduced: Any, knob: str, values: Sequence[float], *, test: Any = None,
                 batch_sizes: Sequence[int] = (1, 64), threads: int | None = None,
-                runs: int = 30) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+                runs: int = 30,
+                device: str | torch.device | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """``(rows, dense_latency)``: per value of ``knob`` (``keep`` or ``tau``) its accuracy on ``test``
-    (when given), FLOPs ratio and latency / speed-up per batch size; the dense model's latency."""
+    (when given), FLOPs ratio and latency / speed-up per batch size; the dense model's latency.
+
+    ``device``: where both models run (``None``: where ``model`` is)."""
+    from vitrim.device import module_device, resolve_device
     from vitrim.tokens import reduced_flops
+
+    target = module_device(model) if device is None else resolve_device(device)
+    model.to(target)
+    reduced.to(target)
 
     for value in values:  # validate every knob value before any work
         setattr(reduced, knob, value)
@@ -45,13 +53,13 @@ def token_sweep(model: nn.Module, reduced: Any, knob: str, values: Sequence[floa
         setattr(reduced, knob, value)
         row: dict[str, Any] = {knob: value}
         if test is not None:
-            row["accuracy"] = evaluate(reduced, test, image_size=cfg.image_size)["accuracy"]
-        sample = next(test.batches(64, image_size=cfg.image_size))[0] if test is not None \
-            else torch.randn(64, cfg.in_chans, cfg.image_size, cfg.image_size)
+            row["accuracy"] = evaluate(reduced, test, image_size=cfg.image_size, device=target)["accuracy"]
+        sample = next(test.batches(64, image_size=cfg.image_size, device=target))[0] if test is not None \
+            else torch.randn(64, cfg.in_chans, cfg.image_size, cfg.image_size, device=target)
         row["flops_ratio"] = reduced_flops(reduced, sample) / dense_flops
         rows.append(row)
     runners = {"dense": model, **{f"{knob}={i}": WithSetting(reduced, **{knob: v}) for i, v in enumerate(values)}}
-    timed = interleaved_latency(runners, batch_sizes, threads=threads, runs=runs,
+    timed = interleaved_latency(runners, batch_sizes, threads=threads, runs=runs, device=target,
                                 example=lambda b: example_input(model, b))  # dense and every value interleaved
     for i, row in enumerate(rows):
         stats = timed[f"{knob}={i}"]

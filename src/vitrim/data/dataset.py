@@ -112,11 +112,14 @@ class ImageSet:
         augment: bool | Collection[str] = False,
         generator: torch.Generator | None = None,
         drop_last: bool = False,
+        device: torch.device | str | None = None,
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
         """Normalised float batches ``(B, C, S, S)`` and labels ``(B,)`` (``None`` when unlabelled).
 
         ``augment``: the random transforms of :data:`AUGMENTATIONS` to apply ("crop", "flip");
-        ``True`` means both.
+        ``True`` means both. The order and the augmentation are drawn on the CPU (from
+        ``generator``), so they do not depend on ``device``, where the batches are then resized,
+        normalised and returned (default: the CPU).
         """
         ops = set(AUGMENTATIONS) if augment is True else set(augment or ())
         if batch_size < 1:
@@ -128,7 +131,11 @@ class ImageSet:
             x = to_float(self.images[index])
             if ops:
                 x = random_crop_flip(x, generator, crop="crop" in ops, flip="flip" in ops)
-            yield self.prepare(x, image_size), self.labels[index] if self.labels is not None else None
+            y = self.labels[index] if self.labels is not None else None
+            if device is not None:
+                x = x.to(device, non_blocking=True)
+                y = y.to(device, non_blocking=True) if y is not None else None
+            yield self.prepare(x, image_size), y
 
     def prepare(self, x: torch.Tensor, image_size: int | None = None) -> torch.Tensor:
         if image_size is not None and x.shape[-1] != image_size:
@@ -142,8 +149,8 @@ def to_float(images: torch.Tensor) -> torch.Tensor:
 
 
 def normalize(x: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
-    m = torch.tensor(mean, dtype=x.dtype).view(1, -1, 1, 1)
-    s = torch.tensor(std, dtype=x.dtype).view(1, -1, 1, 1)
+    m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    s = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
     return (x - m) / s
 
 
@@ -156,9 +163,10 @@ def random_crop_flip(x: torch.Tensor, generator: torch.Generator | None, pad: in
     padded = F.pad(x, (pad, pad, pad, pad))
     dy = torch.randint(0, 2 * pad + 1, (B,), generator=generator)
     dx = torch.randint(0, 2 * pad + 1, (B,), generator=generator)
-    rows = (dy.view(B, 1) + torch.arange(H).view(1, H))  # (B, H)
-    cols = (dx.view(B, 1) + torch.arange(W).view(1, W))  # (B, W)
-    batch = torch.arange(B).view(B, 1, 1)
+    dy, dx = dy.to(x.device), dx.to(x.device)  # drawn on the CPU generator: the same on every device
+    rows = (dy.view(B, 1) + torch.arange(H, device=x.device).view(1, H))  # (B, H)
+    cols = (dx.view(B, 1) + torch.arange(W, device=x.device).view(1, W))  # (B, W)
+    batch = torch.arange(B, device=x.device).view(B, 1, 1)
     out = padded.permute(0, 2, 3, 1)[batch, rows.view(B, H, 1), cols.view(B, 1, W)]  # (B, H, W, C)
     out = out.permute(0, 3, 1, 2).contiguous()
     return random_flip(out, generator) if flip else out
@@ -166,6 +174,6 @@ def random_crop_flip(x: torch.Tensor, generator: torch.Generator | None, pad: in
 
 def random_flip(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     """Horizontal flip of a random half of the images (in place)."""
-    chosen = torch.rand(x.shape[0], generator=generator) < 0.5
+    chosen = (torch.rand(x.shape[0], generator=generator) < 0.5).to(x.device)
     x[chosen] = x[chosen].flip(-1)
     return x

@@ -18,7 +18,7 @@ from vitrim.models import VisionTransformer
 from vitrim.progress import progress_bar
 from vitrim.prune.cost import CostModel
 from vitrim.prune.recover import distill, reconstruct
-from vitrim.prune.saliency import (METHODS, SECOND_ORDER, FeatureDistance, LossFn, classification_loss,
+from vitrim.prune.saliency import (METHODS, SECOND_ORDER, FeatureDistance, Forward, LossFn, classification_loss,
                                    output_features, saliency)
 from vitrim.prune.search import STRUCTURES, Search
 from vitrim.prune.surgery import slice_model
@@ -140,13 +140,21 @@ class PruneResult:
         return self.pruned_cost / self.dense_cost
 
 
-def calibration_batches(data: ImageSet, count: int, batch_size: int, image_size: int, seed: int) -> list:
+def calibration_batches(data: ImageSet, count: int, batch_size: int, image_size: int, seed: int,
+                        device: torch.device | str | None = None) -> list:
+    """``count`` calibration images drawn by ``seed``, batched on ``device``; under ``torchrun``,
+    this rank's exact shard of them (:func:`vitrim.distributed.shard`)."""
+    from vitrim import distributed
+
     if len(data) == 0:
         raise DataError("the calibration set is empty")
     if count > len(data):
         raise DataError(f"asked for {count} calibration images but {data.name} has {len(data)}")
+    if count < distributed.world_size():
+        raise DataError(f"{count} calibration images for {distributed.world_size()} processes; use at least "
+                        f"one image per process (--calib)")
     order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:count]
-    return list(data.take(order).batches(batch_size, image_size=image_size))
+    return list(data.take(distributed.shard(order)).batches(batch_size, image_size=image_size, device=device))
 
 
 def resolve_objective(cfg: PruneConfig, model: Any, data: ImageSet | None, loss_fn: LossFn = classification_loss,
@@ -192,7 +200,8 @@ def resolve_objective(cfg: PruneConfig, model: Any, data: ImageSet | None, loss_
 def prune(model: VisionTransformer, target: str = "flops=0.5", data: ImageSet | None = None, *,
           recover: str = "reconstruct", train_data: ImageSet | None = None, config: PruneConfig | None = None,
           cost: CostModel | None = None, loss_fn: LossFn = classification_loss, progress: bool = True,
-          log: Callable[[str], None] | None = None, **options: Any) -> PruneResult:
+          log: Callable[[str], None] | None = None, device: str | torch.device | None = None,
+          forward: Forward | None = None, **options: Any) -> PruneResult:
     """Prune ``model`` to ``target`` (e.g. ``"flops=0.5"``) and recover; ``model`` is not modified.
 
     ``data`` supplies calibration images; ``train_data`` the images for ``recover="kd"`` or
@@ -201,12 +210,23 @@ def prune(model: VisionTransformer, target: str = "flops=0.5", data: ImageSet | 
     With ``objective="labels"`` the loss is ``loss_fn`` (cross-entropy) on the labels; with
     ``"features"`` (the ``"auto"`` choice for a backbone or unlabelled images) it is the
     :class:`~vitrim.prune.saliency.FeatureDistance` to the dense model's output features, for
-    saliency and distillation alike, so no labels are needed.
+    saliency and distillation alike, so no labels are needed. ``forward(model, images)`` (with a
+    custom ``loss_fn``) is what the loss reads instead of the logits: a dense model's head on the
+    backbone being pruned (:func:`vitrim.dense.prune.prune_dense`), so any task prunes the same way.
+
+    ``device``: where scoring, reconstruction and distillation run (``None``: where ``model`` is);
+    the result lives there too, and ``model`` stays where it was. Under ``torchrun`` each rank
+    scores and reconstructs on its shard of the calibration images, the sums all-reduced, so
+    every rank ends with the same plan and weights; only rank 0 logs.
     """
     cfg = config or PruneConfig(target=target, recover=recover, **options)
+    from vitrim import distributed
     from vitrim.adapters import family, from_canonical, is_converted, metadata, to_canonical
+    from vitrim.device import module_device, resolve_device
 
-    say = log or (lambda text: None)
+    target_device = module_device(model) if device is None else resolve_device(device)
+    progress = progress and distributed.is_main()
+    say = (log if distributed.is_main() else None) or (lambda text: None)
     cfg = resolve_objective(cfg, model, data, loss_fn, say)
     found = family(model)  # an unknown model: one error naming the supported families
     kept = tuple(s for s in cfg.structures if s in found.prunable)
@@ -220,7 +240,7 @@ def prune(model: VisionTransformer, target: str = "flops=0.5", data: ImageSet | 
     if is_converted(model):
         meta = metadata(model)
         result = prune(to_canonical(model), data=data, train_data=train_data, config=cfg, cost=cost, loss_fn=loss_fn,
-                       progress=progress, log=log)
+                       progress=progress, log=log, device=target_device, forward=forward)
         result.model = from_canonical(result.model, meta)
         return result
     if model.config.qk_norm and "qk" in cfg.structures:
@@ -232,13 +252,17 @@ def prune(model: VisionTransformer, target: str = "flops=0.5", data: ImageSet | 
     if cost is None and cfg.metric == "latency":
         from vitrim.prune.latency import LatencyTable
 
-        cost = LatencyTable.for_model(model, batch_size=cfg.latency_batch, progress=progress).cost_model()
+        table = None
+        if distributed.is_main():  # one table, measured once, so every rank searches alike
+            table = LatencyTable.for_model(model, batch_size=cfg.latency_batch, progress=progress,
+                                           device=target_device)
+        cost = distributed.broadcast_object(table).cost_model()
     elif cost is None:
         cost = CostModel(cfg.metric)
-    dense = model.eval()
+    dense = model.eval() if module_device(model) == target_device else copy.deepcopy(model).to(target_device).eval()
     dense_cost = cost.total(dense.config)
     image_size = dense.config.image_size
-    batches = (calibration_batches(data, cfg.calib_images, cfg.batch_size, image_size, cfg.seed)
+    batches = (calibration_batches(data, cfg.calib_images, cfg.batch_size, image_size, cfg.seed, target_device)
                if data is not None else None)
     features = cfg.objective == "features"
     if features and "embed" in cfg.structures:
@@ -257,7 +281,7 @@ def prune(model: VisionTransformer, target: str = "flops=0.5", data: ImageSet | 
         else:
             probe = torch.Generator().manual_seed(cfg.seed * 1000 + step) if cfg.saliency in SECOND_ORDER else None
             loss = (dict(loss_fn=FeatureDistance(embed_index, probe), forward=output_features) if features
-                    else dict(loss_fn=loss_fn))
+                    else dict(loss_fn=loss_fn, forward=forward))
             scores = saliency(current, batches, cfg.saliency, progress=progress, total=len(batches), **loss)
         search = Search(current.config, scores, cost, structures=cfg.structures, exclude=cfg.exclude,
                         round_to=cfg.round_to)
@@ -272,7 +296,7 @@ def prune(model: VisionTransformer, target: str = "flops=0.5", data: ImageSet | 
 
             removed = search.run(step_target, cfg.tolerance, on_step=on_step)
         plan = search.plan()
-        current = slice_model(current, plan)
+        current = slice_model(current.cpu(), plan).to(target_device)  # surgery indexes on the CPU
         embed_index = [embed_index[c] for c in plan.embed]
         counts: dict[str, int] = {}
         for cand in removed:
@@ -284,7 +308,7 @@ def prune(model: VisionTransformer, target: str = "flops=0.5", data: ImageSet | 
             with tempfile.TemporaryDirectory() as tmp:
                 distill(current, dense, train_data, tmp, images=cfg.step_kd_images, lr=cfg.kd_lr,
                         batch_size=cfg.kd_batch_size, seed=cfg.seed, progress=progress, objective=cfg.objective,
-                        embed_index=embed_index)
+                        embed_index=embed_index, device=target_device)
     if cfg.reconstructs:
         images = torch.cat([x for x, _ in batches])
         reconstruct(dense, current, embed_index, images, batch_size=cfg.batch_size, progress=progress)
@@ -295,7 +319,7 @@ def prune(model: VisionTransformer, target: str = "flops=0.5", data: ImageSet | 
         with tempfile.TemporaryDirectory() as tmp:
             distill(current, dense, train, tmp, epochs=cfg.kd_epochs, images=cfg.kd_images, lr=cfg.kd_lr,
                     batch_size=cfg.kd_batch_size, seed=cfg.seed, progress=progress, objective=cfg.objective,
-                    embed_index=embed_index)
+                    embed_index=embed_index, device=target_device)
     result = PruneResult(current.eval(), dense_cost, cost.total(current.config), cost.metric, steps, embed_index, cfg)
     if result.kept_ratio < cfg.ratio * (1 - cfg.tolerance) - 1e-9:
         say(f"warning: kept {result.kept_ratio:.3f} of the {cost.metric}, below the target {cfg.ratio:g}: the "

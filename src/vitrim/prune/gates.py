@@ -92,7 +92,7 @@ def gated(model: VisionTransformer, gates: dict[str, torch.Tensor]) -> Iterator[
             def proj_pre(mod, args, i=i, H=H, v=v):
                 (x,) = args  # (B, N, H*v)
                 heads, vg = get(f"{i}.heads", 1), get(f"{i}.v", 2)
-                scale = torch.ones(1, 1, H, v, dtype=x.dtype)
+                scale = torch.ones(1, 1, H, v, dtype=x.dtype, device=x.device)
                 if heads is not None:
                     scale = scale * heads.unsqueeze(-1)
                 if vg is not None:
@@ -137,23 +137,25 @@ def gated(model: VisionTransformer, gates: dict[str, torch.Tensor]) -> Iterator[
 def plan_gates(model: VisionTransformer, plan) -> dict[str, torch.Tensor]:
     """0/1 gates that switch off exactly what ``plan`` removes (for checking surgery)."""
     cfg = model.config
+    device = next(model.parameters()).device
     gates: dict[str, torch.Tensor] = {}
-    embed = torch.zeros(cfg.embed_dim)
+    embed = torch.zeros(cfg.embed_dim, device=device)
     embed[plan.embed] = 1
     gates["embed"] = embed
     for i, (bp, d) in enumerate(zip(plan.blocks, cfg.blocks)):
         if d.attention:
-            heads, qk, v = torch.zeros(d.heads), torch.zeros(d.heads, d.qk_dim), torch.zeros(d.heads, d.v_dim)
+            heads = torch.zeros(d.heads, device=device)
+            qk, v = torch.zeros(d.heads, d.qk_dim, device=device), torch.zeros(d.heads, d.v_dim, device=device)
             for h, qc, vc in zip(bp.heads, bp.qk, bp.v):
                 heads[h] = 1
                 qk[h, qc] = 1
                 v[h, vc] = 1
             gates.update({f"{i}.heads": heads, f"{i}.qk": qk, f"{i}.v": v,
-                          f"{i}.attn_layer": torch.tensor(float(bp.attention))})
+                          f"{i}.attn_layer": torch.tensor(float(bp.attention), device=device)})
         if d.mlp:
-            mlp = torch.zeros(d.mlp_dim)
+            mlp = torch.zeros(d.mlp_dim, device=device)
             mlp[bp.mlp] = 1
-            gates.update({f"{i}.mlp": mlp, f"{i}.mlp_layer": torch.tensor(float(bp.mlp_on))})
+            gates.update({f"{i}.mlp": mlp, f"{i}.mlp_layer": torch.tensor(float(bp.mlp_on), device=device)})
     return gates
 
 

@@ -3,7 +3,8 @@
 For one model shape (tokens N, embedding C, heads H, qk/v dims, MLP width M) the table times
 real attention and MLP sub-layers (LayerNorm, projections, fused attention, GELU) and the
 embedding + head on a grid of smaller sizes, then interpolates multilinearly between grid
-points. Tables are cached on disk, keyed by CPU, thread count, dtype, batch size and the grid.
+points. Tables are cached on disk, keyed by device (CPU model, or ``cuda:<GPU name>``), thread
+count, dtype, batch size and the grid.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import hashlib
 import itertools
 import json
 import os
-import platform
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,14 +28,11 @@ from vitrim.progress import progress_bar
 from vitrim.prune.cost import CostModel
 
 
-def device_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+def device_name(device: torch.device | None = None) -> str:
+    """The table key's device: the CPU model (default), or ``cuda:<GPU name>``."""
+    from vitrim.device import device_label
+
+    return device_label(device or torch.device("cpu"))
 
 
 def grid_points(full: int, count: int, multiple: int = 8) -> list[int]:
@@ -99,15 +96,18 @@ class LatencyTable:
     @classmethod
     def for_model(cls, model: VisionTransformer, *, batch_size: int = 1, threads: int | None = None,
                   points: int = 4, runs: int = 15, cache_dir: str | Path | None = None,
-                  progress: bool = False) -> "LatencyTable":
-        """Load the cached table for this model shape and device, or measure and cache it."""
+                  progress: bool = False, device: str | torch.device | None = "cpu") -> "LatencyTable":
+        """Load the cached table for this model shape and ``device``, or measure and cache it."""
+        from vitrim.device import resolve_device
+
+        target = resolve_device(device)
         cfg = model.config
         attn_blocks = [b for b in cfg.blocks if b.attention]
         H = max((b.heads for b in attn_blocks), default=1)
         qk = max((b.qk_dim for b in attn_blocks), default=8)
         v = max((b.v_dim for b in attn_blocks), default=8)
         M = max((b.mlp_dim for b in cfg.blocks if b.mlp), default=8)
-        key = {"device": device_name(), "threads": threads or torch.get_num_threads(), "dtype": "float32",
+        key = {"device": device_name(target), "threads": threads or torch.get_num_threads(), "dtype": "float32",
                "batch": batch_size, "tokens": cfg.num_tokens, "embed": cfg.embed_dim, "heads": H, "qk": qk,
                "v": v, "mlp": M, "points": points, "patch": cfg.patch_size, "in_chans": cfg.in_chans,
                "classes": cfg.num_classes, "torch": torch.__version__}
@@ -119,7 +119,7 @@ class LatencyTable:
                 return cls.from_dict(json.loads(path.read_text()))
             except (json.JSONDecodeError, KeyError):
                 pass  # a damaged cache entry is measured again
-        table = measure_table(cfg, key, points=points, runs=runs, progress=progress)
+        table = measure_table(cfg, key, points=points, runs=runs, progress=progress, device=target)
         write_json(path, table.to_dict())
         return table
 
@@ -129,7 +129,9 @@ def _block(cfg: ViTConfig, dims: BlockDims) -> Block:
 
 
 def measure_table(cfg: ViTConfig, key: dict[str, Any], *, points: int, runs: int,
-                  progress: bool) -> LatencyTable:
+                  progress: bool, device: torch.device | None = None) -> LatencyTable:
+    """Time every grid point's sub-layers on ``device`` (default: the CPU)."""
+    device = device or torch.device("cpu")
     C, N, B = key["embed"], key["tokens"], key["batch"]
     c_axis = grid_points(C, points)
     h_axis = sorted({1, max(1, key["heads"] // 2), key["heads"]})
@@ -146,21 +148,21 @@ def measure_table(cfg: ViTConfig, key: dict[str, Any], *, points: int, runs: int
             c = c_axis[idx[0]]
             sub = cfg.replace(embed_dim=c, blocks=[{"heads": 1, "qk_dim": 1, "v_dim": 1, "mlp_dim": 1}],
                               mean=list(cfg.mean), std=list(cfg.std))
-            x = torch.randn(B, N, c)
+            x = torch.randn(B, N, c, device=device)
             if kind == "attn":
                 dims = BlockDims(h_axis[idx[1]], qk_axis[idx[2]], v_axis[idx[3]], 0, mlp=False)
-                block = _block(sub, dims)
+                block = _block(sub, dims).to(device)
                 fn = lambda: block(x)  # noqa: E731
             elif kind == "mlp":
                 dims = BlockDims(0, 0, 0, m_axis[idx[1]], attention=False)
-                block = _block(sub, dims)
+                block = _block(sub, dims).to(device)
                 fn = lambda: block(x)  # noqa: E731
             else:
                 model = VisionTransformer(sub.replace(blocks=[{"heads": 0, "qk_dim": 0, "v_dim": 0, "mlp_dim": 1,
-                                                                "attention": False}])).eval()
-                images = torch.randn(B, sub.in_chans, sub.image_size, sub.image_size)
+                                                                "attention": False}])).eval().to(device)
+                images = torch.randn(B, sub.in_chans, sub.image_size, sub.image_size, device=device)
                 fn = _embed_and_head(model, images)
-            ms = time_callable(fn, warmup=3, runs=runs)["median_ms"]
+            ms = time_callable(fn, warmup=3, runs=runs, device=device)["median_ms"]
             target = {"attn": attn_ms, "mlp": mlp_ms, "fixed": fixed_ms}[kind]
             target[idx] = ms
     return LatencyTable(key, [c_axis, h_axis, qk_axis, v_axis], attn_ms, [c_axis, m_axis], mlp_ms,

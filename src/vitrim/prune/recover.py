@@ -26,22 +26,31 @@ from vitrim.train.loop import TrainLoss
 
 
 class NormalEquations:
-    """Accumulates X^T X and X^T T (float64) for a linear layer with bias."""
+    """Accumulates X^T X and X^T T (float64, on ``device``) for a linear layer with bias."""
 
-    def __init__(self, n_in: int, n_out: int) -> None:
-        self.xtx = torch.zeros(n_in + 1, n_in + 1, dtype=torch.float64)
-        self.xtt = torch.zeros(n_in + 1, n_out, dtype=torch.float64)
+    def __init__(self, n_in: int, n_out: int, device: torch.device | str | None = None) -> None:
+        self.xtx = torch.zeros(n_in + 1, n_in + 1, dtype=torch.float64, device=device)
+        self.xtt = torch.zeros(n_in + 1, n_out, dtype=torch.float64, device=device)
 
     def add(self, x: torch.Tensor, t: torch.Tensor) -> None:  # x (R, n_in), t (R, n_out)
-        x = torch.cat([x.double(), torch.ones(x.shape[0], 1, dtype=torch.float64)], dim=1)
+        x = torch.cat([x.double(), torch.ones(x.shape[0], 1, dtype=torch.float64, device=x.device)], dim=1)
         self.xtx += x.t() @ x
         self.xtt += x.t() @ t.double()
+
+    def all_reduce(self) -> "NormalEquations":
+        """Sum X^T X and X^T T over the ranks (:mod:`vitrim.distributed`; a no-op in one process),
+        so every rank solves the same system, that of every rank's rows together."""
+        from vitrim import distributed
+
+        distributed.all_reduce_sum(self.xtx)
+        distributed.all_reduce_sum(self.xtt)
+        return self
 
     def solve_into(self, layer: nn.Linear, damping: float) -> None:
         """Ridge solution pulled towards the layer's current weights."""
         w0 = torch.cat([layer.weight.detach().double().t(), layer.bias.detach().double()[None]], dim=0)
         lam = damping * self.xtx.diagonal().mean().clamp_min(1e-12)
-        eye = torch.eye(self.xtx.shape[0], dtype=torch.float64)
+        eye = torch.eye(self.xtx.shape[0], dtype=torch.float64, device=self.xtx.device)
         solution = torch.linalg.solve(self.xtx + lam * eye, self.xtt + lam * w0)  # (n_in + 1, n_out)
         layer.weight.copy_(solution[:-1].t().to(layer.weight.dtype))
         layer.bias.copy_(solution[-1].to(layer.bias.dtype))
@@ -58,12 +67,16 @@ def reconstruct(dense: VisionTransformer, pruned: VisionTransformer, embed_index
     """Refit ``pruned``'s attention ``proj`` and MLP ``fc2`` layers in place (no gradients).
 
     ``embed_index``: for each embedding channel of ``pruned``, its channel in ``dense``.
-    ``images``: calibration images (B, C, H, W), already normalised.
+    ``images``: calibration images (B, C, H, W), already normalised; they are moved to
+    ``pruned``'s device (``dense`` must be on the same one). Under ``torchrun`` each rank passes
+    its shard of the images and the normal equations are all-reduced before every solve, so every
+    rank ends with the same weights.
     """
     dense.eval()
     pruned.eval()
-    E = torch.tensor(embed_index, dtype=torch.long)
-    chunks = images.split(batch_size)
+    device = next(pruned.parameters()).device
+    E = torch.tensor(embed_index, dtype=torch.long, device=device)
+    chunks = images.to(device).split(batch_size)
     xd = [dense.embed(x) for x in chunks]  # dense residual streams (b, N, C_dense)
     xp = [pruned.embed(x) for x in chunks]  # pruned residual streams (b, N, C)
     pairs = list(zip(dense.blocks, pruned.blocks))
@@ -77,7 +90,7 @@ def reconstruct(dense: VisionTransformer, pruned: VisionTransformer, embed_index
                 continue
             layer = bp.attn.proj if branch == "attention" else bp.mlp.fc2
             ls = bp.ls1 if branch == "attention" else bp.ls2
-            eq = NormalEquations(layer.in_features, layer.out_features)
+            eq = NormalEquations(layer.in_features, layer.out_features, device)
             for x_dense, x_pruned in zip(xd, xp):
                 if branch == "attention":
                     hidden = bp.attn.mix(bp.norm1(x_pruned))
@@ -86,7 +99,7 @@ def reconstruct(dense: VisionTransformer, pruned: VisionTransformer, embed_index
                 gamma = _layer_scale(ls, x_pruned[0, 0])
                 target = (x_dense[..., E] - x_pruned) / gamma  # (b, N, C)
                 eq.add(hidden.flatten(0, 1), target.flatten(0, 1))
-            eq.solve_into(layer, damping)
+            eq.all_reduce().solve_into(layer, damping)
             xp = [x + (bp.attention_branch(x) if branch == "attention" else bp.mlp_branch(x)) for x in xp]
     return pruned
 
@@ -109,18 +122,18 @@ def feature_distillation(teacher: VisionTransformer, embed_index: Sequence[int] 
 def distill(student: VisionTransformer, teacher: VisionTransformer, train_set: ImageSet, out_dir: str | Path,
             *, epochs: int = 1, images: int | None = None, lr: float = 2e-4, batch_size: int = 128,
             seed: int = 0, progress: bool = True, objective: str = "labels",
-            embed_index: Sequence[int] | None = None) -> VisionTransformer:
+            embed_index: Sequence[int] | None = None, device: str | torch.device | None = None) -> VisionTransformer:
     """Knowledge distillation for a budget of epochs or images, in place.
 
     ``objective="labels"``: KL to the teacher's logits. ``"features"``: the
     :class:`~vitrim.prune.saliency.FeatureDistance` to the teacher's output tokens and pooled
     embedding, with ``embed_index`` the teacher channel of each student channel (``None``: the same).
-    Neither uses labels.
+    Neither uses labels. ``device``: where student, teacher and batches run (``None``: the student's).
     """
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, min_lr=lr * 0.01, warmup_epochs=0.05,
                       label_smoothing=0.0, weight_decay=0.01, distill_alpha=1.0, seed=seed,
                       limit_train=images, augment="crop,flip")  # matching the teacher: flips cannot mislabel
     loss_fn = feature_distillation(teacher, embed_index) if objective == "features" else None
     fit(student, train_set, cfg, out_dir, teacher=None if loss_fn is not None else teacher,
-        image_size=student.config.image_size, progress=progress, loss_fn=loss_fn)
+        image_size=student.config.image_size, progress=progress, loss_fn=loss_fn, device=device)
     return student.eval()

@@ -86,10 +86,10 @@ class FeatureDistance:
         if out.shape[-1] != len(self.embed_index):
             raise ConfigError(f"embed_index names {len(self.embed_index)} channels but the features are "
                               f"{out.shape[-1]} wide; pass the embed_index of this pruned model")
-        return out.new_zeros(out.shape[:-1] + (width,)).index_copy(-1, self.embed_index, out)
+        return out.new_zeros(out.shape[:-1] + (width,)).index_copy(-1, self.embed_index.to(out.device), out)
 
     def __call__(self, output: Features, target: Features) -> torch.Tensor:
-        total = torch.zeros(())
+        total = torch.zeros((), device=output[0].device)
         for out, ref in zip(output, target):  # tokens (B, N, C), then pooled (B, C)
             ref = ref.float()
             err = self.widen(out.float(), ref.shape[-1]) - ref
@@ -97,19 +97,43 @@ class FeatureDistance:
             dims = tuple(range(1, err.ndim))
             loss = err.pow(2).mean(dims) / scale  # (B,)
             if self.generator is not None:  # target ref + sigma * noise, sigma^2 = numel * scale / 2
-                noise = torch.randn(err.shape, generator=self.generator, dtype=err.dtype)
+                # drawn on the CPU generator, so the probe is the same on every device
+                noise = torch.randn(err.shape, generator=self.generator, dtype=err.dtype).to(err.device)
                 loss = loss - (noise * err).sum(dims) * torch.sqrt(2 / (err[0].numel() * scale))
             total = total + loss
         return total
 
 
 class SaliencyAccumulator:
-    """Running per-structure sums of dl/dg and (dl/dg)^2 over samples."""
+    """Running per-structure sums of dl/dg and (dl/dg)^2 over samples (float64, on ``device``)."""
 
-    def __init__(self, shapes: dict[str, tuple[int, ...]]) -> None:
-        self.first = {k: torch.zeros(s, dtype=torch.float64) for k, s in shapes.items()}
-        self.second = {k: torch.zeros(s, dtype=torch.float64) for k, s in shapes.items()}
+    def __init__(self, shapes: dict[str, tuple[int, ...]], device: torch.device | str | None = None) -> None:
+        self.first = {k: torch.zeros(s, dtype=torch.float64, device=device) for k, s in shapes.items()}
+        self.second = {k: torch.zeros(s, dtype=torch.float64, device=device) for k, s in shapes.items()}
         self.count = 0
+
+    def all_reduce(self) -> "SaliencyAccumulator":
+        """Sum the accumulators and the sample count over every rank (:mod:`vitrim.distributed`), so
+        every rank scores the structures on all calibration images; a no-op in one process."""
+        from vitrim import distributed
+
+        if distributed.world_size() == 1:
+            return self
+        keys = list(self.first)
+        flat = torch.cat([self.first[k].reshape(-1) for k in keys] + [self.second[k].reshape(-1) for k in keys]
+                         + [torch.tensor([float(self.count)], dtype=torch.float64, device=self._device())])
+        distributed.all_reduce_sum(flat)
+        offset = 0
+        for table in (self.first, self.second):
+            for k in keys:
+                n = table[k].numel()
+                table[k] = flat[offset:offset + n].view(table[k].shape).clone()
+                offset += n
+        self.count = int(round(float(flat[-1])))
+        return self
+
+    def _device(self) -> torch.device:
+        return next(iter(self.first.values())).device if self.first else torch.device("cpu")
 
     def add(self, grads: dict[str, torch.Tensor]) -> None:
         """``grads[key]``: per-sample gate gradients (B, *shape)."""
@@ -173,17 +197,20 @@ def accumulate_gradients(model: VisionTransformer, batches: Iterable[Batch], los
     if kinds is not None:
         wanted = set(kinds)
         shapes = {k: s for k, s in shapes.items() if kind_of(k) in wanted}
-    acc = SaliencyAccumulator(shapes)
+    params = [p for p in model.parameters()]
+    device = params[0].device if params else torch.device("cpu")
+    acc = SaliencyAccumulator(shapes, device)
     was_training = model.training
     model.eval()
-    params = [p for p in model.parameters()]
     flags = [p.requires_grad for p in params]
     dtype = params[0].dtype if params else torch.float32
     for p in params:
         p.requires_grad_(False)
     try:
         for x, y in progress_bar(batches, total=total, desc="saliency", enabled=progress):
-            gates = {k: torch.ones((x.shape[0],) + s, dtype=dtype, requires_grad=True) for k, s in shapes.items()}
+            x, y = x.to(device), _to(y, device)
+            gates = {k: torch.ones((x.shape[0],) + s, dtype=dtype, device=device, requires_grad=True)
+                     for k, s in shapes.items()}
             with gated(model, gates):
                 losses = loss_fn(forward(model, x) if forward is not None else model(x), y)
             if losses.ndim != 1 or losses.shape[0] != x.shape[0]:
@@ -196,7 +223,16 @@ def accumulate_gradients(model: VisionTransformer, batches: Iterable[Batch], los
         for p, flag in zip(params, flags):
             p.requires_grad_(flag)
         model.train(was_training)
-    return acc
+    return acc.all_reduce()
+
+
+def _to(target: Any, device: torch.device) -> Any:
+    """A loss target (labels, a tuple of feature tensors, or None) on ``device``."""
+    if torch.is_tensor(target):
+        return target.to(device)
+    if isinstance(target, (tuple, list)):
+        return type(target)(_to(t, device) for t in target)
+    return target
 
 
 @torch.no_grad()
@@ -204,7 +240,7 @@ def magnitude_saliency(model: VisionTransformer) -> dict[str, torch.Tensor]:
     """L2 norm of the weights each structure owns."""
     cfg = model.config
     scores: dict[str, torch.Tensor] = {}
-    embed = torch.zeros(cfg.embed_dim, dtype=torch.float64)
+    embed = torch.zeros(cfg.embed_dim, dtype=torch.float64, device=model.patch_embed.proj.weight.device)
     for i, (block, d) in enumerate(zip(model.blocks, cfg.blocks)):
         if d.attention:
             H, qk, v = d.heads, d.qk_dim, d.v_dim
@@ -231,11 +267,15 @@ def magnitude_saliency(model: VisionTransformer) -> dict[str, torch.Tensor]:
 
 def saliency(model: VisionTransformer, batches: Iterable[Batch] | None, method: str = "fisher",
              **kwargs) -> dict[str, torch.Tensor]:
-    """Saliency of every structure by ``method`` (fisher | taylor | taylor2 | magnitude)."""
+    """Saliency of every structure by ``method`` (fisher | taylor | taylor2 | magnitude), on the CPU.
+
+    The gradient methods run where ``model`` is (batches are moved there) and, under ``torchrun``,
+    sum their accumulators over the ranks, each of which saw its shard of the batches."""
     if method not in METHODS:
         raise ConfigError(f"unknown saliency {method!r}; use one of {', '.join(METHODS)}")
     if method == "magnitude":
-        return magnitude_saliency(model)
+        return {k: v.cpu() for k, v in magnitude_saliency(model).items()}
     if batches is None:
         raise DataError(f"{method} saliency needs calibration batches")
-    return gradient_saliency(model, batches, method, **kwargs)
+    # the search runs on the CPU, whatever device the scores were accumulated on
+    return {k: v.cpu() for k, v in gradient_saliency(model, batches, method, **kwargs).items()}

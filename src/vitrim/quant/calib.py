@@ -95,6 +95,6 @@ def ort_reader(source: CalibrationSource, input_name: str) -> Any:
 
         def get_next(self) -> dict[str, Any] | None:
             x = next(self._batches, None)
-            return None if x is None else {input_name: x.numpy()}
+            return None if x is None else {input_name: x.cpu().numpy()}
 
     return _Reader()

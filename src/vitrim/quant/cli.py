@@ -12,8 +12,8 @@ import types
 from pathlib import Path
 from typing import Any
 
-from vitrim.cli_common import (add_json, add_pretrained, add_threads, check_batch_options, command_line, default_of,
-                               emit, load_data_for, number, positive_float, positive_int, resolve_model)
+from vitrim.cli_common import (add_device, add_json, add_pretrained, add_threads, check_batch_options, command_line,
+                               default_of, emit, load_data_for, number, positive_float, positive_int, resolve_model)
 from vitrim.errors import ConfigError
 from vitrim.fsutil import write_json
 
@@ -80,6 +80,8 @@ def add_quantize_parser(sub: Any) -> None:
     _add_data_args(p, "calibration dataset", "train")
     add_pretrained(p)
     add_threads(p)
+    add_device(p, "ONNX Runtime, its calibration and the checks against PyTorch run on the CPU in this "
+                  "version (the device is checked only)")
     add_json(p)
     p.set_defaults(func=cmd_quantize)
 

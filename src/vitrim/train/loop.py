@@ -34,20 +34,44 @@ class TrainResult:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
-def use_bf16(precision: str) -> bool:
+def use_bf16(precision: str, device: torch.device | None = None) -> bool:
+    """Whether training autocasts to bf16: ``auto`` where ``device`` (default: the CPU) supports it."""
     if precision == "auto":
+        if device is not None and device.type == "cuda":
+            return bool(torch.cuda.is_bf16_supported())
+        if device is not None and device.type != "cpu":
+            return False
         return bool(torch.cpu._is_avx512_bf16_supported())
     return precision == "bf16"
 
 
 @contextlib.contextmanager
-def precision_context(bf16: bool):
-    """bf16 autocast; attention on the math path, whose backward is fast in bf16 on CPU."""
+def precision_context(bf16: bool, device: torch.device | None = None):
+    """bf16 autocast on ``device`` (default: the CPU); on the CPU attention takes the math path,
+    whose backward is fast in bf16 there."""
     if not bf16:
         yield
         return
-    with torch.autocast("cpu", dtype=torch.bfloat16), sdpa_kernel(SDPBackend.MATH):
-        yield
+    kind = "cpu" if device is None else device.type
+    with torch.autocast(kind, dtype=torch.bfloat16):
+        if kind == "cpu":
+            with sdpa_kernel(SDPBackend.MATH):
+                yield
+        else:
+            yield
+
+
+class _StepLoss(nn.Module):
+    """The training loss as a module over the student only, so DistributedDataParallel can wrap it
+    whatever the loss reads (logits, features); the teacher stays outside (never synchronised)."""
+
+    def __init__(self, model: nn.Module, compute: Callable[[nn.Module, torch.Tensor, Any], torch.Tensor]) -> None:
+        super().__init__()
+        self.model = model
+        self._compute = compute
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        return self._compute(self.model, x, y)
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -81,6 +105,7 @@ def fit(
     on_epoch_end: Callable[[nn.Module, dict[str, Any]], None] | None = None,
     locked: bool = False,
     loss_fn: TrainLoss | None = None,
+    device: str | torch.device | None = None,
 ) -> TrainResult:
     """Train ``model`` in place; checkpoint to ``out_dir/checkpoint`` after every epoch.
 
@@ -88,14 +113,24 @@ def fit(
     so a second run to the same place is refused. ``loss_fn`` replaces the cross-entropy and
     distillation loss (``teacher`` is then unused); without it, unlabelled ``train_set`` is
     refused unless the loss is pure distillation (``distill_alpha=1`` with a ``teacher``).
+
+    ``device``: where the model, the teacher and the batches live (``None``: where the model is).
+    Under ``torchrun`` (:mod:`vitrim.distributed`) the model is wrapped in DistributedDataParallel;
+    ``cfg.batch_size`` is the per-rank batch, the global batch ``batch_size x world size``, and
+    each rank takes every ``world``-th image of each global batch of the epoch's permutation (a
+    function of seed and epoch only), so a run matches one process with the global batch, and a
+    checkpoint resumes under another world size. Rank 0 alone prints and writes the checkpoint
+    (atomic); the others wait at a barrier.
     """
+    from vitrim import distributed
+
     out_dir = check_output_dir(out_dir)
     check_teacher(model, teacher)
     if loss_fn is None and (teacher is None or cfg.distill_alpha < 1):
         train_set.require_labels("training with a cross-entropy loss")
-    with locked_output(out_dir, held=locked):
-        return _fit(model, train_set, cfg, out_dir, test_set, teacher, resume, image_size, progress, on_epoch_end,
-                    loss_fn)
+    with locked_output(out_dir, held=locked or not distributed.is_main()):
+        return _fit(model, train_set, cfg, out_dir, test_set, teacher, resume, image_size,
+                    progress and distributed.is_main(), on_epoch_end, loss_fn, device)
 
 
 def check_teacher(model: nn.Module, teacher: nn.Module | None) -> None:
@@ -127,15 +162,26 @@ def resume_state(ckpt_dir: Path, model: nn.Module, optimizer: torch.optim.Optimi
 def _fit(model: nn.Module, train_set: ImageSet, cfg: TrainConfig, out_dir: Path, test_set: ImageSet | None,
          teacher: nn.Module | None, resume: bool, image_size: int | None, progress: bool,
          on_epoch_end: Callable[[nn.Module, dict[str, Any]], None] | None,
-         loss_fn: TrainLoss | None = None) -> TrainResult:
+         loss_fn: TrainLoss | None = None, device: str | torch.device | None = None) -> TrainResult:
+    from vitrim import distributed
+    from vitrim.device import module_device, resolve_device
+
     ckpt_dir = out_dir / CHECKPOINT_DIR
     if cfg.limit_train is not None:
         train_set = train_set.subset(min(cfg.limit_train, len(train_set)))
-    steps_per_epoch = len(train_set) // cfg.batch_size
+    world, rank = distributed.world_size(), distributed.rank()
+    global_batch = cfg.batch_size * world
+    steps_per_epoch = len(train_set) // global_batch
     if steps_per_epoch < 1:
-        raise DataError(f"{len(train_set)} training images are fewer than one batch of {cfg.batch_size}")
+        per = f" ({cfg.batch_size} per process x {world} processes)" if world > 1 else ""
+        raise DataError(f"{len(train_set)} training images are fewer than one batch of {global_batch}{per}; "
+                        f"use a smaller --batch-size")
     total_steps = steps_per_epoch * cfg.epochs
-    bf16 = use_bf16(cfg.precision)
+    target = module_device(model) if device is None else resolve_device(device)
+    model.to(target)
+    if teacher is not None:
+        teacher.to(target).eval()
+    bf16 = use_bf16(cfg.precision, target)
     optimizer = torch.optim.AdamW(parameter_groups(model, cfg.weight_decay), lr=cfg.lr,
                                   betas=(0.9, 0.999))
     history: list[dict[str, Any]] = []
@@ -143,52 +189,57 @@ def _fit(model: nn.Module, train_set: ImageSet, cfg: TrainConfig, out_dir: Path,
     if resume:
         state = resume_state(ckpt_dir, model, optimizer, cfg)
         start_epoch, history = state["epoch"], state["history"]
-    if teacher is not None:
-        teacher.eval()
+    step_module = _StepLoss(model, _loss_computation(cfg, teacher, loss_fn))
+    runner: nn.Module = step_module
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
 
+        runner = DistributedDataParallel(step_module, device_ids=[target.index] if target.type == "cuda" else None,
+                                         find_unused_parameters=True)
+    if progress:
+        print(f"training on {target}: global batch {global_batch} ({cfg.batch_size} per process x {world} "
+              f"process(es)), {steps_per_epoch} steps per epoch, from step {start_epoch * steps_per_epoch}",
+              flush=True)
     for epoch in range(start_epoch, cfg.epochs):
         torch.manual_seed(cfg.seed * 1000 + epoch)  # dropout / drop-path, repeatable on resume
         generator = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
         model.train()
-        batches = train_set.batches(cfg.batch_size, image_size=image_size, shuffle=True,
+        batches = train_set.batches(global_batch, image_size=image_size, shuffle=True,
                                     augment=cfg.augmentations, generator=generator, drop_last=True)
         bar = progress_bar(batches, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
                            enabled=progress, unit="batch")
-        started, loss_sum, seen = time.perf_counter(), 0.0, 0
+        started = time.perf_counter()
+        sums = torch.zeros(2, dtype=torch.float64)  # loss x images, images (this rank's)
         for i, (x, y) in enumerate(bar):
             step = epoch * steps_per_epoch + i
+            if world > 1:  # this rank's share of the global batch (every world-th image)
+                x, y = x[rank::world], (y[rank::world] if y is not None else None)
+            x = x.to(target, non_blocking=True)
+            y = y.to(target, non_blocking=True) if y is not None else None
             for group in optimizer.param_groups:
                 group["lr"] = cfg.lr_at(step, total_steps, steps_per_epoch)
-            with precision_context(bf16):
-                if loss_fn is not None:
-                    loss = loss_fn(model, x, y)
-                else:
-                    logits = model(x)
-                    # unlabelled images (y None) come here only for pure distillation (fit checks)
-                    loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing) \
-                        if y is not None else 0.0
-                    if teacher is not None:
-                        with torch.no_grad():
-                            teacher_logits = teacher(x).float()
-                        kd = distillation_loss(logits.float(), teacher_logits, cfg.distill_temperature)
-                        loss = (1 - cfg.distill_alpha) * loss + cfg.distill_alpha * kd
+            with precision_context(bf16, target):
+                loss = runner(x, y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip > 0:
                 nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()
-            loss_sum += loss.item() * x.shape[0]
-            seen += x.shape[0]
-            bar.set_postfix(refresh=False, loss=f"{loss_sum / seen:.4f}",
-                            img_s=f"{seen / (time.perf_counter() - started):.0f}")
+            sums += torch.tensor([loss.item() * x.shape[0], x.shape[0]], dtype=torch.float64)
+            bar.set_postfix(refresh=False, loss=f"{sums[0] / sums[1]:.4f}",
+                            img_s=f"{world * sums[1] / (time.perf_counter() - started):.0f}")
+        loss_sum, seen = distributed.all_reduce_sum(sums).tolist()
         record: dict[str, Any] = {"epoch": epoch + 1, "train_loss": loss_sum / seen,
                                   "seconds": round(time.perf_counter() - started, 1)}
         if test_set is not None:
-            metrics = evaluate(model, test_set, image_size=image_size)
+            metrics = evaluate(model, test_set, image_size=image_size, device=target)
             record.update(test_accuracy=metrics["accuracy"], test_loss=metrics["loss"])
         history.append(record)
-        save_checkpoint(ckpt_dir, model, optimizer, {"epoch": epoch + 1, "history": history,
-                                                     "train_config": cfg.to_dict()})
+        if distributed.is_main():
+            save_checkpoint(ckpt_dir, model, optimizer, {
+                "epoch": epoch + 1, "global_step": (epoch + 1) * steps_per_epoch, "world_size": world,
+                "global_batch": global_batch, "history": history, "train_config": cfg.to_dict()})
+        distributed.barrier()  # the others wait for the checkpoint
         if progress:
             summary = ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items())
             print(summary, flush=True)
@@ -196,3 +247,23 @@ def _fit(model: nn.Module, train_set: ImageSet, cfg: TrainConfig, out_dir: Path,
             on_epoch_end(model, record)
     model.eval()
     return TrainResult(model, history)
+
+
+def _loss_computation(cfg: TrainConfig, teacher: nn.Module | None,
+                      loss_fn: TrainLoss | None) -> Callable[[nn.Module, torch.Tensor, Any], torch.Tensor]:
+    """The batch loss: ``loss_fn``, else cross-entropy (labels) mixed with distillation (teacher)."""
+    if loss_fn is not None:
+        return loss_fn
+
+    def compute(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        logits = model(x)
+        # unlabelled images (y None) come here only for pure distillation (fit checks)
+        loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing) if y is not None else 0.0
+        if teacher is not None:
+            with torch.no_grad():
+                teacher_logits = teacher(x).float()
+            kd = distillation_loss(logits.float(), teacher_logits, cfg.distill_temperature)
+            loss = (1 - cfg.distill_alpha) * loss + cfg.distill_alpha * kd
+        return loss
+
+    return compute
