@@ -1,0 +1,71 @@
+"""A dense model's backbone pruned by its task's own loss; the pyramid and head stay."""
+
+import pytest
+import torch
+
+pytest.importorskip("pycocotools")
+
+from vitrim.bench.flops import model_cost
+from vitrim.data.coco import load_coco, write_synthetic_coco
+from vitrim.data.dataset import ImageSet
+from vitrim.dense.prune import prune_dense, task_loss
+from vitrim.errors import ConfigError
+from vitrim.models import VisionTransformer, uniform_config
+from vitrim.models.dense import DenseHeadConfig, DenseModel
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    items = (torch.rand(12, 1, 28, 28, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8)
+    source = ImageSet(items, torch.arange(12) % 3, ["a", "b", "c"], (0.5,), (0.5,), name="items")
+    root = write_synthetic_coco(tmp_path_factory.mktemp("dp") / "set", source, train=2, val=8, canvas=32, seed=3)
+    return load_coco(root, "val", image_size=32)
+
+
+def dense_model(task: str) -> DenseModel:
+    torch.manual_seed(0)
+    backbone = VisionTransformer(uniform_config(3, 32, 4, image_size=32, patch_size=4, in_chans=1, num_classes=1,
+                                                mean=(0.5,), std=(0.5,)))
+    with torch.no_grad():
+        for p in backbone.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return DenseModel(backbone, DenseHeadConfig(num_classes=4 if task == "segment" else 3, task=task)).eval()
+
+
+@pytest.mark.parametrize("task", ["segment", "detect"])
+def test_backbone_pruned_by_the_task_loss(data, task):
+    model = dense_model(task)
+    forward, loss_fn = task_loss(model, data)
+    x = (data.images[:2].float() / 255 - 0.5) / 0.5
+    with torch.no_grad():
+        torch.testing.assert_close(forward(model.backbone, x), model(x))  # the same model, backbone swappable
+        assert loss_fn(forward(model.backbone, x), torch.tensor([0, 1])).shape == (2,)
+    pruned, result = prune_dense(model, "flops=0.6", data, steps=1, round_to=2, progress=False)
+    kept = model_cost(pruned.backbone.config).flops / model_cost(model.backbone.config).flops
+    assert kept <= 0.6 and pruned.backbone.config.embed_dim == 32
+    assert type(pruned) is DenseModel and pruned(x).shape == model(x).shape
+    torch.testing.assert_close(pruned.head.state_dict()["classifier.weight" if task == "segment" else "heatmap.weight"],
+                               model.head.state_dict()["classifier.weight" if task == "segment" else "heatmap.weight"])
+
+
+@pytest.mark.parametrize("task", ["segment", "detect"])
+def test_the_task_loss_reaches_every_gate(data, task):
+    """Fisher scores through the pyramid and head: nonzero, and different from head to head."""
+    from vitrim.prune.saliency import saliency
+
+    model = dense_model(task)
+    forward, loss_fn = task_loss(model, data)
+    x = (data.images.float() / 255 - 0.5) / 0.5
+    scores = saliency(model.backbone, [(x, torch.arange(len(data)))], "fisher", loss_fn=loss_fn, forward=forward,
+                      progress=False)
+    for key in ("0.heads", "2.mlp", "1.attn_layer"):
+        assert float(scores[key].sum()) > 0
+    assert scores["0.heads"].std() > 0
+
+
+def test_embedding_width_and_distillation_are_refused(data):
+    model = dense_model("segment")
+    with pytest.raises(ConfigError, match="leave 'embed' out"):
+        prune_dense(model, "flops=0.6", data, structures=("heads", "embed"))
+    with pytest.raises(ConfigError, match="recover='reconstruct'"):
+        prune_dense(model, "flops=0.6", data, recover="kd")
