@@ -203,3 +203,16 @@ def test_cli_defaults_are_the_librarys():
     assert "--lr LR default: 0.001" in " ".join(sub.choices["train"].format_help().split())
     with pytest.raises(Exception, match="no field 'nope'"):
         default_of(TrainConfig, "nope")
+
+
+def test_train_at_another_image_size_with_a_teacher_at_its_own(capsys, idx_model):
+    """--image-size: --init's weights at 16x16 (4x the tokens), the 8x8 teacher fed its own size."""
+    out_dir = idx_model / "bigger"
+    model_dir = str(idx_model / "model")
+    code, out, err = run(capsys, "train", "--init", model_dir, "--image-size", "16", "--teacher", model_dir,
+                         "--data", f"idx:{idx_model / 'data'}", "--out", str(out_dir), "--epochs", "1",
+                         "--batch-size", "8", "--precision", "fp32")
+    assert code == 0, err
+    trained = vitrim.load(out_dir)
+    assert trained.config.image_size == 16 and trained.config.num_tokens == 17
+    assert trained.pos_embed.shape[1] == 17 and trained.config.pos_embed_grid is None

@@ -143,6 +143,10 @@ def cmd_train(args: argparse.Namespace) -> None:
     model = training_model(args)
     check_batch_options(model, args)
     teacher = resolve_model(args.teacher)[0] if args.teacher else None
+    if teacher is not None and teacher.config.image_size != model.config.image_size:
+        from vitrim.models.resize import InputResized
+
+        teacher = InputResized(teacher)  # distils at its own input size
     check_teacher(model, teacher)
     args.limit = None  # --limit applies to the training split only
     train_set = load_data_for(model, args, "train")
@@ -172,6 +176,11 @@ def training_model(args: argparse.Namespace) -> Any:
         model = vitrim.create(args.model)
         if args.drop_path is not None:
             model = vitrim.create(model.config.replace(drop_path_rate=args.drop_path), seed=args.seed)
+    if args.image_size is not None and args.image_size != model.config.image_size:
+        from vitrim.models.resize import with_image_size
+
+        model = with_image_size(model, args.image_size)
+        args.resize = True  # the data follows the model's new input size
     if args.arch == "vit":
         return model
     if args.arch == "tokens":
@@ -527,6 +536,9 @@ def add_train_parser(sub: Any) -> None:
     p.add_argument("--out", required=True, help="output model directory (checkpoints go to OUT/checkpoint)")
     add_recipe_args(p)
     p.add_argument("--teacher", default=None, help="distil from this model (directory or preset with weights)")
+    p.add_argument("--image-size", type=positive_int, default=None,
+                   help="train at this input size: --init's weights with their position embeddings resampled, "
+                        "the data resized to it, a teacher fed its own size (e.g. 56 for fmnist-vit at 197 tokens)")
     p.add_argument("--no-eval", action="store_true", help="skip the test-set evaluation after each epoch")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
     add_threads(p)
