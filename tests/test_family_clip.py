@@ -150,6 +150,25 @@ def check_save_load(model, tmp_path, outputs):
     assert_outputs_close(outputs(loaded, x), outputs(pruned, x))
 
 
+def check_pruned_to_half(model, tmp_path, outputs):
+    """vitrim.prune to 0.5 FLOPs without labels (a backbone), saved and reloaded in its class."""
+    from vitrim.bench.flops import model_cost
+    from vitrim.data.dataset import ImageSet
+
+    cfg = to_canonical(model).config
+    pictures = (torch.rand(16, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1)) * 255).to(torch.uint8)
+    data = ImageSet(pictures, None, [], cfg.mean, cfg.std, name="random images")
+    result = vitrim.prune(model, "flops=0.5", data, calib_images=16, batch_size=8, steps=1, round_to=2,
+                          progress=False)
+    assert type(result.model) is type(model) and result.config.objective == "features"
+    assert model_cost(to_canonical(result.model).config).flops <= 0.5 * model_cost(cfg).flops
+    vitrim.save(result.model, tmp_path / "half")
+    loaded = vitrim.load(tmp_path / "half")
+    assert type(loaded) is type(model)
+    x = images()
+    assert_outputs_close(outputs(loaded, x), outputs(result.model, x))
+
+
 def check_save_pretrained(model, tmp_path, outputs):
     """A save_pretrained directory loads through the registry in its class, same ``outputs``."""
     model.save_pretrained(tmp_path / "hf")
@@ -242,3 +261,8 @@ def test_pruned_model_saves_and_loads_in_its_class(tmp_path, hf_class):
 @pytest.mark.parametrize("hf_class", CLASSES)
 def test_save_pretrained_directory_loads(tmp_path, hf_class):
     check_save_pretrained(clip_model(hf_class), tmp_path, hf_outputs)
+
+
+@pytest.mark.parametrize("hf_class", CLASSES)
+def test_pruned_to_half_the_flops_reloads_in_its_class(hf_class, tmp_path):
+    check_pruned_to_half(clip_model(hf_class), tmp_path, hf_outputs)

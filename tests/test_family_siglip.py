@@ -9,7 +9,8 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 from tests.test_family_clip import (KIND_SETS, TOL, assert_outputs_close, check_export, check_round_trip,  # noqa: E402
-                                    check_save_load, check_save_pretrained, images, perturbed, pruned_back)
+                                    check_pruned_to_half, check_save_load, check_save_pretrained, images, perturbed,
+                                    pruned_back)
 from vitrim.adapters import family_of, head_kind, prunable, to_canonical  # noqa: E402
 from vitrim.adapters.families.siglip import PoolingAttention  # noqa: E402
 from vitrim.adapters.registry import get_family  # noqa: E402
@@ -141,3 +142,8 @@ def test_pruned_model_saves_and_loads_in_its_class(tmp_path, use_head):
 @pytest.mark.parametrize("use_head", HEADS, ids=HEAD_IDS)
 def test_save_pretrained_directory_loads(tmp_path, use_head):
     check_save_pretrained(siglip_model(use_head), tmp_path, hf_outputs)
+
+
+@pytest.mark.parametrize("use_head", HEADS, ids=HEAD_IDS)
+def test_pruned_to_half_the_flops_reloads_in_its_class(use_head, tmp_path):
+    check_pruned_to_half(siglip_model(use_head), tmp_path, hf_outputs)
