@@ -32,3 +32,14 @@ def uneven_model() -> VisionTransformer:
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
     return model.eval()
+
+
+def coco_items(count: int, classes: int, dark_margin: bool = False):
+    """Random labelled 28x28 single-channel items (class names a, b, ...) for the synthetic COCO writer."""
+    from vitrim.data.dataset import ImageSet
+
+    items = (torch.rand(count, 1, 28, 28, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8)
+    if dark_margin:
+        items[:, :, :4] = 0  # like Fashion-MNIST's
+    names = [chr(ord("a") + i) for i in range(classes)]
+    return ImageSet(items, torch.arange(count) % classes, names, (0.5,), (0.5,), name="items")

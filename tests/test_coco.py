@@ -8,16 +8,13 @@ import torch
 pytest.importorskip("pycocotools")
 
 from vitrim.data.coco import load_coco, write_synthetic_coco
-from vitrim.data.dataset import ImageSet
+from tests.conftest import coco_items
 from vitrim.errors import DataError
 
 
 @pytest.fixture(scope="module")
 def coco(tmp_path_factory):
-    generator = torch.Generator().manual_seed(0)
-    items = (torch.rand(20, 1, 28, 28, generator=generator) * 255).to(torch.uint8)
-    items[:, :, :4] = 0  # a dark margin, like Fashion-MNIST's
-    source = ImageSet(items, torch.arange(20) % 4, ["a", "b", "c", "d"], (0.5,), (0.5,), name="items")
+    source = coco_items(20, 4, dark_margin=True)
     return write_synthetic_coco(tmp_path_factory.mktemp("coco") / "set", source, train=6, val=3, canvas=56, seed=1)
 
 
@@ -37,10 +34,7 @@ def test_synthetic_set_has_the_coco_layout_and_reads_back(coco):
 
 
 def test_same_seed_same_set(coco, tmp_path):
-    generator = torch.Generator().manual_seed(0)
-    items = (torch.rand(20, 1, 28, 28, generator=generator) * 255).to(torch.uint8)
-    items[:, :, :4] = 0
-    source = ImageSet(items, torch.arange(20) % 4, ["a", "b", "c", "d"], (0.5,), (0.5,), name="items")
+    source = coco_items(20, 4, dark_margin=True)
     again = write_synthetic_coco(tmp_path / "again", source, train=6, val=3, canvas=56, seed=1)
     assert (again / "annotations" / "instances_val.json").read_text() == \
         (coco / "annotations" / "instances_val.json").read_text()

@@ -7,7 +7,7 @@ pytest.importorskip("pycocotools")
 
 from vitrim.bench.flops import model_cost
 from vitrim.data.coco import load_coco, write_synthetic_coco
-from vitrim.data.dataset import ImageSet
+from tests.conftest import coco_items
 from vitrim.dense.prune import prune_dense, task_loss
 from vitrim.errors import ConfigError
 from vitrim.models import VisionTransformer, uniform_config
@@ -16,8 +16,7 @@ from vitrim.models.dense import DenseHeadConfig, DenseModel
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    items = (torch.rand(12, 1, 28, 28, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8)
-    source = ImageSet(items, torch.arange(12) % 3, ["a", "b", "c"], (0.5,), (0.5,), name="items")
+    source = coco_items(12, 3)
     root = write_synthetic_coco(tmp_path_factory.mktemp("dp") / "set", source, train=2, val=8, canvas=32, seed=3)
     return load_coco(root, "val", image_size=32)
 

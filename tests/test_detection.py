@@ -8,7 +8,7 @@ import torch
 pytest.importorskip("pycocotools")
 
 from vitrim.data.coco import load_coco, write_synthetic_coco
-from vitrim.data.dataset import ImageSet
+from tests.conftest import coco_items
 from vitrim.dense import coco_map, decode, detection_loss, detection_targets, evaluate_detection
 from vitrim.models import VisionTransformer, uniform_config
 from vitrim.models.dense import DenseHeadConfig, DenseModel
@@ -16,8 +16,7 @@ from vitrim.models.dense import DenseHeadConfig, DenseModel
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    items = (torch.rand(12, 1, 28, 28, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8)
-    source = ImageSet(items, torch.arange(12) % 3, ["a", "b", "c"], (0.5,), (0.5,), name="items")
+    source = coco_items(12, 3)
     root = write_synthetic_coco(tmp_path_factory.mktemp("det") / "set", source, train=2, val=6, canvas=64, seed=2)
     return load_coco(root, "val", image_size=64)
 

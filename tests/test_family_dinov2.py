@@ -13,7 +13,7 @@ import vitrim
 from tests.test_surgery import random_plan
 from vitrim.adapters import family_of
 from vitrim.adapters.families import dinov2
-from vitrim.adapters.hf_common import RemovedAttention, RemovedMlp
+from vitrim.adapters.hf_common import RemovedAttention, RemovedMlp, hf_metadata
 from vitrim.bench.flops import model_cost
 from vitrim.data.dataset import ImageSet
 from vitrim.errors import ConfigError
@@ -67,7 +67,7 @@ def test_conversion_is_exact_both_ways(hf_class, overrides):
         if not classifier:  # the pooled embedding: the normalised class token
             torch.testing.assert_close(canonical.pooled(canonical.forward_features(x)), model(x).pooler_output,
                                        atol=1e-5, rtol=0)
-        back = dinov2.from_canonical(canonical, dinov2.metadata(model))
+        back = dinov2.from_canonical(canonical, hf_metadata(model))
         assert type(back) is type(model)
         torch.testing.assert_close(hf_output(back, x), expected, atol=1e-5, rtol=0)
 
@@ -81,7 +81,7 @@ def test_position_embeddings_are_resized_like_dinov2(hf_class):
     x = torch.randn(2, 3, 42, 42)
     with torch.no_grad():
         torch.testing.assert_close(canonical.forward_features(x), model(x).last_hidden_state, atol=1e-5, rtol=0)
-        back = dinov2.from_canonical(canonical, dinov2.metadata(model))
+        back = dinov2.from_canonical(canonical, hf_metadata(model))
         torch.testing.assert_close(back(x).last_hidden_state, model(x).last_hidden_state, atol=1e-5, rtol=0)
 
 
@@ -93,7 +93,7 @@ def test_a_pruned_canonical_model_converts_back(hf_class, overrides):
     plan = random_plan(canonical.config, ["heads", "mlp", "embed", "attn_layer"], seed=1)
     plan.blocks[2].mlp_on = False
     pruned = slice_model(canonical, plan).eval()
-    back = dinov2.from_canonical(pruned, dinov2.metadata(model))
+    back = dinov2.from_canonical(pruned, hf_metadata(model))
     x = torch.randn(2, 3, IMAGE, IMAGE)
     with torch.no_grad():
         torch.testing.assert_close(hf_output(back, x), canonical_output(pruned, x, hf_class.endswith("Classification")),

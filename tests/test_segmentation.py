@@ -19,12 +19,11 @@ def test_miou_and_pixel_accuracy_by_hand():
 def test_a_segmenter_on_a_coco_set(tmp_path):
     pytest.importorskip("pycocotools")
     from vitrim.data.coco import load_coco, write_synthetic_coco
-    from vitrim.data.dataset import ImageSet
+    from tests.conftest import coco_items
     from vitrim.models import VisionTransformer, uniform_config
     from vitrim.models.dense import DenseHeadConfig, DenseModel
 
-    items = (torch.rand(12, 1, 28, 28, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8)
-    source = ImageSet(items, torch.arange(12) % 3, ["a", "b", "c"], (0.5,), (0.5,), name="items")
+    source = coco_items(12, 3)
     data = load_coco(write_synthetic_coco(tmp_path / "set", source, train=2, val=4, canvas=32), "val", image_size=32)
     torch.manual_seed(0)
     backbone = VisionTransformer(uniform_config(2, 32, 2, image_size=32, patch_size=4, in_chans=1, num_classes=4,

@@ -11,12 +11,9 @@ import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from vitrim.errors import ConfigError
-
-if TYPE_CHECKING:
-    from vitrim.models.config import BlockDims
 
 FLOAT_BYTES = 4
 ACTIVATION_COPIES = 4  # live (B, N, width) tensors in a block: input, residual, hidden, GELU output
@@ -39,7 +36,7 @@ class ModelShape:
     patch_size: int
     in_chans: int
     embed_dim: int
-    blocks: list[BlockDims]
+    blocks: list[Any]  # BlockDims, typed loosely so that limits imports no model module
     num_classes: int
     num_prefix_tokens: int = 1
     qkv_bias: bool = True

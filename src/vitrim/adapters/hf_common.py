@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,28 @@ VIT_KEY_NAMES = {"embed_dim": "hidden_size", "blocks": "num_hidden_layers", "hea
                  "qk_dim": "hidden_size / num_attention_heads", "v_dim": "hidden_size / num_attention_heads",
                  "mlp_dim": "intermediate_size", "image_size": "image_size", "patch_size": "patch_size",
                  "in_chans": "num_channels", "num_classes": "id2label"}
+
+
+# What every Hugging Face family stores to rebuild its model: the class and its config.
+HF_METADATA_KEYS = {"hf_class": ((str,), True), "hf_config": ((dict,), True)}
+
+
+def hf_metadata(model: nn.Module) -> dict[str, Any]:
+    """Class and config: what a Hugging Face family's ``from_canonical`` needs (JSON-serialisable)."""
+    return {"hf_class": type(model).__name__, "hf_config": model.config.to_dict()}
+
+
+def hf_metadata_check(check_config: Callable[[dict[str, Any], Any], None],
+                      keys: Mapping[str, Any] = HF_METADATA_KEYS) -> Callable[[dict[str, Any], int], None]:
+    """A family's ``check_metadata``: ``keys`` present and typed, then its ``config.json`` check on the
+    saved ``hf_config``."""
+    from vitrim.adapters.registry import check_metadata_keys
+
+    def check(meta: dict[str, Any], num_classes: int) -> None:
+        check_metadata_keys(meta, dict(keys))
+        check_config(meta["hf_config"], "the model config's \"hf_config\"")
+
+    return check
 
 
 class RemovedAttention(nn.Module):

@@ -26,6 +26,8 @@ from vitrim.errors import ConfigError, ModelFileError
 
 FAMILIES_PACKAGE = "vitrim.adapters.families"
 ALL_PRUNABLE = ("heads", "qk", "v", "mlp", "embed", "attn_layer", "mlp_layer")
+# attention with one head_dim for queries, keys and values (HF, timm): heads are pruned whole
+WHOLE_HEADS = tuple(s for s in ALL_PRUNABLE if s not in ("qk", "v"))
 
 
 def _no_check(meta: dict[str, Any], num_classes: int) -> None:

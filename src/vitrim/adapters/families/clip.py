@@ -24,8 +24,9 @@ import torch
 from torch import nn
 
 from vitrim.adapters.hf_common import (block_dims, block_from_canonical, block_to_canonical, check_hf_config,
-                                      check_one_head_dim, require_transformers, resize_block)
-from vitrim.adapters.registry import ALL_PRUNABLE, Family, MetadataKeys, check_metadata_keys, register
+                                      check_one_head_dim, hf_metadata, hf_metadata_check, require_transformers,
+                                      resize_block)
+from vitrim.adapters.registry import WHOLE_HEADS, Family, register
 from vitrim.errors import ConfigError
 from vitrim.models import BlockDims, ViTConfig, VisionTransformer
 
@@ -41,9 +42,6 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 SIZE_DEFAULTS = {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072,
                  "image_size": 224, "patch_size": 32, "num_channels": 3}
-METADATA_KEYS: MetadataKeys = {"hf_class": ((str,), True), "hf_config": ((dict,), True)}
-
-
 def recognizes(model: Any) -> bool:
     """True for a live ``transformers`` CLIP vision model of a class this family converts."""
     return type(model).__name__ in CLASSES and type(model).__module__.startswith("transformers.")
@@ -193,10 +191,6 @@ def _to_canonical_state(model: nn.Module, canonical_cfg: ViTConfig) -> dict[str,
     return {k: v.detach().clone() for k, v in state.items()}
 
 
-def metadata(model: nn.Module) -> dict[str, Any]:
-    """Class and config: what :func:`from_canonical` needs (JSON-serialisable)."""
-    return {"hf_class": type(model).__name__, "hf_config": model.config.to_dict()}
-
 
 def from_canonical(canonical: VisionTransformer, meta: dict[str, Any]) -> nn.Module:
     """The CLIP model of ``meta["hf_class"]`` carrying ``canonical``'s dims and weights."""
@@ -245,10 +239,6 @@ def check_config(config: dict[str, Any], source: Any) -> None:
     check_hf_config(config, source, defaults=SIZE_DEFAULTS, labels=False)
 
 
-def _check_metadata(meta: dict[str, Any], num_classes: int) -> None:
-    check_metadata_keys(meta, METADATA_KEYS)
-    check_config(meta["hf_config"], "the model config's \"hf_config\"")
-
 
 def infer_class(config: dict[str, Any], names: list[str]) -> str:
     """The class a ``config.json`` without ``architectures`` describes, from its weight names."""
@@ -262,10 +252,10 @@ FAMILY = register(Family(
     recognizes=recognizes,
     to_canonical=to_canonical,
     from_canonical=from_canonical,
-    metadata=metadata,
-    check_metadata=_check_metadata,
+    metadata=hf_metadata,
+    check_metadata=hf_metadata_check(check_config),
     head_kind=head_kind,
-    prunable=tuple(s for s in ALL_PRUNABLE if s not in ("qk", "v")),
+    prunable=WHOLE_HEADS,
     hf_classes=tuple(CLASSES),
     hf_model_types=("clip_vision_model",),
     hf_config_class=lambda hf_class: CLASSES[hf_class][1],

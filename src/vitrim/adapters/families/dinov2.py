@@ -22,8 +22,8 @@ import torch
 from torch import nn
 
 from vitrim.adapters.hf_common import (block_dims, block_from_canonical, block_to_canonical, check_hf_config,
-                                      check_one_head_dim, resize_block)
-from vitrim.adapters.registry import ALL_PRUNABLE, Family, MetadataKeys, check_metadata_keys, register
+                                      check_one_head_dim, hf_metadata, hf_metadata_check, resize_block)
+from vitrim.adapters.registry import WHOLE_HEADS, Family, register
 from vitrim.errors import ConfigError
 from vitrim.models import ViTConfig, VisionTransformer
 
@@ -142,13 +142,6 @@ def _layer_state(layer: nn.Module, p: str) -> dict[str, torch.Tensor]:
     return state
 
 
-def metadata(model: nn.Module) -> dict[str, Any]:
-    """Class and config: what :func:`from_canonical` needs (JSON-serialisable)."""
-    return {"hf_class": type(model).__name__, "hf_config": model.config.to_dict()}
-
-
-METADATA_KEYS: MetadataKeys = {"hf_class": ((str,), True), "hf_config": ((dict,), True)}
-
 
 def from_canonical(canonical: VisionTransformer, meta: dict[str, Any]) -> nn.Module:
     """The DINOv2 model of ``meta["hf_class"]`` carrying ``canonical``'s dims and weights."""
@@ -223,10 +216,6 @@ def check_config(config: dict[str, Any], source: Any) -> None:
                     labels=bool(config.get("architectures")) and "For" in str(config["architectures"][0]))
 
 
-def _check_metadata(meta: dict[str, Any], num_classes: int) -> None:
-    check_metadata_keys(meta, METADATA_KEYS)
-    check_config(meta["hf_config"], "the model config's \"hf_config\"")
-
 
 def infer_class(config: dict[str, Any], names: list[str]) -> str:
     """The class a ``config.json`` without ``architectures`` describes, from its weight names."""
@@ -241,10 +230,10 @@ FAMILY = register(Family(
     recognizes=recognizes,
     to_canonical=to_canonical,
     from_canonical=from_canonical,
-    metadata=metadata,
-    check_metadata=_check_metadata,
+    metadata=hf_metadata,
+    check_metadata=hf_metadata_check(check_config),
     head_kind=head_kind,
-    prunable=tuple(s for s in ALL_PRUNABLE if s not in ("qk", "v")),
+    prunable=WHOLE_HEADS,
     hf_classes=tuple(CLASSES),
     hf_model_types=("dinov2", "dinov2_with_registers"),
     hf_config_class=lambda hf_class: CLASSES[hf_class][1],

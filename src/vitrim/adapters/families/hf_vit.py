@@ -19,9 +19,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from vitrim.adapters.hf_common import (RemovedAttention, RemovedMlp, block_from_canonical, block_to_canonical,
-                                       check_hf_config)
-from vitrim.adapters.registry import ALL_PRUNABLE, Family, MetadataKeys, check_metadata_keys, register
+from vitrim.adapters import hf_common
+from vitrim.adapters.hf_common import (HF_METADATA_KEYS, RemovedAttention, RemovedMlp, block_from_canonical,
+                                       block_to_canonical, check_hf_config, hf_metadata_check)
+from vitrim.adapters.registry import WHOLE_HEADS, Family, register
 from vitrim.errors import ConfigError
 from vitrim.models import BlockDims, ViTConfig, VisionTransformer
 
@@ -220,26 +221,20 @@ def _canonical_to_hf_state(canonical: VisionTransformer, model: nn.Module) -> di
 
 def hf_metadata(model: nn.Module) -> dict[str, Any]:
     """Class, config and pooler presence: what :func:`from_canonical` needs (JSON-serialisable)."""
-    return {"hf_class": type(model).__name__, "hf_config": model.config.to_dict(),
-            "hf_pooler": _pooler(model) is not None}
+    return {**hf_common.hf_metadata(model), "hf_pooler": _pooler(model) is not None}
 
 
 def _rebuild(canonical: VisionTransformer, meta: dict[str, Any]) -> nn.Module:
     return from_canonical(canonical, meta["hf_class"], meta["hf_config"], pooler=bool(meta.get("hf_pooler", False)))
 
 
-METADATA_KEYS: MetadataKeys = {"hf_class": ((str,), True), "hf_config": ((dict,), True),
-                               "hf_pooler": ((bool,), False)}
+METADATA_KEYS = {**HF_METADATA_KEYS, "hf_pooler": ((bool,), False)}
 
 
 def check_config(config: dict[str, Any], source: Any) -> None:
     """Type- and size-check a ViT/DeiT ``config.json`` before transformers builds anything."""
     check_hf_config(config, source, num_prefix_tokens=2 if config.get("model_type") == "deit" else 1)
 
-
-def _check_metadata(meta: dict[str, Any], num_classes: int) -> None:
-    check_metadata_keys(meta, METADATA_KEYS)
-    check_config(meta["hf_config"], "the model config's \"hf_config\"")
 
 
 def infer_class(config: dict[str, Any], names: list[str]) -> str:
@@ -265,9 +260,9 @@ FAMILY = register(Family(
     to_canonical=to_canonical,
     from_canonical=_rebuild,
     metadata=hf_metadata,
-    check_metadata=_check_metadata,
+    check_metadata=hf_metadata_check(check_config, METADATA_KEYS),
     head_kind=head_kind,
-    prunable=tuple(s for s in ALL_PRUNABLE if s not in ("qk", "v")),
+    prunable=WHOLE_HEADS,
     hf_classes=SUPPORTED,
     hf_model_types=("vit", "deit"),
     hf_config_class=lambda hf_class: CLASSES[hf_class][1],

@@ -24,11 +24,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vitrim.adapters.families.clip import (METADATA_KEYS, check_activation, check_square, construction_heads,
-                                           layer_dims, layer_state, layers_hf_state, load_checked, metadata,
+from vitrim.adapters.families.clip import (check_activation, check_square, construction_heads,
+                                           layer_dims, layer_state, layers_hf_state, load_checked,
                                            removed_norm_names, resize_layers)
-from vitrim.adapters.hf_common import check_hf_config, check_one_head_dim, require_transformers
-from vitrim.adapters.registry import ALL_PRUNABLE, Family, check_metadata_keys, register
+from vitrim.adapters.hf_common import (check_hf_config, check_one_head_dim, hf_metadata, hf_metadata_check,
+                                      require_transformers)
+from vitrim.adapters.registry import WHOLE_HEADS, Family, register
 from vitrim.errors import ConfigError
 from vitrim.models import ViTConfig, VisionTransformer
 
@@ -212,10 +213,6 @@ def check_config(config: dict[str, Any], source: Any) -> None:
     check_hf_config(config, source, defaults=SIZE_DEFAULTS, num_prefix_tokens=0, labels=False)
 
 
-def _check_metadata(meta: dict[str, Any], num_classes: int) -> None:
-    check_metadata_keys(meta, METADATA_KEYS)
-    check_config(meta["hf_config"], "the model config's \"hf_config\"")
-
 
 def infer_class(config: dict[str, Any], names: list[str]) -> str:
     """The class a ``config.json`` without ``architectures`` describes (there is one)."""
@@ -228,10 +225,10 @@ FAMILY = register(Family(
     recognizes=recognizes,
     to_canonical=to_canonical,
     from_canonical=from_canonical,
-    metadata=metadata,
-    check_metadata=_check_metadata,
+    metadata=hf_metadata,
+    check_metadata=hf_metadata_check(check_config),
     head_kind=head_kind,
-    prunable=tuple(s for s in ALL_PRUNABLE if s not in ("qk", "v")),
+    prunable=WHOLE_HEADS,
     token_reduction="tome",
     hf_classes=tuple(CLASSES),
     hf_model_types=("siglip_vision_model",),

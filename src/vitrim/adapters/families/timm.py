@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from vitrim.adapters.registry import ALL_PRUNABLE, Family, MetadataKeys, check_metadata_keys, register, unsupported
+from vitrim.adapters.registry import WHOLE_HEADS, Family, MetadataKeys, check_metadata_keys, register, unsupported
 from vitrim.errors import ConfigError, ModelFileError
 from vitrim.models import BlockDims, ViTConfig, VisionTransformer
 
@@ -269,7 +269,7 @@ FAMILY = register(Family(
     metadata=timm_metadata,
     check_metadata=_check_metadata,
     head_kind=lambda model: "classifier" if isinstance(model.head, nn.Linear) else "none",
-    prunable=tuple(s for s in ALL_PRUNABLE if s not in ("qk", "v")),
+    prunable=WHOLE_HEADS,
     check=check,
     spec_prefix="timm",
     load_spec=create_timm,
