@@ -73,6 +73,7 @@ def export_proto(model: nn.Module, *, opset: int = MIN_OPSET, check_images: Cali
         raise ConfigError(f"unknown exporter {exporter!r}; use one of: {', '.join(EXPORTERS)}")
     if opset < MIN_OPSET:
         raise ConfigError(f"opset {opset} is too old; vitrim exports with opset >= {MIN_OPSET}")
+    _check_family_exports(model)
     if getattr(model, "mode", None) == "dynamic" and getattr(model, "tau", None) is not None:
         raise ExportError("this token-reduced model keeps a different number of tokens per image (tau=...), "
                           "which an ONNX graph cannot express; build it with mode='static' and keep=RATIO")
@@ -99,6 +100,16 @@ def export_proto(model: nn.Module, *, opset: int = MIN_OPSET, check_images: Cali
         raise ExportCheckError(f"the exported model does not match PyTorch: {check.summary()}; nothing "
                                f"was written (raise the tolerance only if the difference is expected)")
     return proto, used, reason, check
+
+
+def _check_family_exports(model: nn.Module) -> None:
+    """Refuse a family whose outputs the exported canonical graph would not reproduce (a detector)."""
+    from vitrim.adapters.registry import family_of
+
+    found = family_of(model)
+    if found is not None and not found.onnx:
+        raise ConfigError(f"{type(model).__name__} ({found.name}) does not export to ONNX with vitrim: the "
+                          f"exported graph would not give the model's own outputs; export it with its own tools")
 
 
 def _preprocessing_of(model: nn.Module) -> Preprocessing:
