@@ -209,6 +209,7 @@ def test_latency_target_uses_a_cached_table(wide_model, tmp_path, monkeypatch):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(latency, "measure_table", counting)
+    monkeypatch.setattr(latency, "probe_ms", lambda table, device=None: {"attn": 1.0, "mlp": 2.0})
     table = latency.LatencyTable.for_model(wide_model, points=2, runs=2)
     again = latency.LatencyTable.for_model(wide_model, points=2, runs=2)
     assert calls["n"] == 1 and len(list((tmp_path / "latency").glob("*.json"))) == 1
@@ -222,7 +223,46 @@ def test_latency_target_uses_a_cached_table(wide_model, tmp_path, monkeypatch):
     assert result.metric == "latency" and result.kept_ratio <= 0.6
 
 
+def test_a_latency_table_from_another_machine_state_is_measured_again(wide_model, tmp_path, monkeypatch):
+    """The cached table's full-size sub-layers are re-timed: off by > 30%, or measured under load
+    while the machine is idle now, the table is rebuilt with a warning naming why."""
+    from vitrim.prune import latency
+
+    monkeypatch.setenv("VITRIM_CACHE", str(tmp_path))
+    now = {"attn": 1.0, "mlp": 2.0}
+    monkeypatch.setattr(latency, "probe_ms", lambda table, device=None: dict(now))
+    latency.LatencyTable.for_model(wide_model, points=2, runs=2)
+    now["mlp"] = 3.0  # the MLP got 50% slower: another state of the machine
+    with pytest.warns(UserWarning, match="full-size mlp sub-layer took 2.000 ms then and 3.000 ms now"):
+        rebuilt = latency.LatencyTable.for_model(wide_model, points=2, runs=2)
+    assert rebuilt.probe == {"attn": 1.0, "mlp": 3.0}
+    path = next((tmp_path / "latency").glob("*.json"))
+    saved = json.loads(path.read_text())
+    saved["busy_cores"] = 1.5  # measured while another process kept a core busy
+    path.write_text(json.dumps(saved))
+    monkeypatch.setattr(latency, "busy_cores", lambda seconds=0.0: 0.0)  # the machine is idle now
+    monkeypatch.setattr(latency.LoadProbe, "stop", lambda self, min_window=0.0: 0.0)
+    with pytest.warns(UserWarning, match="kept 1.5 cores busy"):
+        latency.LatencyTable.for_model(wide_model, points=2, runs=2)
+    assert latency.staleness(latency.LatencyTable.from_dict(json.loads(path.read_text()))) is None
+
+
 def np_equal(a, b):
     import numpy as np
 
     return bool(np.array_equal(a, b))
+
+
+def test_round_to_auto_picks_the_smallest_multiple_that_gives_up_no_speed(wide_model):
+    from vitrim.prune.roundto import choose_multiple
+
+    # widths that are multiples of 8 run at full speed, the others pay for a partly empty vector
+    times = {w: (w + (-w) % 8) * 0.01 for w in range(96, 129)}
+    assert choose_multiple(times) == 8
+    flat = {w: w * 0.01 for w in range(96, 129)}  # no preference: the finest granularity
+    assert choose_multiple(flat) == 1
+    result = prune(wide_model, "flops=0.6", random_set(wide_model.config), recover="none", calib_images=16,
+                   round_to="auto", progress=False)
+    assert result.config.round_to in (1, 8, 16, 32, 64)
+    with pytest.raises(ConfigError, match="positive integer or 'auto'"):
+        PruneConfig(round_to="fast")

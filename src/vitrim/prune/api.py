@@ -77,7 +77,7 @@ class PruneConfig:
     calib_images: int = 512
     batch_size: int = 64
     steps: int = 3
-    round_to: int = 8
+    round_to: int | str = 8  # "auto": the multiple this device's kernels like, measured (prune.roundto)
     tolerance: float = 0.01
     recover: str = "reconstruct"
     kd_epochs: int = 1
@@ -100,7 +100,9 @@ class PruneConfig:
             raise ConfigError(f"unknown saliency {self.saliency!r}; use one of {', '.join(METHODS)}")
         if self.recover not in RECOVERY:
             raise ConfigError(f"unknown recovery {self.recover!r}; use one of {', '.join(RECOVERY)}")
-        for name in ("calib_images", "batch_size", "steps", "round_to", "kd_epochs", "kd_batch_size",
+        if self.round_to != "auto" and (isinstance(self.round_to, str) or int(self.round_to) < 1):
+            raise ConfigError(f"round_to must be a positive integer or 'auto', got {self.round_to!r}")
+        for name in ("calib_images", "batch_size", "steps", "kd_epochs", "kd_batch_size",
                      "latency_batch"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)}")
@@ -246,6 +248,12 @@ def prune(model: VisionTransformer, target: str = "flops=0.5", data: ImageSet | 
     if model.config.qk_norm and "qk" in cfg.structures:
         # q/k norm spans each head's channels, so they cannot be pruned one by one
         cfg = dataclasses.replace(cfg, structures=tuple(s for s in cfg.structures if s != "qk"))
+    if cfg.round_to == "auto":
+        from vitrim.prune.roundto import measured_round_to
+
+        multiple, _ = measured_round_to(model, batch=cfg.latency_batch, device=target_device)
+        say(f"round_to auto: kept widths are multiples of {multiple} (measured on this device)")
+        cfg = dataclasses.replace(cfg, round_to=multiple)
     check_prunable(model, cfg)
     if data is None and (cfg.saliency != "magnitude" or cfg.reconstructs):
         raise DataError("pruning needs calibration data (pass data=ImageSet)")

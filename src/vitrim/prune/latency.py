@@ -5,6 +5,11 @@ real attention and MLP sub-layers (LayerNorm, projections, fused attention, GELU
 embedding + head on a grid of smaller sizes, then interpolates multilinearly between grid
 points. Tables are cached on disk, keyed by device (CPU model, or ``cuda:<GPU name>``), thread
 count, dtype, batch size and the grid.
+
+A cached table is checked before it is used: the full-size attention and MLP sub-layers are timed
+again (a few runs) and compared with the table. When the machine's state changed since it was
+measured — a figure off by more than :data:`STALE_LIMIT`, or the table measured while other
+processes kept a core busy and the machine is quieter now — it is measured again, with a warning.
 """
 
 from __future__ import annotations
@@ -13,14 +18,15 @@ import hashlib
 import itertools
 import json
 import os
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from vitrim.bench.latency import fixed_threads, time_callable
+from vitrim.bench.latency import LoadProbe, busy_cores, fixed_threads, time_callable
 from vitrim.fsutil import write_json
 from vitrim.models.config import BlockDims, ViTConfig
 from vitrim.models.vit import Block, VisionTransformer
@@ -70,6 +76,8 @@ class LatencyTable:
     mlp_ms: np.ndarray
     fixed_axes: list[list[int]]  # C
     fixed_ms: np.ndarray
+    busy_cores: float | None = None  # cores other processes kept busy while it was measured
+    probe: dict[str, float] = field(default_factory=dict)  # full-size sub-layer ms, for the freshness check
 
     def attention(self, C: int, dims: BlockDims, tokens: int) -> float:
         return interpolate(self.attn_axes, self.attn_ms, (C, dims.heads, dims.qk_dim, dims.v_dim))
@@ -86,12 +94,14 @@ class LatencyTable:
     def to_dict(self) -> dict[str, Any]:
         return {"key": self.key, "attn_axes": self.attn_axes, "attn_ms": self.attn_ms.tolist(),
                 "mlp_axes": self.mlp_axes, "mlp_ms": self.mlp_ms.tolist(),
-                "fixed_axes": self.fixed_axes, "fixed_ms": self.fixed_ms.tolist()}
+                "fixed_axes": self.fixed_axes, "fixed_ms": self.fixed_ms.tolist(), "busy_cores": self.busy_cores,
+                "probe": self.probe}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "LatencyTable":
         return cls(data["key"], data["attn_axes"], np.asarray(data["attn_ms"]), data["mlp_axes"],
-                   np.asarray(data["mlp_ms"]), data["fixed_axes"], np.asarray(data["fixed_ms"]))
+                   np.asarray(data["mlp_ms"]), data["fixed_axes"], np.asarray(data["fixed_ms"]),
+                   data.get("busy_cores"), data.get("probe", {}))
 
     @classmethod
     def for_model(cls, model: VisionTransformer, *, batch_size: int = 1, threads: int | None = None,
@@ -116,12 +126,52 @@ class LatencyTable:
         path = root / "latency" / f"{digest}.json"
         if path.is_file():
             try:
-                return cls.from_dict(json.loads(path.read_text()))
+                cached = cls.from_dict(json.loads(path.read_text()))
             except (json.JSONDecodeError, KeyError):
-                pass  # a damaged cache entry is measured again
+                cached = None  # a damaged cache entry is measured again
+            if cached is not None:
+                reason = staleness(cached, target)
+                if reason is None:
+                    return cached
+                warnings.warn(f"the latency table in {path} no longer describes this machine ({reason}); "
+                              f"measuring it again", stacklevel=2)
         table = measure_table(cfg, key, points=points, runs=runs, progress=progress, device=target)
         write_json(path, table.to_dict())
         return table
+
+
+STALE_LIMIT = 0.3  # a probe off by more than 30% from the table means it was measured in another state
+BUSY_LIMIT = 0.5  # cores other processes may keep busy before a table counts as measured under load
+
+
+def probe_ms(table: LatencyTable, device: torch.device | None = None, runs: int = 7) -> dict[str, float]:
+    """The full-size attention and MLP sub-layers of ``table``'s shape, timed now."""
+    key = table.key
+    sub = ViTConfig(image_size=key["patch"], patch_size=key["patch"], in_chans=key["in_chans"],
+                    num_classes=key["classes"], embed_dim=key["embed"],
+                    blocks=[{"heads": 1, "qk_dim": 1, "v_dim": 1, "mlp_dim": 1}])
+    x = torch.randn(key["batch"], key["tokens"], key["embed"], device=device)
+    out = {}
+    with fixed_threads(key["threads"]), torch.inference_mode():
+        for name, dims in (("attn", BlockDims(key["heads"], key["qk"], key["v"], 0, mlp=False)),
+                           ("mlp", BlockDims(0, 0, 0, key["mlp"], attention=False))):
+            block = _block(sub, dims).to(device)
+            out[name] = time_callable(lambda: block(x), warmup=2, runs=runs, device=device)["median_ms"]
+    return out
+
+
+def staleness(table: LatencyTable, device: torch.device | None = None) -> str | None:
+    """Why ``table`` should be measured again on this machine now, or None when it still holds."""
+    if not table.probe:
+        return "it predates the freshness check"
+    now = probe_ms(table, device)
+    for name, then in table.probe.items():
+        ratio = now[name] / max(then, 1e-9)
+        if abs(ratio - 1) > STALE_LIMIT:
+            return f"its full-size {name} sub-layer took {then:.3f} ms then and {now[name]:.3f} ms now"
+    if (table.busy_cores or 0) > BUSY_LIMIT and (busy := busy_cores()) is not None and busy < BUSY_LIMIT:
+        return f"it was measured while other processes kept {table.busy_cores:.1f} cores busy, and they are idle now"
+    return None
 
 
 def _block(cfg: ViTConfig, dims: BlockDims) -> Block:
@@ -143,6 +193,7 @@ def measure_table(cfg: ViTConfig, key: dict[str, Any], *, points: int, runs: int
     jobs = [("attn", idx) for idx in itertools.product(*(range(len(a)) for a in (c_axis, h_axis, qk_axis, v_axis)))]
     jobs += [("mlp", idx) for idx in itertools.product(range(len(c_axis)), range(len(m_axis)))]
     jobs += [("fixed", (i,)) for i in range(len(c_axis))]
+    load = LoadProbe().start()
     with fixed_threads(key["threads"]), torch.inference_mode():
         for kind, idx in progress_bar(jobs, total=len(jobs), desc="latency table", enabled=progress):
             c = c_axis[idx[0]]
@@ -165,8 +216,11 @@ def measure_table(cfg: ViTConfig, key: dict[str, Any], *, points: int, runs: int
             ms = time_callable(fn, warmup=3, runs=runs, device=device)["median_ms"]
             target = {"attn": attn_ms, "mlp": mlp_ms, "fixed": fixed_ms}[kind]
             target[idx] = ms
-    return LatencyTable(key, [c_axis, h_axis, qk_axis, v_axis], attn_ms, [c_axis, m_axis], mlp_ms,
-                        [c_axis], fixed_ms)
+    table = LatencyTable(key, [c_axis, h_axis, qk_axis, v_axis], attn_ms, [c_axis, m_axis], mlp_ms,
+                         [c_axis], fixed_ms)
+    table.probe = probe_ms(table, device)
+    table.busy_cores = load.stop()
+    return table
 
 
 def _embed_and_head(model: VisionTransformer, images: torch.Tensor):
