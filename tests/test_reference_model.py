@@ -27,3 +27,15 @@ def test_bundled_model_accuracy_on_test_images():
     subset = load_dataset("fashion-mnist", "test").subset(2000)
     accuracy = vitrim.evaluate(model, subset)["accuracy"]
     assert abs(accuracy - recorded) < 0.02  # the first 2000 images track the full test set
+
+
+def test_197_token_reference_loads_at_deits_token_count_with_its_recorded_accuracy():
+    model = vitrim.load("fmnist-vit-197")
+    assert model.config == get_preset("fmnist-vit-197").build() and model.config.num_tokens == 197
+    saved = json.loads((resources.files("vitrim") / "weights" / "fmnist-vit-197" / "config.json").read_text())
+    command = saved["training"]["command"]
+    assert "--init fmnist-vit" in command and "--image-size 56" in command
+    recorded = saved["training"]["history"][-1]["test_accuracy"]
+    subset = load_dataset("fashion-mnist", "test").subset(400).resized(56)
+    accuracy = vitrim.evaluate(model, subset)["accuracy"]
+    assert abs(accuracy - recorded) < 0.04  # the first 400 images track the full test set

@@ -103,6 +103,17 @@ class ImageSet:
         return ImageSet(self.images[index], labels, self.class_names, self.mean, self.std, self.name,
                         self.inferred_classes)
 
+    def resized(self, image_size: int, chunk: int = 1024) -> "ImageSet":
+        """The images resized to ``image_size`` x ``image_size`` once, as floats in 0..1 (the
+        resampling :meth:`batches` would apply to each batch; ``self`` if already that size)."""
+        if self.image_size == image_size:
+            return self
+        parts = [F.interpolate(to_float(self.images[i:i + chunk]), size=(image_size, image_size), mode="bilinear",
+                               antialias=True, align_corners=False) for i in range(0, len(self), chunk)]
+        images = torch.cat(parts) if parts else self.images.float().new_zeros((0, self.channels, image_size,
+                                                                             image_size))
+        return ImageSet(images, self.labels, self.class_names, self.mean, self.std, self.name, self.inferred_classes)
+
     def batches(
         self,
         batch_size: int,

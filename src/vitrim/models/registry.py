@@ -46,6 +46,9 @@ def _fashion_reference() -> ViTConfig:
 register(Preset("fmnist-vit", _fashion_reference,
                 "ViT-Tiny shape (192 wide, 3 heads of 64, MLP 768, depth 6) for 28x28 Fashion-MNIST, "
                 "patch 4; trained weights bundled", weights="weights/fmnist-vit"))
+register(Preset("fmnist-vit-197", lambda: _fashion_reference().replace(image_size=56),
+                "fmnist-vit at DeiT's 197 tokens: 56x56 inputs (Fashion-MNIST upsampled: --resize), patch 4; "
+                "fine-tuned from fmnist-vit; trained weights bundled", weights="weights/fmnist-vit-197"))
 register(Preset("fmnist-vit-micro", lambda: uniform_config(2, 64, 2, 2.0, **FASHION_KW),
                 "a tiny 2-block ViT for Fashion-MNIST, for tests and quick experiments"))
 register(Preset("vit-tiny", lambda: uniform_config(12, 192, 3, 4.0),
