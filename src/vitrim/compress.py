@@ -1,5 +1,9 @@
 """The stacked pipeline: prune + recover, static token reduction, export + quantize.
 
+With a joint ``target`` (``latency=0.15`` or ``flops=0.3``) the pruning ratio, the token keep
+ratio and layers, and the precision are chosen together by :func:`vitrim.joint.plan_joint`
+first; the choice and its runner-ups go into the report.
+
 Every stage is measured the same way — accuracy on the test images, size on disk, FLOPs per
 image, latency of all stages timed together at the end in one process (interleaved rounds,
 median and spread, one thread count, an unstable figure flagged) at batch 1 and 64 — and every transform keeps its numeric check (export against
@@ -8,6 +12,7 @@ PyTorch, quantized against fp32 in ONNX Runtime).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -22,6 +27,7 @@ from vitrim.data.dataset import ImageSet
 from vitrim.errors import ConfigError
 from vitrim.fsutil import atomic_dir, atomic_path, check_output_dir, write_json, write_text
 from vitrim.io import WEIGHTS_FILE, save
+from vitrim.joint import FP32, JointConfig, parse_joint_target, plan_joint, plan_table
 from vitrim.models import VisionTransformer
 from vitrim.report import format_table, human
 from vitrim.tokens.model import check_method as check_token_method
@@ -55,6 +61,8 @@ class CompressConfig:
     calib_method: str = "minmax"
     threads: int | None = None
     runs: int = 30
+    target: str | None = None  # a joint budget (latency=0.15, flops=0.3): chooses prune, tokens and quant
+    joint: JointConfig | None = None  # the joint search's grids and measurement (its target is ``target``)
 
     def __post_init__(self) -> None:
         from vitrim.prune.api import PruneConfig
@@ -73,6 +81,21 @@ class CompressConfig:
                               f"not {self.calib_method!r}")
         if min(self.calib, self.prune_calib, self.runs) < 1:
             raise ConfigError("calib, prune_calib and runs must be positive")
+        if self.target is not None:
+            metric, _ = parse_joint_target(self.target)
+            precisions = (self.joint or JointConfig()).precisions if metric == "latency" else (self.quant or FP32,)
+            self.joint = dataclasses.replace(self.joint or JointConfig(), target=self.target,
+                                             token_method=self.token_method, threads=self.threads,
+                                             precisions=precisions)
+
+    def chosen(self, plan: Any) -> "CompressConfig":
+        """These settings with the joint plan's prune ratio, token setting and precision."""
+        c = plan.chosen
+        return dataclasses.replace(self, target=None, joint=None,
+                                   prune=None if c.prune_ratio >= 1 else f"flops={c.prune_ratio:g}",
+                                   tokens=None if c.keep >= 1 else f"keep={c.keep:g}",
+                                   token_layers=None if c.keep >= 1 else tuple(c.layers),
+                                   quant=None if c.precision == FP32 else c.precision)
 
 
 def torch_size(model: nn.Module) -> int:
@@ -94,6 +117,8 @@ def check_compress(model: VisionTransformer, train: ImageSet, cfg: CompressConfi
                               f"and {depth - 1}")
     counts = {"prune_calib (--prune-calib)": cfg.prune_calib if cfg.prune is not None else 0,
               "calib (--calib)": cfg.calib if cfg.quant is not None else 0}
+    if cfg.joint is not None:
+        counts["joint search images (--calib-joint + --joint-eval)"] = cfg.joint.calib + cfg.joint.eval_images
     for name, count in counts.items():
         if count > len(train):
             raise ConfigError(f"{name} asks for {count} images but the training set has {len(train)}; "
@@ -117,6 +142,11 @@ def compress(model: VisionTransformer, train: ImageSet, test: ImageSet, cfg: Com
 
     target = module_device(model) if device is None else resolve_device(device)
     check_compress(model, train, cfg, out_dir)
+    plan = None
+    if cfg.joint is not None:
+        plan = plan_joint(model.cpu(), train, cfg.joint, progress=progress, log=log)
+        log("joint choice:\n" + plan_table(plan))
+        cfg = cfg.chosen(plan)
     with atomic_dir(out_dir) as tmp:
         stages, runners = run_stages(model, train, test, cfg, tmp, progress=progress, log=log, device=target)
         measured = compare_models(runners, LATENCY_BATCHES, test=test, image_size=model.config.image_size,
@@ -133,6 +163,8 @@ def compress(model: VisionTransformer, train: ImageSet, test: ImageSet, cfg: Com
             entry["size_ratio"] = stages[0]["size_bytes"] / entry["size_bytes"]
             entry["drop_points"] = (dense["accuracy"] - entry["accuracy"]) * 100
         report = {"config": asdict(cfg), "stages": stages}
+        if plan is not None:
+            report["joint"] = plan.to_dict()
         write_report(tmp, report)
     return report
 
@@ -234,9 +266,27 @@ def write_report(out_dir: Path, report: dict[str, Any]) -> None:
         pass
     write_json(out_dir / "report.json", report)
     text = ["# vitrim compress report", "", "```", stage_table(report), "```", ""]
+    if report.get("joint"):
+        text += joint_section(report["joint"])
     if report.get("plot"):
         text += ["![accuracy vs latency](report.png)", ""]
     write_text(out_dir / "report.md", "\n".join(text))
+
+
+def joint_section(joint: dict[str, Any]) -> list[str]:
+    """The report's lines on the joint choice: the budget, the choice and its runner-ups."""
+    from vitrim.joint import Candidate, JointPlan
+
+    def cand(d: dict[str, Any]) -> Candidate:
+        return Candidate(**{k: (tuple(v) if k == "layers" else v) for k, v in d.items() if k != "loss"})
+
+    plan = JointPlan(joint["metric"], joint["ratio"], cand(joint["chosen"]), [cand(c) for c in joint["runner_ups"]],
+                     met=joint["met"])
+    what = "latency relative to dense torch fp32 eager" if plan.metric == "latency" else "FLOPs ratio"
+    return [f"## Joint choice for {plan.metric}={plan.ratio:g}", "",
+            f"Estimated loss increase per lever (dL, calibration cross-entropy; dims: "
+            f"{joint['curves']['prune_loss']}), {what} predicted and measured:", "",
+            "```", plan_table(plan), "```", ""]
 
 
 __all__ = ["CompressConfig", "check_compress", "compress", "parse_tokens", "stage_table"]

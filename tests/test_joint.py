@@ -1,0 +1,119 @@
+import json
+
+import pytest
+import torch
+
+import vitrim
+from tests.test_cli import run
+from tests.test_data import write_idx_dir
+from vitrim.compress import CompressConfig
+from vitrim.data import load_idx_dir
+from vitrim.errors import ConfigError
+from vitrim.joint import Candidate, JointConfig, parse_joint_target, plan_joint, rank, resolve_layers
+from vitrim.models import uniform_config
+
+
+def small_model(seed: int = 0):
+    cfg = uniform_config(4, 32, 2, 2.0, image_size=16, patch_size=2, in_chans=1, num_classes=3,
+                         mean=(0.5,), std=(0.25,))
+    model = vitrim.create(cfg, seed=seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model.eval()
+
+
+@pytest.fixture
+def data_dir(tmp_path):
+    write_idx_dir(tmp_path / "data", n_train=200, n_test=16, size=16)
+    return tmp_path / "data"
+
+
+def test_joint_target_and_grid_checks():
+    assert parse_joint_target("latency=0.15") == ("latency", 0.15)
+    for bad, message in (("speed=0.5", "must look like"), ("latency=2", r"\(0, 1\]"), ("flops=x", "not a number"),
+                         ("latency", "must look like")):
+        with pytest.raises(ConfigError, match=message):
+            parse_joint_target(bad)
+    with pytest.raises(ConfigError, match="unknown precision"):
+        JointConfig(precisions=("fp32", "int3"))
+    with pytest.raises(ConfigError, match="keeps must be ratios"):
+        JointConfig(keeps=(1.0, 1.5))
+    with pytest.raises(ConfigError, match="prune_loss"):
+        JointConfig(prune_loss="guess")
+    assert resolve_layers(None, 12) == (4, 8) and resolve_layers("early", 12) == (1, 4, 7, 10)
+    with pytest.raises(ConfigError, match="between 0 and 3"):
+        resolve_layers((5,), 4)
+
+
+def test_rank_keeps_the_budget_and_minimises_the_summed_loss():
+    def cand(loss_prune, loss_tokens, loss_quant, cost):
+        return Candidate(0.5, 0.7, (1,), "fp32", loss_prune, loss_tokens, loss_quant, cost)
+
+    over = cand(0.0, 0.0, 0.0, 0.31)  # the most accurate, but over the budget
+    best = cand(0.01, 0.02, 0.0, 0.29)
+    worse = cand(0.03, 0.0, 0.01, 0.10)
+    tie_cheaper = cand(0.02, 0.01, 0.0, 0.20)
+    ranked = rank([over, worse, best, tie_cheaper], 0.30)
+    assert over not in ranked
+    assert ranked == [tie_cheaper, best, worse]  # equal loss 0.03: the cheaper first
+    assert best.loss == pytest.approx(0.03)
+
+
+def test_flops_budget_is_met_by_the_chosen_combination(data_dir):
+    torch.set_num_threads(1)
+    model = small_model()
+    train = load_idx_dir(data_dir, "train", name="tiny")
+    cfg = JointConfig(target="flops=0.4", prune_ratios=(1.0, 0.8, 0.6, 0.4), keeps=(1.0, 0.7, 0.5),
+                      layer_sets=(None, (0,)), precisions=("fp32",), calib=64, eval_images=96)
+    plan = plan_joint(model, train, cfg, progress=False)
+    assert plan.met and plan.chosen.predicted <= 0.4
+    inside = [plan.chosen, *plan.runner_ups]
+    assert all(c.predicted <= 0.4 for c in inside)
+    assert [c.loss for c in inside] == sorted(c.loss for c in inside)
+    # the token curve was measured (not assumed): keep 0.5 changes the calibration loss
+    assert any(abs(t["loss"]) > 0 for t in plan.curves["tokens"] if t["keep"] < 1)
+    assert plan.curves["prune"]["1.0"] == 0.0 and plan.curves["prune"]["0.4"] != 0.0
+
+
+def test_cli_compress_with_a_joint_latency_budget(capsys, tmp_path, data_dir):
+    torch.set_num_threads(1)
+    vitrim.save(small_model(), tmp_path / "m")
+    out = tmp_path / "c"
+    code, stdout, err = run(capsys, "compress", str(tmp_path / "m"), "--data", f"idx:{data_dir}",
+                            "--target", "latency=0.9", "--prune-ratios", "1,0.6,0.3", "--keeps", "1,0.6",
+                            "--precisions", "fp32,w8-dynamic", "--joint-calib", "48", "--joint-eval", "64",
+                            "--prune-calib", "48", "--calib", "16", "--runs", "3", "--threads", "1",
+                            "--out", str(out), "--json")
+    assert code == 0, err
+    report = json.loads(stdout)
+    joint = report["joint"]
+    chosen = joint["chosen"]
+    assert chosen["measured"] is not None  # the choice was built and timed, not only predicted
+    assert joint["met"] == (chosen["measured"] <= 0.9)
+    assert chosen["loss"] == pytest.approx(chosen["loss_prune"] + chosen["loss_tokens"] + chosen["loss_quant"])
+    # the pipeline ran the chosen levers
+    assert report["config"]["prune"] == (None if chosen["prune_ratio"] >= 1 else f"flops={chosen['prune_ratio']:g}")
+    assert report["config"]["quant"] == (None if chosen["precision"] == "fp32" else chosen["precision"])
+    text = (out / "report.md").read_text()
+    assert "Joint choice for latency=0.9" in text and "chosen" in text
+
+
+def test_cli_target_refuses_fixed_levers_and_bad_budgets_before_any_work(capsys, tmp_path, data_dir):
+    vitrim.save(small_model(), tmp_path / "m")
+    for extra, message in ((["--prune", "flops=0.6"], "drop --prune"), (["--layers", "1"], "drop --layers"),
+                           (["--target", "speed=0.3"], "must look like latency=0.15"),
+                           (["--keeps", "1,2"], "keeps must be ratios"),
+                           (["--joint-eval", "5000"], "joint search images")):
+        args = ["--target", "latency=0.3"] if "--target" not in extra else []
+        code, _, err = run(capsys, "compress", str(tmp_path / "m"), "--data", f"idx:{data_dir}",
+                           "--prune-calib", "48", "--calib", "16", "--joint-calib", "48", "--joint-eval", "64",
+                           "--out", str(tmp_path / "c"), *args, *extra)
+        assert code == 2 and message in err and err.count("\n") == 1, (extra, err)
+        assert not (tmp_path / "c").exists()
+
+
+def test_flops_target_keeps_the_given_precision():
+    cfg = CompressConfig(target="flops=0.3", quant="w8a8")
+    assert cfg.joint.precisions == ("w8a8",) and cfg.joint.ratio == 0.3
+    assert CompressConfig(target="flops=0.3", quant=None).joint.precisions == ("fp32",)
