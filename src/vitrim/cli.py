@@ -19,6 +19,7 @@ from vitrim.cli_common import (Parser, add_data_args, add_device, add_json, add_
                                default_of, emit, keep_range, load_data_for, non_negative_float, number, parse_floats, parse_ints,
                                positive_float, positive_int, resolve_model, resolve_runnable, seed_int,
                                train_and_test, unit_float)
+from vitrim.cli_common import TOKENS_TRAIN_KEEP, training_model
 from vitrim.cli_common import threads as _threads
 from vitrim.distributed import barrier, is_main, main_lock
 from vitrim.errors import ConfigError, VitrimError
@@ -47,8 +48,12 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from vitrim.adapters import head_kind
     from vitrim.adapters.native import NativeModel
     from vitrim.bench import evaluate
+    from vitrim.cli_dense import cmd_eval_dense, is_coco, refuse_dense
 
+    if is_coco(args.data):
+        return cmd_eval_dense(args)
     model, _ = resolve_runnable(args)
+    refuse_dense(model, args)
     family = model.family if isinstance(model, NativeModel) else "vitrim"
     if isinstance(model, NativeModel) and head_kind(model.model) != "classifier":
         raise ConfigError(f"{args.model} is a {type(model.model).__name__} without a classifier; eval needs "
@@ -83,6 +88,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
     """``vitrim bench``: params, FLOPs, latency and memory of one or more models, timed interleaved."""
     from vitrim.bench.any_model import measure_all
     from vitrim.bench.latency import choose_threads, unstable_warning
+    from vitrim.cli_dense import bench_models, dense_figures
     from vitrim.report import format_table
 
     specs = args.model if isinstance(args.model, list) else [args.model]
@@ -94,10 +100,12 @@ def cmd_bench(args: argparse.Namespace) -> None:
         models[spec], weights[spec] = resolve_runnable(
             argparse.Namespace(**{**vars(args), "model": spec, "threads": choice.threads}), allow_random=True)
     batches = args.batch or DEFAULT_BATCHES
+    models = bench_models(models, args)  # --backbone: dense models' backbones alone
     results = measure_all(models, batches, threads=choice, runs=args.runs, device=args.device)  # interleaved
     for spec in specs:
         results[spec].update(model=spec, weights=weights[spec])
-    text = "\n\n".join(bench_text(spec, results[spec]) for spec in specs)
+    notes = dense_figures(models, results)  # dense models: whole-model FLOPs
+    text = "\n\n".join(bench_text(spec, results[spec]) for spec in specs) + notes
     if len(specs) > 1:
         rows = [[spec] + [f"{results[spec]['latency'][str(b)]['speedup']:.2f}x" for b in batches] for spec in specs]
         text += f"\n\nspeed-up against {specs[0]} (timed interleaved)\n" + \
@@ -127,10 +135,13 @@ def cmd_analyze(args: argparse.Namespace) -> None:
 def cmd_train(args: argparse.Namespace) -> None:
     """``vitrim train``: train (or distil, or fine-tune for tokens / iret) and save the model."""
     import vitrim
+    from vitrim.cli_dense import cmd_train_dense, is_coco
     from vitrim.fsutil import check_output_dir
     from vitrim.train import TrainConfig, fit
     from vitrim.train.loop import CHECKPOINT_DIR, check_teacher
 
+    if args.task or is_coco(args.data):
+        return cmd_train_dense(args)
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, min_lr=args.min_lr,
                       weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs,
                       label_smoothing=args.label_smoothing, augment="none" if args.no_augment else args.augment,
@@ -165,46 +176,10 @@ def cmd_train(args: argparse.Namespace) -> None:
           + (f", test accuracy {final['test_accuracy'] * 100:.2f}%" if "test_accuracy" in final else "") + ")")
 
 
-def training_model(args: argparse.Namespace) -> Any:
-    """The model ``vitrim train`` starts from: a fresh preset, or ``--init``'s weights; for
-    ``--arch iret``, the incremental-resolution ViT built from that ViT."""
-    import vitrim
-
-    if args.init:
-        model = resolve_model(args.init)[0]
-    else:
-        model = vitrim.create(args.model)
-        if args.drop_path is not None:
-            model = vitrim.create(model.config.replace(drop_path_rate=args.drop_path), seed=args.seed)
-    if args.image_size is not None and args.image_size != model.config.image_size:
-        from vitrim.models.resize import with_image_size
-
-        model = with_image_size(model, args.image_size)
-        args.resize = True  # the data follows the model's new input size
-    if args.arch == "vit":
-        return model
-    if args.arch == "tokens":
-        from vitrim.tokens import TokenReducedViT
-
-        if not args.init:
-            raise ConfigError("--arch tokens fine-tunes a trained model for token reduction; pass --init MODEL")
-        return TokenReducedViT(model, args.token_method, layers=args.layers,
-                               train_keep=tuple(args.train_keep or TOKENS_TRAIN_KEEP), sandwich=args.sandwich)
-    from vitrim.iret import IretOptions, incremental_from_vit
-
-    options = IretOptions(detail_layer=args.detail_layer, kernel=args.lifting_kernel,
-                          learnable=args.lifting == "learned",
-                          train_keep=tuple(args.train_keep or default_of(IretOptions, "train_keep")),
-                          detail_mixer=args.detail_mixer, sandwich=args.sandwich)
-    return incremental_from_vit(model, options)
-
-
-TOKENS_TRAIN_KEEP = (0.5, 1.0)  # `train --arch tokens`: the keep range each training batch draws from
-
-
 def cmd_prune(args: argparse.Namespace) -> None:
     """``vitrim prune``: prune a model in its own family, report dense vs pruned, save it."""
     from vitrim.adapters.sources import load_model
+    from vitrim.cli_dense import is_coco, is_dense, prune_dense_into
     from vitrim.fsutil import check_output_dir
     from vitrim.prune import PruneConfig
 
@@ -217,6 +192,8 @@ def cmd_prune(args: argparse.Namespace) -> None:
     loaded = load_model(name, pretrained=args.pretrained, allow_random=True)
     out = check_output_dir(args.out or f"runs/{loaded.spec.stem}-{cfg.metric}{cfg.ratio:g}", "--out directory")
     with main_lock(out):  # a second run to the same --out is refused now, not after its work
+        if is_coco(args.data) or is_dense(loaded.model):
+            return prune_dense_into(args, cfg, name, loaded.model, out)
         _prune_into(args, cfg, name, loaded, out)
 
 
@@ -294,7 +271,8 @@ def cmd_compress(args: argparse.Namespace) -> None:
                          tokens=_none(args.tokens), token_method=args.token_method,
                          token_layers=tuple(args.layers) if args.layers else None,
                          quant=_none(args.quant), calib=args.calib,
-                         calib_method=args.calib_method, threads=args.threads, runs=args.runs)
+                         calib_method=args.calib_method, threads=args.threads, runs=args.runs,
+                         target=args.target, joint=joint_config(args))
     name = args.model or DEFAULT_MODEL
     model, _ = resolve_model(name, pretrained=args.pretrained)
     train_set, test_set = train_and_test(model, args)
@@ -306,6 +284,25 @@ def cmd_compress(args: argparse.Namespace) -> None:
                           device=args.device)
     report["command"] = command_line(args)
     emit(args, report, f"{stage_table(report)}\n\nartefacts and report.{{json,md,png}} in {out}")
+
+
+def joint_config(args: argparse.Namespace) -> Any:
+    """``compress --target``'s search settings; ``None`` without a target. The levers it chooses
+    cannot also be given."""
+    from vitrim.compress import CompressConfig
+    from vitrim.joint import JointConfig
+
+    if args.target is None:
+        return None
+    defaults = {"prune": _or_none(default_of(CompressConfig, "prune")),
+                "tokens": _or_none(default_of(CompressConfig, "tokens")), "layers": None}
+    fixed = [f"--{name}" for name, value in defaults.items() if getattr(args, name) != value]
+    if fixed:
+        raise ConfigError(f"--target chooses the pruning ratio, the token setting and the precision; drop "
+                          f"{', '.join(fixed)} (narrow the choice with --prune-ratios, --keeps, --precisions)")
+    grids = {name: getattr(args, name) for name in ("prune_ratios", "keeps", "precisions") if getattr(args, name)}
+    return JointConfig(target=args.target, prune_loss=args.prune_loss, eval_images=args.joint_eval,
+                       calib=args.joint_calib, batch=args.joint_batch, verify=args.joint_verify, **grids)
 
 
 def _none(text: str | None) -> str | None:
@@ -332,12 +329,15 @@ def _model_arg(p: argparse.ArgumentParser, optional: bool = False, extra: str = 
 def add_eval_parser(sub: Any) -> None:
     """The ``eval`` sub-command."""
     from vitrim.bench.accuracy import evaluate
+    from vitrim.cli_dense import add_coco_args
 
     p = sub.add_parser("eval", help="top-1 accuracy and loss on a dataset")
     _model_arg(p)
     add_data_args(p, "evaluate on the first N images only")
-    p.add_argument("--split", default="test", choices=["train", "test"])
+    p.add_argument("--split", default="test", choices=["train", "test"],
+                   help="with --data coco:DIR, test is the val split (default: test)")
     p.add_argument("--batch-size", type=positive_int, default=default_of(evaluate, "batch_size"))
+    add_coco_args(p)
     add_threads(p)
     add_device(p)
     add_json(p)
@@ -349,6 +349,7 @@ def add_eval_parser(sub: Any) -> None:
 def add_bench_parsers(sub: Any) -> None:
     """The ``bench`` and ``analyze`` sub-commands."""
     from vitrim.bench import analyze, measure
+    from vitrim.cli_dense import add_bench_args
 
     runs = default_of(measure, "runs")
     p = sub.add_parser("bench", help="params, FLOPs, latency and memory")
@@ -357,6 +358,7 @@ def add_bench_parsers(sub: Any) -> None:
     p.add_argument("--batch", type=positive_int, action="append",
                    help=f"batch size (repeatable; default {' and '.join(map(str, DEFAULT_BATCHES))})")
     p.add_argument("--runs", type=positive_int, default=runs, help="timed runs per batch size (median reported)")
+    add_bench_args(p)
     add_threads(p)
     add_device(p)
     add_json(p)
@@ -383,6 +385,7 @@ def _spec_help() -> str:
 def add_prune_parser(sub: Any) -> None:
     """The ``prune`` sub-command; its defaults are :class:`~vitrim.prune.PruneConfig`'s."""
     from vitrim.bench import measure
+    from vitrim.cli_dense import add_coco_args
     from vitrim.prune.api import OBJECTIVES, RECOVERY, PruneConfig
     from vitrim.prune.saliency import METHODS
     from vitrim.prune.search import STRUCTURES
@@ -420,18 +423,25 @@ def add_prune_parser(sub: Any) -> None:
     p.add_argument("--calib", type=positive_int, default=d("calib_images"),
                    help="calibration images (from the train split)")
     p.add_argument("--steps", type=positive_int, default=d("steps"), help="pruning steps, saliency re-estimated between")
-    p.add_argument("--round-to", type=positive_int, default=d("round_to"), help="kept dims are multiples of this")
+    p.add_argument("--round-to", type=round_to_arg, default=d("round_to"),
+                   help="kept dims are multiples of this; auto: the multiple this device's kernels like, measured")
     p.add_argument("--seed", type=seed_int, default=d("seed"))
     add_data_args(p, "evaluate on the first N test images only", random=True)
     p.add_argument("--no-eval", action="store_true", help="skip the accuracy evaluation")
     p.add_argument("--runs", type=positive_int, default=default_of(measure, "runs"),
                    help="timed runs per latency measurement")
     p.add_argument("--out", default=None, help="output directory (default runs/MODEL-METRICRATIO)")
+    add_coco_args(p)
     add_threads(p)
     add_device(p)
     add_json(p, "print the report as JSON")
     add_pretrained(p)
     p.set_defaults(func=cmd_prune)
+
+
+def round_to_arg(text: str) -> int | str:
+    """``--round-to``: a positive integer, or ``auto``."""
+    return "auto" if text == "auto" else positive_int(text)
 
 
 def add_tokens_parser(sub: Any) -> None:
@@ -491,6 +501,7 @@ def add_compress_parser(sub: Any) -> None:
     p.add_argument("--calib-method", choices=list(CALIBRATORS), default=d("calib_method"))
     add_data_args(p, "evaluate on the first N test images only")
     p.add_argument("--runs", type=positive_int, default=d("runs"))
+    add_joint_args(p)
     p.add_argument("--out", default=None, help="output directory (default runs/MODEL-compressed)")
     add_threads(p)
     add_device(p)
@@ -499,8 +510,42 @@ def add_compress_parser(sub: Any) -> None:
     p.set_defaults(func=cmd_compress)
 
 
+def add_joint_args(p: argparse.ArgumentParser) -> None:
+    """``compress --target`` and the grids its joint search chooses from."""
+    from vitrim.joint import PRUNE_LOSSES, JointConfig
+
+    def d(name: str) -> Any:
+        return default_of(JointConfig, name)
+
+    def floats(text: str) -> tuple[float, ...]:
+        return tuple(float(v) for v in text.split(",") if v.strip())
+
+    p.add_argument("--target", default=None,
+                   help="one budget for all three levers: latency=R (of dense torch fp32 eager, measured here) "
+                        "or flops=R; chooses the pruning ratio, the token keep ratio and layers, and the "
+                        "precision together (then --prune/--tokens/--layers are not given; with flops= the "
+                        "precision is --quant)")
+    p.add_argument("--prune-ratios", type=floats, default=None,
+                   help=f"FLOPs ratios the joint search may prune to (default: {','.join(map(str, d('prune_ratios')))})")
+    p.add_argument("--keeps", type=floats, default=None,
+                   help=f"token keep ratios it may use (default: {','.join(map(str, d('keeps')))})")
+    p.add_argument("--precisions", type=lambda t: tuple(v.strip() for v in t.split(",") if v.strip()),
+                   default=None, help=f"precisions it may use (default: {','.join(d('precisions'))})")
+    p.add_argument("--prune-loss", choices=list(PRUNE_LOSSES), default=d("prune_loss"),
+                   help="measured: each dimension plan's held-out loss after reconstruction; fisher: its Fisher "
+                        "estimate (faster, underestimates)")
+    p.add_argument("--joint-calib", type=positive_int, default=d("calib"),
+                   help="training images for the joint search's saliency, reconstruction and calibration")
+    p.add_argument("--joint-eval", type=positive_int, default=d("eval_images"),
+                   help="other training images its loss curves are measured on")
+    p.add_argument("--joint-batch", type=positive_int, default=d("batch"), help="batch size the latency budget is for")
+    p.add_argument("--joint-verify", type=positive_int, default=d("verify"),
+                   help="best predicted settings built and timed against dense, until one meets the budget")
+
+
 def add_train_parser(sub: Any) -> None:
     """The ``train`` sub-command; the iret defaults are :class:`~vitrim.iret.IretOptions`'s."""
+    from vitrim.cli_dense import add_coco_args
     from vitrim.iret import IretOptions
     from vitrim.tokens.model import METHODS as TOKEN_METHODS
 
@@ -541,6 +586,7 @@ def add_train_parser(sub: Any) -> None:
                         "the data resized to it, a teacher fed its own size (e.g. 56 for fmnist-vit at 197 tokens)")
     p.add_argument("--no-eval", action="store_true", help="skip the test-set evaluation after each epoch")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
+    add_coco_args(p, task=True)
     add_threads(p)
     add_device(p)
     p.set_defaults(func=cmd_train)
@@ -578,6 +624,7 @@ def add_recipe_args(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """The ``vitrim`` parser with every sub-command."""
     from vitrim import __version__
+    from vitrim.cli_dense import add_synthetic_parser
     from vitrim.quant.cli import register as register_quant
 
     parser = Parser(prog="vitrim", description="Make Vision Transformers smaller and faster.")
@@ -585,7 +632,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sub.add_parser("models", help="list the model presets").set_defaults(func=cmd_models)
     for add in (add_eval_parser, add_bench_parsers, add_prune_parser, add_tokens_parser, add_compress_parser,
-                add_train_parser, register_quant):
+                add_train_parser, add_synthetic_parser, register_quant):
         add(sub)
     for command in sub.choices.values():
         command.add_argument("--verbose", action="store_true",

@@ -18,7 +18,8 @@ from typing import Any
 
 from vitrim.errors import ConfigError, DataError
 
-DATA_KINDS = "fashion-mnist | idx:DIR (MNIST-format IDX files) | folder:DIR (class sub-folders)"
+DATA_KINDS = ("fashion-mnist | idx:DIR (MNIST-format IDX files) | folder:DIR (class sub-folders) | coco:DIR "
+              "(COCO-format boxes and masks, for dense models: vitrim train --task)")
 
 
 class DefaultsFormatter(argparse.HelpFormatter):
@@ -348,3 +349,41 @@ def data_for_family(model: Any, args: argparse.Namespace, split: str, family: st
         hint = FAMILY_DATA_HINT + (", or --data random (random images labelled by the model itself, for speed "
                                    "checks)" if args.command == "prune" else "")
         raise DataError(f"{exc}. {hint}") from None
+
+
+def training_model(args: argparse.Namespace) -> Any:
+    """The model ``vitrim train`` starts from: a fresh preset, or ``--init``'s weights; for
+    ``--arch iret``, the incremental-resolution ViT built from that ViT."""
+    import vitrim
+
+    if args.init:
+        model = resolve_model(args.init)[0]
+    else:
+        model = vitrim.create(args.model)
+        if args.drop_path is not None:
+            model = vitrim.create(model.config.replace(drop_path_rate=args.drop_path), seed=args.seed)
+    if args.image_size is not None and args.image_size != model.config.image_size:
+        from vitrim.models.resize import with_image_size
+
+        model = with_image_size(model, args.image_size)
+        args.resize = True  # the data follows the model's new input size
+    if args.arch == "vit":
+        return model
+    if args.arch == "tokens":
+        from vitrim.tokens import TokenReducedViT
+
+        if not args.init:
+            raise ConfigError("--arch tokens fine-tunes a trained model for token reduction; pass --init MODEL")
+        return TokenReducedViT(model, args.token_method, layers=args.layers,
+                               train_keep=tuple(args.train_keep or TOKENS_TRAIN_KEEP), sandwich=args.sandwich)
+    from vitrim.iret import IretOptions, incremental_from_vit
+
+    options = IretOptions(detail_layer=args.detail_layer, kernel=args.lifting_kernel,
+                          learnable=args.lifting == "learned",
+                          train_keep=tuple(args.train_keep or default_of(IretOptions, "train_keep")),
+                          detail_mixer=args.detail_mixer, sandwich=args.sandwich)
+    return incremental_from_vit(model, options)
+
+
+
+TOKENS_TRAIN_KEEP = (0.5, 1.0)  # `train --arch tokens`: the keep range each training batch draws from

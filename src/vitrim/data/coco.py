@@ -15,7 +15,7 @@ crowd annotations and images without annotations are skipped and counted, as COC
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +56,11 @@ class DenseSet:
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
+
+    def subset(self, count: int) -> "DenseSet":
+        """The first ``count`` images with their targets."""
+        return replace(self, images=self.images[:count], targets=self.targets[:count],
+                       semantic=self.semantic[:count])
 
 
 # --- writing a synthetic set ----------------------------------------------------------------
@@ -155,6 +160,35 @@ def write_synthetic_coco(out_dir: str | Path, source: Any, *, train: int = 2000,
 
 
 # --- reading ----------------------------------------------------------------------------------
+
+SPLIT_NAMES = {"train": ("train", "train2017"), "val": ("val", "val2017")}
+
+
+def find_split(root: str | Path, kind: str, name: str | None = None) -> str:
+    """The split of ``root`` to use as ``kind`` (``train`` or ``val``): ``name`` if given, else
+    ``train``/``train2017`` (``val``/``val2017``), whichever has its annotations file."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"COCO directory {root} does not exist; write one with `vitrim coco-synthetic --out {root}` "
+                        f"or point coco:DIR at DIR/annotations/instances_<split>.json")
+    candidates = (name,) if name else SPLIT_NAMES[kind]
+    for split in candidates:
+        if (root / "annotations" / f"instances_{split}.json").is_file():
+            return split
+    wanted = " or ".join(f"annotations/instances_{s}.json" for s in candidates)
+    raise DataError(f"{root} has no {wanted}; a COCO split is annotations/instances_<split>.json beside a "
+                    f"<split>/ folder of images" + ("" if name else f" (name another split with --{kind}-split)"))
+
+
+def split_image_size(root: str | Path, split: str) -> int | None:
+    """The one square size of every image of ``split``, or None when the sizes differ."""
+    data = _read_annotations(Path(root) / "annotations" / f"instances_{split}.json")
+    sizes = {(im["width"], im["height"]) for im in data["images"]}
+    if len(sizes) != 1:
+        return None
+    width, height = sizes.pop()
+    return int(width) if width == height and isinstance(width, int) else None
+
 
 def _read_annotations(path: Path) -> dict[str, Any]:
     fix = "a COCO split is annotations/instances_<split>.json beside a <split>/ folder of images"

@@ -149,7 +149,8 @@ def probe_ms(table: LatencyTable, device: torch.device | None = None, runs: int 
     key = table.key
     sub = ViTConfig(image_size=key["patch"], patch_size=key["patch"], in_chans=key["in_chans"],
                     num_classes=key["classes"], embed_dim=key["embed"],
-                    blocks=[{"heads": 1, "qk_dim": 1, "v_dim": 1, "mlp_dim": 1}])
+                    blocks=[{"heads": 1, "qk_dim": 1, "v_dim": 1, "mlp_dim": 1}],
+                    mean=(0.5,) * key["in_chans"], std=(0.25,) * key["in_chans"])
     x = torch.randn(key["batch"], key["tokens"], key["embed"], device=device)
     out = {}
     with fixed_threads(key["threads"]), torch.inference_mode():
