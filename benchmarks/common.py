@@ -42,6 +42,7 @@ def load_reference(model_name: str, threads: int, eval_limit: int | None):
     test = load_dataset("fashion-mnist", "test")
     if eval_limit:
         test = test.subset(eval_limit)
+    test = test.resized(dense.config.image_size)  # 56x56 for fmnist-vit-197
     return dense, test, vitrim.evaluate(dense, test)["accuracy"]
 
 

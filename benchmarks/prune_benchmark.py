@@ -159,7 +159,7 @@ def main() -> None:
     parser.add_argument("--name", default="prune_benchmark")
     args = parser.parse_args()
     dense, test, dense_acc = load_reference(args.model, args.threads, args.eval_limit)
-    train = load_dataset("fashion-mnist", "train")
+    train = load_dataset("fashion-mnist", "train").resized(dense.config.image_size)
     dense_cost = model_cost(dense.config)
     rows: list[dict[str, Any]] = []
     for ratio in args.targets:

@@ -51,7 +51,7 @@ def timed(reference: Any, model: Any, args: argparse.Namespace, batches: list[in
 
 def reference_rows(args: argparse.Namespace, work: Path) -> tuple[list[dict[str, Any]], float, int]:
     dense, test, dense_acc = load_reference(args.model, args.threads, args.eval_limit)
-    calib = load_dataset("fashion-mnist", "train").subset(args.calib)
+    calib = load_dataset("fashion-mnist", "train").subset(args.calib).resized(dense.config.image_size)
     fp32 = export(dense, work / "fp32.onnx", threads=args.threads)
     ort_fp32 = OnnxModel(fp32.path, threads=args.threads)
     rows: list[dict[str, Any]] = []
@@ -92,7 +92,7 @@ def reference_rows(args: argparse.Namespace, work: Path) -> tuple[list[dict[str,
 
 
 def compress_row(dense: Any, test: Any, args: argparse.Namespace, out: Path) -> dict[str, Any]:
-    train = load_dataset("fashion-mnist", "train")
+    train = load_dataset("fashion-mnist", "train").resized(dense.config.image_size)
     cfg = CompressConfig(prune=args.compress_prune, prune_calib=args.prune_calib, tokens=args.compress_tokens,
                          quant="w8a8", calib=args.calib, calib_method="blockwise", threads=args.threads, runs=args.runs)
     report = compress(dense, train, test, cfg, out, progress=False)

@@ -147,6 +147,8 @@ def main() -> None:
     parser.add_argument("--tuned", nargs="*", default=[], help="directories of models fine-tuned for a reduction")
     parser.add_argument("--iret-only", action="store_true",
                         help="sweep only the --iret and --tuned models, not the training-free methods")
+    parser.add_argument("--curves", nargs="*", default=None,
+                        help="sweep only the curves whose label contains one of these words (e.g. static)")
     parser.add_argument("--eval-limit", type=int, default=None)
     parser.add_argument("--runs", type=int, default=40, help="timed runs per model at batch 1 (batch 64: half)")
     parser.add_argument("--threads", type=int, default=2)
@@ -160,6 +162,8 @@ def main() -> None:
     rows = []
     for label, model, knob, values in sweeps(dense, args.iret, args.tuned, args.layers, args.merge_layers,
                                              not args.iret_only):
+        if args.curves and not any(word in label for word in args.curves):
+            continue
         for value in values:
             setattr(model, knob, value)
             row = {"label": label, "knob": knob, "value": value,

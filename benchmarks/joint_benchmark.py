@@ -1,0 +1,160 @@
+"""One budget over dimensions, tokens and bits (``vitrim compress --target latency=R``) against the
+best *sequential* choice at the same latency targets, on one machine, in one process.
+
+Joint: :func:`vitrim.joint.measure_levers` once (Fisher plans + reconstructed loss per pruning
+ratio, token loss curve, quantization error per scheme, latency of every setting), then
+:func:`vitrim.joint.choose` per target. Sequential: for every pruning ratio x on the grid, prune
+to x, take the largest token keep ratio that fits the target after int8 (w8a8), over the grid;
+the best of those by test accuracy is the sequential baseline (an oracle over x: it reads the
+test set, which the joint search never does). Both build their settings with the same functions
+(``vitrim.prune`` 3 steps + reconstruct, static merging, ONNX Runtime quantization) and are timed
+together, interleaved with dense torch fp32 eager, at the budget's batch size.
+
+    python benchmarks/joint_benchmark.py --model fmnist-vit-197 --targets 0.5 0.3 0.15
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import environment, load_reference, write_results  # noqa: E402
+
+import vitrim  # noqa: E402
+from vitrim.bench.latency import interleaved_latency  # noqa: E402
+from vitrim.data import load_dataset  # noqa: E402
+from vitrim.joint import FP32, JointConfig, choose, measure_levers, plan_table, resolve_layers  # noqa: E402
+
+
+class Builder:
+    """Builds (and caches) settings as they run: pruned models per ratio, then tokens and bits."""
+
+    def __init__(self, dense: Any, train: Any, test: Any, work: Path, args: argparse.Namespace) -> None:
+        self.dense, self.train, self.test, self.work, self.args = dense, train, test, work, args
+        self.pruned: dict[float, Any] = {}
+        self.built: dict[tuple, dict[str, Any]] = {}
+
+    def prune(self, ratio: float) -> Any:
+        if ratio >= 1:
+            return self.dense
+        if ratio not in self.pruned:
+            result = vitrim.prune(self.dense, f"flops={ratio:g}", self.train, recover="reconstruct",
+                                  calib_images=self.args.prune_calib, progress=False)
+            self.pruned[ratio] = result.model.eval()
+        return self.pruned[ratio]
+
+    def build(self, ratio: float, keep: float, layers: tuple[int, ...], precision: str) -> dict[str, Any]:
+        key = (ratio, keep, layers if keep < 1 else (), precision)
+        if key not in self.built:
+            from vitrim.quant import OnnxModel, quantize
+            from vitrim.tokens import reduce_tokens
+
+            net = self.prune(ratio)
+            if keep < 1:
+                net = reduce_tokens(net, self.args.token_method, layers=layers, keep=keep)
+            if precision != FP32:
+                path = self.work / f"m{len(self.built)}-{precision}.onnx"
+                calib = self.train.subset(self.args.calib) if precision == "w8a8" else None
+                net = OnnxModel(quantize(net, path, precision, calib=calib, threads=self.args.threads).path,
+                                threads=self.args.threads)
+            accuracy = vitrim.evaluate(net, self.test)["accuracy"]
+            self.built[key] = {"runner": net, "accuracy": accuracy, "prune_ratio": ratio, "keep": keep,
+                               "layers": list(layers) if keep < 1 else [], "precision": precision}
+        return self.built[key]
+
+
+def sequential(levers: Any, target: float, builder: Builder, layers: tuple[int, ...], scheme: str) -> list[dict]:
+    """For each pruning ratio: the largest keep predicted to fit ``target`` after ``scheme``."""
+    rows = []
+    for ratio in sorted(levers.plans, reverse=True):
+        fits = [c for c in levers.candidates if c.prune_ratio == ratio and c.precision == scheme
+                and (c.keep >= 1 or c.layers == layers) and c.predicted <= target]
+        if fits:
+            best = max(fits, key=lambda c: c.keep)
+            rows.append(builder.build(ratio, best.keep, best.layers, scheme))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="fmnist-vit-197")
+    parser.add_argument("--targets", type=float, nargs="+", default=[0.5, 0.3, 0.15])
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--prune-ratios", type=float, nargs="+", default=[1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3])
+    parser.add_argument("--keeps", type=float, nargs="+", default=[1.0, 0.9, 0.8, 0.7, 0.6, 0.5])
+    parser.add_argument("--precisions", nargs="+", default=["fp32", "w8a8", "w8-dynamic"])
+    parser.add_argument("--token-method", default="tome")
+    parser.add_argument("--prune-loss", default="measured")
+    parser.add_argument("--joint-calib", type=int, default=256)
+    parser.add_argument("--joint-eval", type=int, default=512)
+    parser.add_argument("--prune-calib", type=int, default=512)
+    parser.add_argument("--calib", type=int, default=128, help="w8a8 calibration images")
+    parser.add_argument("--eval-limit", type=int, default=2000)
+    parser.add_argument("--runs", type=int, default=30)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--name", default="joint_benchmark")
+    args = parser.parse_args()
+
+    dense, test, dense_acc = load_reference(args.model, args.threads, args.eval_limit)
+    train = load_dataset("fashion-mnist", "train").resized(dense.config.image_size)
+    cfg = JointConfig(target=f"latency={max(args.targets)}", prune_ratios=tuple(args.prune_ratios),
+                      keeps=tuple(args.keeps), precisions=tuple(args.precisions), token_method=args.token_method,
+                      prune_loss=args.prune_loss, calib=args.joint_calib, eval_images=args.joint_eval,
+                      batch=args.batch, runs=args.runs, threads=args.threads)
+    levers = measure_levers(dense, train, cfg, progress=False, log=print)
+    default_layers = resolve_layers(None, dense.config.depth)
+    results: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="vitrim-joint-bench-") as tmp:
+        builder = Builder(dense, train, test, Path(tmp), args)
+        for target in args.targets:
+            plan = choose(levers, target, log=print)
+            print(plan_table(plan))
+            c = plan.chosen
+            joint = builder.build(c.prune_ratio, c.keep, c.layers, c.precision)
+            seq = sequential(levers, target, builder, default_layers, "w8a8")
+            best = max(seq, key=lambda r: r["accuracy"]) if seq else None
+            results.append({"target": target, "plan": plan.to_dict(), "joint": joint, "sequential": seq,
+                            "best_sequential": best})
+        runners = {"dense": dense}
+        for key, entry in builder.built.items():
+            runners[str(key)] = entry["runner"]
+        timed = interleaved_latency(runners, [args.batch], threads=args.threads, runs=args.runs)
+        for key, entry in builder.built.items():
+            stats = timed[str(key)][args.batch]
+            entry["latency_ratio"] = stats["median_ms"] / timed["dense"][args.batch]["median_ms"]
+            entry["latency_ms"] = stats["median_ms"]
+            entry["stable"] = stats["stable"]
+        dense_ms = timed["dense"][args.batch]["median_ms"]
+    for entry in builder.built.values():
+        entry.pop("runner", None)
+    md = [f"# Joint budget vs best sequential: {args.model}", "",
+          f"Dense torch fp32 eager: {dense_acc * 100:.2f}% on {len(test)} test images, {dense_ms:.2f} ms at "
+          f"batch {args.batch}, {args.threads} threads. Command: `{environment()['command']}`", "",
+          "| target | choice | setting | accuracy | drop (pt) | measured latency | stable |", "|---|---|---|---|---|---|---|"]
+
+    def row(target: float, what: str, e: dict[str, Any]) -> str:
+        setting = (f"prune {e['prune_ratio']:g}, keep {e['keep']:g}"
+                   + (f" @{','.join(map(str, e['layers']))}" if e["layers"] else "") + f", {e['precision']}")
+        return (f"| {target:g} | {what} | {setting} | {e['accuracy'] * 100:.2f}% | "
+                f"{(dense_acc - e['accuracy']) * 100:.2f} | {e['latency_ratio']:.3f} | {e['stable']} |")
+
+    for r in results:
+        md.append(row(r["target"], "joint", r["joint"]))
+        if r["best_sequential"]:
+            md.append(row(r["target"], "best sequential", r["best_sequential"]))
+        for s in r["sequential"]:
+            if s is not r["best_sequential"]:
+                md.append(row(r["target"], "sequential", s))
+    data = {"environment": environment(), "model": args.model, "dense_accuracy": dense_acc, "dense_ms": dense_ms,
+            "eval_images": len(test), "results": results, "curves": levers.curves}
+    write_results(args.name, data, "\n".join(md) + "\n")
+    print("\n".join(md))
+
+
+if __name__ == "__main__":
+    main()
