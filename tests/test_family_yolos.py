@@ -40,6 +40,13 @@ def tiny(**overrides) -> torch.nn.Module:
     return model
 
 
+def assert_detects_like(canonical, expected, x, atol: float = 1e-6) -> None:
+    """``yolos.detect(canonical, x)`` gives the HF model's ``expected`` logits and boxes."""
+    logits, boxes = yolos.detect(canonical, x)
+    torch.testing.assert_close(logits, expected.logits, atol=atol, rtol=0)
+    torch.testing.assert_close(boxes, expected.pred_boxes, atol=atol, rtol=0)
+
+
 def max_diff(a, b) -> float:
     return max((a.logits - b.logits).abs().max().item(), (a.pred_boxes - b.pred_boxes).abs().max().item())
 
@@ -66,9 +73,7 @@ def test_conversion_is_exact_both_ways(overrides):
     assert family_of(model) == "hf-yolos" and canonical.config.reg_tokens == TOKENS
     with torch.no_grad():
         expected = model(x)
-        logits, boxes = yolos.detect(canonical, x)
-        torch.testing.assert_close(logits, expected.logits, atol=1e-6, rtol=0)
-        torch.testing.assert_close(boxes, expected.pred_boxes, atol=1e-6, rtol=0)
+        assert_detects_like(canonical, expected, x)
         back = yolos.from_canonical(canonical, hf_metadata(model))
         assert type(back) is type(model)
         assert max_diff(back(x), expected) == 0
@@ -95,9 +100,7 @@ def test_position_embeddings_are_resized_like_yolos():
     x = torch.randn(2, 3, 48, 48)
     with torch.no_grad():
         expected = model(x)
-        logits, boxes = yolos.detect(canonical, x)
-        torch.testing.assert_close(logits, expected.logits, atol=1e-6, rtol=0)
-        torch.testing.assert_close(boxes, expected.pred_boxes, atol=1e-6, rtol=0)
+        assert_detects_like(canonical, expected, x)
         back = yolos.from_canonical(canonical, hf_metadata(model))
         assert back.config.image_size == [IMAGE, IMAGE] and max_diff(back(x), expected) == 0
 

@@ -36,7 +36,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from vitrim.data.dataset import ImageSet
@@ -169,14 +168,11 @@ def resolve_layers(choice: Any, depth: int) -> Layers:
 
 # ---------------------------------------------------------------- the three loss curves
 
-def mean_loss(model: Any, batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> float:
-    """Mean cross-entropy of ``model`` over labelled ``batches``."""
-    total, count = 0.0, 0
-    with torch.inference_mode():
-        for x, y in batches:
-            total += float(F.cross_entropy(model(x).float(), y, reduction="sum"))
-            count += y.numel()
-    return total / count
+def mean_loss(model: Any, data: ImageSet) -> float:
+    """Mean cross-entropy of ``model`` on ``data``, resized to the model's input."""
+    from vitrim.bench.accuracy import evaluate
+
+    return evaluate(model, data, image_size=model.config.image_size)["loss"]
 
 
 def dimension_plans(model: VisionTransformer, calib: Sequence[tuple[torch.Tensor, torch.Tensor]],
@@ -201,7 +197,7 @@ def dimension_plans(model: VisionTransformer, calib: Sequence[tuple[torch.Tensor
 
 def measured_prune_losses(model: VisionTransformer, plans: dict[float, tuple[ViTConfig, Any, float]],
                           calib: Sequence[tuple[torch.Tensor, torch.Tensor]],
-                          held_out: Sequence[tuple[torch.Tensor, torch.Tensor]], base: float) -> dict[float, float]:
+                          held_out: ImageSet, base: float) -> dict[float, float]:
     """The held-out loss increase of each plan, sliced from the dense model and reconstructed."""
     from vitrim.prune.recover import reconstruct
     from vitrim.prune.surgery import slice_model
@@ -219,7 +215,7 @@ def measured_prune_losses(model: VisionTransformer, plans: dict[float, tuple[ViT
 
 
 def token_losses(model: VisionTransformer, method: str, keeps: Sequence[float], layer_sets: Sequence[Layers],
-                 held_out: Sequence[tuple[torch.Tensor, torch.Tensor]], base: float) -> dict[tuple[float, Layers], float]:
+                 held_out: ImageSet, base: float) -> dict[tuple[float, Layers], float]:
     """``{(keep, layers): loss increase}`` of the dense model with that static token reduction."""
     from vitrim.tokens import reduce_tokens
 
@@ -242,7 +238,7 @@ def quantized(model: nn.Module, scheme: str, calib: ImageSet, work: Path, thread
 
 
 def quant_losses(model: VisionTransformer, precisions: Sequence[str], calib: ImageSet,
-                 held_out: Sequence[tuple[torch.Tensor, torch.Tensor]], base: float, work: Path,
+                 held_out: ImageSet, base: float, work: Path,
                  threads: int | None) -> dict[str, float]:
     """``{scheme: loss increase}`` of the dense model quantized to each scheme (ONNX Runtime)."""
     losses = {FP32: 0.0}
@@ -311,9 +307,7 @@ def latency_ratios(plans: dict[float, Any], keeps: Sequence[float], layer_sets: 
         base = torch_ms[name][cfg.batch]["median_ms"] / dense_ms
         for p in precisions:
             out[(ratio, keep, layers, p)] = base * (1.0 if p == FP32 else factors[(ratio, p)])
-    grid = {"dense_ms": dense_ms, "torch_ratio": {k: torch_ms[n][cfg.batch]["median_ms"] / dense_ms
-                                                  for k, n in names.items()},
-            "ort_factor": factors}
+    grid = {"dense_ms": dense_ms, "ort_factor": factors}
     return out, grid
 
 
@@ -363,24 +357,23 @@ def measure_levers(model: VisionTransformer, train: ImageSet, cfg: JointConfig, 
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))
     calib_set, held_set = train.take(order[:cfg.calib]), train.take(order[cfg.calib:needed])
     calib = list(calib_set.batches(64, image_size=size))
-    held = list(held_set.batches(128, image_size=size))
     layer_sets = list(dict.fromkeys(resolve_layers(c, model.config.depth) for c in cfg.layer_sets))
     ratios = sorted(set(cfg.prune_ratios) | {1.0}, reverse=True)
     keeps = sorted(set(cfg.keeps) | {1.0}, reverse=True)
-    base = mean_loss(model, held)
+    base = mean_loss(model, held_set)
     log(f"joint search: dense calibration loss {base:.4f}; scoring dimensions")
     plans = dimension_plans(model, calib, ratios, cfg.round_to, progress)
     prune_loss = {r: p[2] for r, p in plans.items()}
     if cfg.prune_loss == "measured":
         log("joint search: reconstructing each dimension plan to measure its loss")
-        prune_loss = measured_prune_losses(model, plans, calib, held, base)
+        prune_loss = measured_prune_losses(model, plans, calib, held_set, base)
     log("joint search: token loss curve")
-    tokens = token_losses(model, cfg.token_method, keeps, layer_sets, held, base)
+    tokens = token_losses(model, cfg.token_method, keeps, layer_sets, held_set, base)
     precisions = list(dict.fromkeys(cfg.precisions if cfg.metric == "latency" else (cfg.precisions[0],)))
     with tempfile.TemporaryDirectory(prefix="vitrim-joint-") as tmp:
         work = Path(tmp)
         log("joint search: quantization error per scheme")
-        quant = quant_losses(model, precisions, calib_set, held, base, work, cfg.threads)
+        quant = quant_losses(model, precisions, calib_set, held_set, base, work, cfg.threads)
         if cfg.metric == "flops":
             image = next(held_set.batches(1, image_size=size))[0]
             flops = flops_ratios(plans, keeps, layer_sets, cfg.token_method, model, image)

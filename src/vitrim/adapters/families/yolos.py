@@ -440,7 +440,8 @@ FAMILY = register(Family(
     check_metadata=hf_metadata_check(check_config),
     head_kind=head_kind,
     prunable=PRUNABLE,
-    token_reduction="none (the detector's output is rebuilt only from the full sequence)",
+    token_reduction="drop, evit, tome on the canonical model, read with yolos.detect (detection tokens are never "
+                    "reduced)",
     onnx=False,
     hf_classes=(HF_CLASS,),
     hf_model_types=("yolos",),
