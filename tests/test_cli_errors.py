@@ -73,6 +73,9 @@ NUMBERS = [  # options that take numbers: words, NaN, infinities, out-of-range v
     (["bench", MODEL, "--batch", "-1"], "--batch"),
     (["eval", MODEL, "--data", DATA, "--batch-size", "x"], "--batch-size"),
     (["eval", MODEL, "--std", "0", "--mean", "0"], "--std"),
+    (["eval", MODEL, "--data", DATA, "--workers", "-1"], "--workers"),
+    (["train", "--out", "{root}/t", "--workers", "100000"], "--workers"),
+    (["quantize", MODEL, "--out", "{root}/q", "--workers", "two"], "--workers"),
 ]
 
 OPTIONS = [  # unknown options, choices and missing arguments

@@ -167,8 +167,9 @@ def test_world_2_checkpoint_resumes_in_one_process(two_ranks, capsys):
     assert "global batch 4 (4 per process x 1 process(es))" in log and "from step 10" in log
 
 
-def test_torchrun_eval_equals_one_process(tmp_path):
-    """``torchrun --nproc_per_node 2 -m vitrim eval`` prints the single-process figures (rank 0 only)."""
+@pytest.mark.parametrize("command", ["eval", "tokens"])
+def test_torchrun_eval_equals_one_process(tmp_path, command):
+    """``torchrun --nproc_per_node 2 -m vitrim eval|tokens`` prints the single-process accuracy (rank 0 only)."""
     import json
     import subprocess
     import sys
@@ -178,8 +179,8 @@ def test_torchrun_eval_equals_one_process(tmp_path):
 
     write_idx_dir(tmp_path / "data", n_train=8, n_test=TEST, size=8)
     vitrim.save(tiny_model(), tmp_path / "model")
-    argv = ["eval", str(tmp_path / "model"), "--data", f"idx:{tmp_path / 'data'}", "--batch-size", "4",
-            "--device", "cpu", "--json"]
+    argv = [command, str(tmp_path / "model"), "--data", f"idx:{tmp_path / 'data'}", "--device", "cpu", "--json"]
+    argv += ["--batch-size", "4"] if command == "eval" else ["--sweep", "1,0.5", "--batch", "1", "--runs", "3"]
     torchrun = Path(sys.executable).with_name("torchrun")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     done = subprocess.run([str(torchrun), "--nproc_per_node", str(WORLD), "--master_addr", "127.0.0.1",
@@ -189,5 +190,9 @@ def test_torchrun_eval_equals_one_process(tmp_path):
     single = subprocess.run([sys.executable, "-m", "vitrim", *argv], capture_output=True, text=True, env=env,
                             timeout=120)
     ours, theirs = json.loads(done.stdout), json.loads(single.stdout)  # printed once, by rank 0
+    if command == "tokens":
+        assert [r["accuracy"] for r in ours["rows"]] == [r["accuracy"] for r in theirs["rows"]]
+        assert all(r["latency"]["1"]["median_ms"] > 0 for r in ours["rows"])  # rank 0 timed them
+        return
     assert ours["count"] == theirs["count"] == TEST and ours["accuracy"] == theirs["accuracy"]
     assert ours["loss"] == pytest.approx(theirs["loss"], rel=1e-6)  # float32 batch sums, grouped otherwise

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import pytest
@@ -74,14 +75,37 @@ def test_flops_budget_is_met_by_the_chosen_combination(data_dir):
     # the token curve was measured (not assumed): keep 0.5 changes the calibration loss
     assert any(abs(t["loss"]) > 0 for t in plan.curves["tokens"] if t["keep"] < 1)
     assert plan.curves["prune"]["1.0"] == 0.0 and plan.curves["prune"]["0.4"] != 0.0
+    # the plan that was costed is the one a pipeline builds: applied as is, then reconstructed
+    ratio = max(r for r in cfg.prune_ratios if r < 1)
+    searched = plan_joint(model, train, dataclasses.replace(cfg, prune_ratios=(ratio,), keeps=(1.0,)),
+                          progress=False).dimension_plan
+    result = vitrim.prune(model, f"flops={ratio}", train, plan=searched, recover="reconstruct", calib_images=32,
+                          progress=False)
+    assert result.model.config == searched.pruned_config(model.config)
+    assert result.steps == [{"step": 1, "kept_ratio": result.kept_ratio, "removed": {}, "plan": "given"}]
+    with pytest.raises(ConfigError, match="the given plan removes .*search the plan with those structures"):
+        vitrim.prune(model, "flops=0.5", train, plan=searched, structures=("attn_layer",))
+    with pytest.raises(ConfigError, match="plan has 3 blocks but the model has 4"):
+        vitrim.prune(model, "flops=0.5", train, plan=dataclasses.replace(searched, blocks=searched.blocks[:3]))
 
 
-def test_cli_compress_with_a_joint_latency_budget(capsys, tmp_path, data_dir):
+def test_cli_compress_with_a_joint_latency_budget(capsys, tmp_path, data_dir, monkeypatch):
+    import sys
+
+    prune_module = sys.modules["vitrim.prune"]  # the package (vitrim.prune is also the function)
     torch.set_num_threads(1)
+    given = []
+    real_prune = prune_module.prune
+
+    def spy(*args, **kwargs):
+        given.append(kwargs.get("plan"))
+        return real_prune(*args, **kwargs)
+
+    monkeypatch.setattr(prune_module, "prune", spy)
     vitrim.save(small_model(), tmp_path / "m")
     out = tmp_path / "c"
     code, stdout, err = run(capsys, "compress", str(tmp_path / "m"), "--data", f"idx:{data_dir}",
-                            "--target", "latency=0.9", "--prune-ratios", "1,0.6,0.3", "--keeps", "1,0.6",
+                            "--target", "latency=0.9", "--prune-ratios", "1,0.5", "--keeps", "1,0.6",
                             "--precisions", "fp32,w8-dynamic", "--joint-calib", "48", "--joint-eval", "64",
                             "--prune-calib", "48", "--calib", "16", "--runs", "3", "--threads", "1",
                             "--out", str(out), "--json")
@@ -95,6 +119,11 @@ def test_cli_compress_with_a_joint_latency_budget(capsys, tmp_path, data_dir):
     # the pipeline ran the chosen levers
     assert report["config"]["prune"] == (None if chosen["prune_ratio"] >= 1 else f"flops={chosen['prune_ratio']:g}")
     assert report["config"]["quant"] == (None if chosen["precision"] == "fp32" else chosen["precision"])
+    if chosen["prune_ratio"] < 1:  # the pipeline built the very plan the search timed
+        assert len(given) == 1 and given[0] is not None
+        saved = json.loads((out / "pruned" / "config.json").read_text())["config"]
+        assert saved["embed_dim"] == len(given[0].embed)
+        assert [b["mlp_dim"] for b in saved["blocks"]] == [len(b.mlp) if b.mlp_on else 0 for b in given[0].blocks]
     text = (out / "report.md").read_text()
     assert "Joint choice for latency=0.9" in text and "chosen" in text
 

@@ -92,14 +92,12 @@ def test_corrupt_image_is_one_error_naming_the_file(imagenet_like, workers):
     assert str(bad) in message and "\n" not in message and "replace or remove" in message
 
 
-def test_non_image_file_is_named(imagenet_like):
-    stray = imagenet_like / "train" / "n01" / "labels.txt"
-    stray.write_text("n01\n")
-    with pytest.raises(DataError, match="labels.txt is not an image"):
-        folder_loader(imagenet_like, SIZE, split="train", batch_size=4, workers=0)
-    (imagenet_like / "train" / "n01" / ".DS_Store").write_bytes(b"")  # hidden files are skipped
-    stray.unlink()
-    assert len(ImageFolderDataset(imagenet_like / "train", SIZE)) == 12
+def test_files_that_are_not_images_are_skipped_as_in_memory(imagenet_like):
+    (imagenet_like / "train" / "n01" / "labels.txt").write_text("n01\n")
+    (imagenet_like / "train" / "n01" / ".DS_Store").write_bytes(b"")
+    dataset = ImageFolderDataset(imagenet_like / "train", SIZE)
+    assert len(dataset) == len(load_image_folder(imagenet_like / "train", SIZE)) == 12
+    assert all(f.suffix in (".png", ".JPEG") for f in dataset.files)
 
 
 def test_empty_and_missing_folders(tmp_path):
@@ -118,3 +116,83 @@ def test_empty_and_missing_folders(tmp_path):
 def test_missing_device_is_refused_before_work(imagenet_like):
     with pytest.raises(ConfigError, match="CUDA is not available"):
         folder_loader(imagenet_like, SIZE, split="val", batch_size=2, workers=0, device="cuda")
+
+
+# ---------------------------------------------------------------- FolderSet: a lazy ImageSet
+
+
+def decoded_reference(root, size: int):
+    """The folder decoded in memory and rounded to uint8, as the lazy set's workers deliver it."""
+    from vitrim.data import ImageSet
+
+    eager = load_image_folder(root, size)
+    pixels = eager.images.mul(255).round().clamp(0, 255).to(torch.uint8)
+    return ImageSet(pixels, eager.labels, eager.class_names, eager.mean, eager.std)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_folder_set_batches_as_an_image_set_would(imagenet_like, workers):
+    from vitrim.data import load_dataset
+    from vitrim.data.loader import FolderSet
+
+    lazy = load_dataset(f"folder:{imagenet_like}", "train", image_size=SIZE, workers=workers)
+    assert isinstance(lazy, FolderSet) and lazy.workers == workers and len(lazy) == 12
+    reference = decoded_reference(imagenet_like / "train", SIZE)
+    assert torch.equal(lazy.labels, reference.labels) and lazy.class_names == reference.class_names
+    options = dict(shuffle=True, augment=("crop", "flip"), drop_last=True, image_size=16)
+    got = list(lazy.batches(5, generator=torch.Generator().manual_seed(7), **options))
+    want = list(reference.batches(5, generator=torch.Generator().manual_seed(7), **options))
+    assert len(got) == len(want) == 2
+    for (x, y), (rx, ry) in zip(got, want):
+        assert torch.equal(y, ry)
+        torch.testing.assert_close(x, rx, rtol=0, atol=1e-6)
+    part = lazy.take(torch.tensor([11, 0, 5])).subset(2)
+    assert part.labels.tolist() == [2, 0]
+    torch.testing.assert_close(next(part.batches(2))[0], next(reference.take(torch.tensor([11, 0])).batches(2))[0])
+    assert lazy.resized(8).image_size == 8 and next(lazy.resized(8).batches(3))[0].shape == (3, 3, 8, 8)
+    with pytest.raises(DataError, match=r"read lazily .*\.batches"):
+        lazy.images
+
+
+def test_folder_too_large_for_ram_is_read_lazily(imagenet_like, monkeypatch):
+    from vitrim import limits
+    from vitrim.data import ImageSet, load_dataset
+    from vitrim.data.loader import FolderSet
+
+    assert type(load_dataset(f"folder:{imagenet_like}", "val", image_size=SIZE)) is ImageSet
+    monkeypatch.setattr(limits, "physical_ram", lambda: 4 * 6 * 3 * SIZE * SIZE * 4 - 1)  # a quarter just short
+    lazy = load_dataset(f"folder:{imagenet_like}", "val", image_size=SIZE)
+    assert isinstance(lazy, FolderSet) and len(lazy) == 6
+
+
+def test_evaluate_on_a_lazy_folder_reports_both_rates(imagenet_like):
+    import vitrim
+    from vitrim.data import load_dataset
+    from vitrim import BlockDims, ViTConfig
+
+    cfg = ViTConfig(image_size=SIZE, patch_size=8, in_chans=3, num_classes=3, embed_dim=16,
+                    blocks=[BlockDims(heads=2, qk_dim=8, v_dim=8, mlp_dim=32)])
+    model = vitrim.create(cfg, seed=0)
+    lazy = load_dataset(f"folder:{imagenet_like}", "train", image_size=SIZE, workers=2)
+    got = vitrim.evaluate(model, lazy, batch_size=5)
+    want = vitrim.evaluate(model, decoded_reference(imagenet_like / "train", SIZE), batch_size=5)
+    assert got["count"] == want["count"] == 12 and got["accuracy"] == want["accuracy"]
+    assert got["loss"] == pytest.approx(want["loss"], abs=1e-5)
+    assert got["data_images_per_s"] > 0 and got["model_images_per_s"] > 0
+
+
+def test_cli_workers_option(imagenet_like, tmp_path, capsys):
+    import vitrim
+    from vitrim.cli import main
+    from vitrim import BlockDims, ViTConfig
+
+    cfg = ViTConfig(image_size=SIZE, patch_size=8, in_chans=3, num_classes=3, embed_dim=16,
+                    blocks=[BlockDims(heads=2, qk_dim=8, v_dim=8, mlp_dim=32)])
+    vitrim.save(vitrim.create(cfg, seed=0), tmp_path / "m")
+    data = f"folder:{imagenet_like}"
+    assert main(["eval", str(tmp_path / "m"), "--data", data, "--split", "test", "--workers", "1"]) in (0, None)
+    out = capsys.readouterr().out
+    assert "(6 images)" in out and "images/s: data" in out and "limits)" in out
+    with pytest.raises(SystemExit) as info:
+        main(["eval", str(tmp_path / "m"), "--data", data, "--workers", "-1"])
+    assert info.value.code == 2 and "expected 0 (decode in this process) to 256" in capsys.readouterr().err

@@ -93,6 +93,30 @@ def test_bf16_training_runs(tmp_path):
     assert torch.isfinite(torch.tensor(result.history[0]["train_loss"]))
 
 
+def test_fp16_training_scales_the_loss_learns_and_resumes_its_scaler(tmp_path):
+    cfg = fast(epochs=4, precision="fp16")
+    full = fit(micro(), toy_set(), cfg, tmp_path / "full", test_set=toy_set(seed=1), progress=False)
+    assert full.history[-1]["test_accuracy"] >= 0.9  # as fp32 learns this set (test above)
+    scaler = json.loads((tmp_path / "full" / CHECKPOINT_DIR / "trainer.json").read_text())["grad_scaler"]
+    assert scaler["scale"] > 1 and scaler["_growth_tracker"] > 0  # the loss really was scaled, step by step
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_two(model, record):
+        if record["epoch"] == 2:
+            raise Stop
+
+    with pytest.raises(Stop):
+        fit(micro(), toy_set(), cfg, tmp_path / "part", progress=False, on_epoch_end=stop_after_two)
+    resumed = fit(micro(), toy_set(), cfg, tmp_path / "part", resume=True, progress=False)
+    assert [h["epoch"] for h in resumed.history] == [1, 2, 3, 4]
+    again = json.loads((tmp_path / "part" / CHECKPOINT_DIR / "trainer.json").read_text())["grad_scaler"]
+    assert again == scaler  # the scaler continued from its checkpoint (a fresh one counts from zero)
+    for pa, pb in zip(full.model.parameters(), resumed.model.parameters()):
+        torch.testing.assert_close(pa, pb, atol=1e-6, rtol=0)
+
+
 @pytest.mark.parametrize("bad", [dict(epochs=0), dict(lr=-1.0), dict(precision="fp8"), dict(label_smoothing=1.0)])
 def test_bad_training_settings(bad):
     with pytest.raises(ConfigError, match="invalid training setting"):

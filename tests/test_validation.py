@@ -397,11 +397,16 @@ def test_undecodable_image_is_a_data_error(tmp_path):
 
 
 def test_image_folder_larger_than_ram(tmp_path, monkeypatch):
+    from vitrim.data import load_image_folder
+    from vitrim.data.loader import FolderSet
+
     (tmp_path / "cat").mkdir()
     _png(tmp_path / "cat" / "a.png", 8)
     monkeypatch.setattr(limits, "physical_ram", lambda: 1000)
     with pytest.raises(DataError, match=r"1 images at 64x64 need 16\.0 KB, more than this machine's 1000 B of RAM"):
-        load_dataset(f"folder:{tmp_path}", image_size=64, channels=1)
+        load_image_folder(tmp_path, 64, channels=1)
+    lazy = load_dataset(f"folder:{tmp_path}", image_size=64, channels=1)  # too large to hold: read lazily
+    assert isinstance(lazy, FolderSet) and len(lazy) == 1 and next(lazy.batches(1))[0].shape == (1, 1, 64, 64)
 
 
 # ---------------------------------------------------------------- Hugging Face directories

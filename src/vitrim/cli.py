@@ -48,6 +48,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from vitrim.adapters import head_kind
     from vitrim.adapters.native import NativeModel
     from vitrim.bench import evaluate
+    from vitrim.bench.accuracy import limiting_part
     from vitrim.cli_dense import cmd_eval_dense, is_coco, refuse_dense
 
     if is_coco(args.data):
@@ -64,7 +65,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
                            progress=not args.json, device=args.device)
     result = {"model": args.model, "data": args.data, "split": args.split, **metrics}
     emit(args, result, f"{args.model} on {args.data}/{args.split}: top-1 accuracy "
-                       f"{metrics['accuracy'] * 100:.2f}%  loss {metrics['loss']:.4f}  ({metrics['count']} images)")
+                       f"{metrics['accuracy'] * 100:.2f}%  loss {metrics['loss']:.4f}  ({metrics['count']} images)\n"
+                       f"{limiting_part(metrics)}")
 
 
 def bench_text(name: str, result: dict[str, Any]) -> str:
@@ -250,6 +252,8 @@ def cmd_tokens(args: argparse.Namespace) -> None:
     with _threads(args.threads):
         rows, dense_latency = token_sweep(model, reduced, knob, values, test=test_set, batch_sizes=batches,
                                           threads=args.threads, runs=args.runs, device=args.device)
+    if not is_main():  # under torchrun rank 0 times and prints
+        return
     table = [[f"{r[knob]:g}", f"{r['accuracy'] * 100:.2f}%" if "accuracy" in r else "-", f"{r['flops_ratio']:.3f}"]
              + [f"{r[f'speedup_b{b}']:.2f}x" + ("" if r["latency"][str(b)]["stable"] and dense_latency[str(b)]["stable"]
                                                  else "*") for b in batches] for r in rows]
@@ -595,6 +599,7 @@ def add_train_parser(sub: Any) -> None:
 def add_recipe_args(p: argparse.ArgumentParser) -> None:
     """The training recipe's options, their defaults :class:`~vitrim.train.TrainConfig`'s."""
     from vitrim.train import TrainConfig
+    from vitrim.train.config import PRECISIONS
 
     def d(name: str) -> Any:
         return default_of(TrainConfig, name)
@@ -614,8 +619,9 @@ def add_recipe_args(p: argparse.ArgumentParser) -> None:
                         "only for data whose mirror image has the same class), e.g. crop,flip, or none "
                         f"(default: {d('augment')})")
     p.add_argument("--no-augment", action="store_true", help="same as --augment none")
-    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default=d("precision"),
-                   help="auto uses bf16 autocast where the CPU supports it")
+    p.add_argument("--precision", choices=PRECISIONS, default=d("precision"),
+                   help="auto: bf16 autocast where the device supports it (CUDA, or a CPU with AVX-512 BF16); "
+                        "fp16: autocast with a gradient scaler, for GPUs without bf16")
     p.add_argument("--seed", type=seed_int, default=d("seed"))
     p.add_argument("--distill-alpha", type=unit_float, default=d("distill_alpha"))
     p.add_argument("--distill-temperature", type=positive_float, default=d("distill_temperature"))
@@ -668,7 +674,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-DISTRIBUTED_COMMANDS = ("train", "prune", "eval")
+DISTRIBUTED_COMMANDS = ("train", "prune", "tokens", "eval")
 
 
 def join_processes(args: argparse.Namespace) -> None:

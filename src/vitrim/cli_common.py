@@ -18,6 +18,7 @@ from typing import Any
 
 from vitrim.errors import ConfigError, DataError
 
+MAX_WORKERS = 256
 DATA_KINDS = ("fashion-mnist | idx:DIR (MNIST-format IDX files) | folder:DIR (class sub-folders) | coco:DIR "
               "(COCO-format boxes and masks, for dense models: vitrim train --task)")
 
@@ -109,6 +110,17 @@ def number(low: float | None = None, high: float | None = None, *, low_open: boo
 
     parse.__name__ = "number"
     return parse
+
+
+def worker_count(text: str) -> int:
+    """An argparse type: decoding processes, 0 (this process) up to 256."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number of processes, got {text!r}") from None
+    if not 0 <= value <= MAX_WORKERS:
+        raise argparse.ArgumentTypeError(f"expected 0 (decode in this process) to {MAX_WORKERS}, got {value}")
+    return value
 
 
 positive_float = number(0, low_open=True)
@@ -219,6 +231,15 @@ def add_data_args(p: argparse.ArgumentParser, limit_help: str, random: bool = Fa
     p.add_argument("--data-dir", default=None, help="directory holding the Fashion-MNIST IDX files")
     p.add_argument("--resize", action="store_true", help="resize images to the model's input size")
     p.add_argument("--limit", type=positive_int, default=None, help=limit_help)
+    add_workers(p)
+
+
+def add_workers(p: argparse.ArgumentParser) -> None:
+    """``--workers``: decoding processes for image folders (which are then read lazily)."""
+    p.add_argument("--workers", type=worker_count, default=None,
+                   help="for --data folder:DIR: decode images lazily, batch by batch, in this many processes "
+                        "(0: in this process); default: decode the folder into RAM when it fits in a quarter "
+                        "of it (shared by torchrun's processes), else lazily with one process per core (at most 8)")
 
 
 def add_onnx_input_args(p: argparse.ArgumentParser) -> None:
@@ -312,7 +333,7 @@ def load_data_for(model: Any, args: argparse.Namespace, split: str) -> Any:
 
     cfg = model.config
     data = load_dataset(args.data, split, data_dir=args.data_dir, image_size=cfg.image_size,
-                        channels=cfg.in_chans)
+                        channels=cfg.in_chans, workers=getattr(args, "workers", None))
     if data.channels != cfg.in_chans:
         raise DataError(f"{args.data} has {data.channels}-channel images but the model expects "
                         f"{cfg.in_chans}; use a model built for {data.channels} channel(s)")

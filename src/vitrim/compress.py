@@ -148,7 +148,8 @@ def compress(model: VisionTransformer, train: ImageSet, test: ImageSet, cfg: Com
         log("joint choice:\n" + plan_table(plan))
         cfg = cfg.chosen(plan)
     with atomic_dir(out_dir) as tmp:
-        stages, runners = run_stages(model, train, test, cfg, tmp, progress=progress, log=log, device=target)
+        stages, runners = run_stages(model, train, test, cfg, tmp, progress=progress, log=log, device=target,
+                                     dimension_plan=plan.dimension_plan if plan is not None else None)
         measured = compare_models(runners, LATENCY_BATCHES, test=test, image_size=model.config.image_size,
                                   threads=cfg.threads, runs=cfg.runs, progress=progress, desc="{name}", log=log,
                                   device=target)
@@ -171,10 +172,12 @@ def compress(model: VisionTransformer, train: ImageSet, test: ImageSet, cfg: Com
 
 def run_stages(model: VisionTransformer, train: ImageSet, test: ImageSet, cfg: CompressConfig, out: Path, *,
                progress: bool, log: Callable[[str], None],
-               device: torch.device | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+               device: torch.device | None = None,
+               dimension_plan: Any = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Build every stage; the stage entries (size, FLOPs, checks) and ``{stage: model}`` to measure.
 
-    Pruning runs on ``device``; export and quantization on the CPU."""
+    Pruning runs on ``device``; export and quantization on the CPU. ``dimension_plan``: the plan
+    the joint search timed, applied as is instead of searching again."""
     from vitrim.prune import prune
     from vitrim.tokens import reduce_tokens, reduced_flops
 
@@ -191,7 +194,7 @@ def run_stages(model: VisionTransformer, train: ImageSet, test: ImageSet, cfg: C
     current: nn.Module = model
     if cfg.prune is not None:
         result = prune(model, cfg.prune, train, recover=cfg.recover, train_data=train, calib_images=cfg.prune_calib,
-                       progress=progress, device=device)
+                       progress=progress, device=device, plan=dimension_plan)
         result.model.cpu()
         current = result.model
         save(current, out / "pruned")

@@ -145,6 +145,7 @@ class JointPlan:
     runner_ups: list[Candidate]
     curves: dict[str, Any] = field(default_factory=dict)
     met: bool = True
+    dimension_plan: Any = None  # the chosen prune ratio's PrunePlan, the shape that was timed (None: dense)
 
     def to_dict(self) -> dict[str, Any]:
         return {"metric": self.metric, "ratio": self.ratio, "met": self.met, "chosen": self.chosen.to_dict(),
@@ -182,14 +183,16 @@ def dimension_plans(model: VisionTransformer, calib: Sequence[tuple[torch.Tensor
     from one saliency pass on the dense model."""
     from vitrim.prune.cost import CostModel
     from vitrim.prune.saliency import saliency
-    from vitrim.prune.search import Search
+    from vitrim.prune.search import STRUCTURES, Search
 
     scores = saliency(model, calib, "fisher", total=len(calib), progress=progress)
     cost = CostModel("flops")
     dense = cost.total(model.config)
+    # q/k norm spans each head's channels: those are pruned with their head only
+    structures = tuple(s for s in STRUCTURES if not (s == "qk" and model.config.qk_norm))
     plans = {}
     for ratio in sorted(set(ratios), reverse=True):
-        search = Search(model.config, scores, cost, round_to=round_to)
+        search = Search(model.config, scores, cost, structures=structures, round_to=round_to)
         removed = search.run(dense * ratio) if ratio < 1 else []
         plans[ratio] = (search.config(), search.plan(), float(sum(c.saliency for c in removed)))
     return plans
@@ -423,7 +426,8 @@ def choose(levers: Levers, ratio: float | None = None, *,
         if not met:
             chosen = min((c for c in ranked[:cfg.verify] if c.measured is not None), key=lambda c: c.measured)
     runner_ups = [c for c in ranked if c is not chosen][:5]
-    return JointPlan(cfg.metric, ratio, chosen, runner_ups, levers.curves, met)
+    dimension_plan = levers.plans[chosen.prune_ratio][1] if chosen.prune_ratio < 1 else None
+    return JointPlan(cfg.metric, ratio, chosen, runner_ups, levers.curves, met, dimension_plan)
 
 
 def plan_joint(model: VisionTransformer, train: ImageSet, cfg: JointConfig, *, progress: bool = True,

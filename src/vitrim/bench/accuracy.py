@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import torch
@@ -47,7 +48,9 @@ def check_fits(model: Any, data: ImageSet, name: str = "the model") -> None:
 @torch.no_grad()
 def evaluate(model: nn.Module, data: ImageSet, batch_size: int = 256, image_size: int | None = None,
              progress: bool = False, desc: str = "eval", device: str | torch.device | None = None) -> dict[str, float]:
-    """``{"accuracy", "loss", "count"}`` with accuracy in [0, 1].
+    """``{"accuracy", "loss", "count", "data_images_per_s", "model_images_per_s"}`` with accuracy
+    in [0, 1]; the two rates are this process's images per second spent waiting for batches (decoding
+    an image folder, resizing) and in the model, to show which one limits.
 
     ``device``: where a torch model and its batches run (``None``: where the model already is;
     a spec as :func:`vitrim.device.resolve_device` takes; ONNX Runtime models ignore it). Under
@@ -71,21 +74,40 @@ def evaluate(model: nn.Module, data: ImageSet, batch_size: int = 256, image_size
     model.eval()
     mine = distributed.shard(torch.arange(len(data)))
     sums = torch.zeros(3, dtype=torch.float64)  # correct, loss sum, count
+    seconds = {"data": 0.0, "model": 0.0}  # this rank's wait for batches, and its model's time
     total = -(-len(mine) // batch_size)
     try:
         if len(mine):
             batches = data.take(mine).batches(batch_size, image_size=image_size, device=target)
-            for x, y in progress_bar(batches, total=total, desc=desc, enabled=progress and distributed.is_main()):
+            bar = iter(progress_bar(batches, total=total, desc=desc, enabled=progress and distributed.is_main()))
+            while True:
+                started = time.perf_counter()
+                batch = next(bar, None)
+                seconds["data"] += time.perf_counter() - started
+                if batch is None:
+                    break
+                x, y = batch
+                started = time.perf_counter()
                 logits = model(x).float()
                 if sums[2] == 0:
                     _check_logits(logits, data, x.shape[0], _model_name(model))
-                sums[1] += F.cross_entropy(logits, y, reduction="sum").item()
+                sums[1] += F.cross_entropy(logits, y, reduction="sum").item()  # .item(): the device has finished
                 sums[0] += (logits.argmax(-1) == y).sum().item()
                 sums[2] += y.numel()
+                seconds["model"] += time.perf_counter() - started
     finally:
         model.train(was_training)
+    mine_count = float(sums[2])
     correct, loss_sum, count = distributed.all_reduce_sum(sums).tolist()
-    return {"accuracy": int(correct) / int(count), "loss": loss_sum / count, "count": int(count)}
+    rates = {f"{part}_images_per_s": mine_count / max(s, 1e-9) for part, s in seconds.items()}
+    return {"accuracy": int(correct) / int(count), "loss": loss_sum / count, "count": int(count), **rates}
+
+
+def limiting_part(metrics: dict[str, Any]) -> str:
+    """One line: images/s of the data and of the model in :func:`evaluate`, and which one limits."""
+    data, model = metrics["data_images_per_s"], metrics["model_images_per_s"]
+    slower = "data loading" if data < model else "the model"
+    return f"images/s: data {data:,.0f}, model {model:,.0f} ({slower} limits)"
 
 
 def _check_logits(logits: torch.Tensor, data: ImageSet, batch: int, name: str) -> None:

@@ -35,8 +35,11 @@ def token_sweep(model: nn.Module, reduced: Any, knob: str, values: Sequence[floa
                 device: str | torch.device | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """``(rows, dense_latency)``: per value of ``knob`` (``keep`` or ``tau``) its accuracy on ``test``
     (when given), FLOPs ratio and latency / speed-up per batch size; the dense model's latency.
+    Under ``torchrun`` every rank evaluates its shard (the accuracy is the single-process one) and
+    rank 0 alone times; the other ranks return rows without latency and an empty ``dense_latency``.
 
     ``device``: where both models run (``None``: where ``model`` is)."""
+    from vitrim import distributed
     from vitrim.device import module_device, resolve_device
     from vitrim.tokens import reduced_flops
 
@@ -58,6 +61,8 @@ def token_sweep(model: nn.Module, reduced: Any, knob: str, values: Sequence[floa
             else torch.randn(64, cfg.in_chans, cfg.image_size, cfg.image_size, device=target)
         row["flops_ratio"] = reduced_flops(reduced, sample) / dense_flops
         rows.append(row)
+    if not distributed.is_main():  # under torchrun the accuracy is everyone's; the timing rank 0's alone
+        return rows, {}
     runners = {"dense": model, **{f"{knob}={i}": WithSetting(reduced, **{knob: v}) for i, v in enumerate(values)}}
     timed = interleaved_latency(runners, batch_sizes, threads=threads, runs=runs, device=target,
                                 example=lambda b: example_input(model, b))  # dense and every value interleaved

@@ -137,9 +137,9 @@ class ImageSet:
             raise DataError(f"batch size must be positive, got {batch_size}")
         order = torch.randperm(len(self), generator=generator) if shuffle else torch.arange(len(self))
         stop = len(self) - (len(self) % batch_size if drop_last else 0)
-        for start in range(0, stop, batch_size):
-            index = order[start : start + batch_size]
-            x = to_float(self.images[index])
+        chunks = [order[start : start + batch_size] for start in range(0, stop, batch_size)]
+        for index, images in zip(chunks, self._images_of(chunks)):
+            x = to_float(images)
             if ops:
                 x = random_crop_flip(x, generator, crop="crop" in ops, flip="flip" in ops)
             y = self.labels[index] if self.labels is not None else None
@@ -147,6 +147,10 @@ class ImageSet:
                 x = x.to(device, non_blocking=True)
                 y = y.to(device, non_blocking=True) if y is not None else None
             yield self.prepare(x, image_size), y
+
+    def _images_of(self, chunks: list[torch.Tensor]) -> Iterator[torch.Tensor]:
+        """The images ``(B, C, H, W)`` at each chunk of indices, in order (a lazy set decodes them)."""
+        return (self.images[index] for index in chunks)
 
     def prepare(self, x: torch.Tensor, image_size: int | None = None) -> torch.Tensor:
         if image_size is not None and x.shape[-1] != image_size:

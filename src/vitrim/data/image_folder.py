@@ -3,6 +3,7 @@ or a flat folder of images (unlabelled, for label-free pruning)."""
 
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 
@@ -54,6 +55,34 @@ def _check_folder_memory(root: Path, count: int, channels: int, image_size: int)
     if need > ram:
         raise DataError(f"{root}: {count} images at {image_size}x{image_size} need {human_bytes(need)}, more "
                         f"than this machine's {human_bytes(ram)} of RAM; use a smaller folder")
+
+
+def local_processes() -> int:
+    """How many processes share this machine's memory and cores (torchrun's ``LOCAL_WORLD_SIZE``, else 1)."""
+    try:
+        return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
+
+
+def _count_images(folder: Path) -> int:
+    with os.scandir(folder) as entries:  # d_type, no stat per file
+        return sum(1 for e in entries if e.is_file() and Path(e.name).suffix.lower() in IMAGE_SUFFIXES)
+
+
+def folder_fits_in_ram(root: Path, image_size: int, channels: int, share: float = 0.25) -> bool:
+    """Whether the images directly under ``root`` or its sub-folders, decoded as float32 at
+    ``image_size`` (twice: decoded, then stacked), take at most ``share`` of the RAM split between
+    the processes of this machine (True for a path that is not a folder, so the in-memory loader
+    reports it)."""
+    from vitrim.limits import FLOAT_BYTES, physical_ram
+
+    if not root.is_dir():
+        return True
+    with os.scandir(root) as entries:
+        subs = [Path(e.path) for e in entries if e.is_dir() and not e.name.startswith(".")]
+    count = _count_images(root) + sum(_count_images(sub) for sub in subs)
+    return 2 * count * channels * image_size**2 * FLOAT_BYTES <= share * physical_ram() / local_processes()
 
 
 def load_image_folder(root: str | Path, image_size: int, channels: int = 3,

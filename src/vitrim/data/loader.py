@@ -5,11 +5,13 @@ The layouts are those of :func:`vitrim.data.load_image_folder` (``DIR/<split>/<c
 ``DIR/<class>/<image>``, or a flat ``DIR/<image>`` that is unlabelled) and so are the pixels: the
 same decoding and resize + centre crop, rounded to uint8 in the workers (4x less to pass between
 processes and to copy to the device), normalised with the model's mean/std where the batch lands.
-This is an additional path; :class:`vitrim.data.ImageSet` and its callers are unchanged.
+:class:`FolderSet` wraps the same decoding in the :class:`vitrim.data.ImageSet` interface, so every
+command and library function that takes an image set takes a folder that does not fit in RAM.
 """
 
 from __future__ import annotations
 
+import copy
 import os
 import time
 from collections.abc import Iterator
@@ -20,7 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from vitrim.data.dataset import normalize
+from vitrim.data.dataset import ImageSet, normalize
 from vitrim.data.image_folder import IMAGE_SUFFIXES, IMAGENET_MEAN, IMAGENET_STD, decode_image, resize_center_crop
 from vitrim.device import resolve_device
 from vitrim.errors import DataError
@@ -29,18 +31,11 @@ Batch = tuple[torch.Tensor, torch.Tensor | None]  # normalised images (B, C, S, 
 
 
 def _files_in(folder: Path) -> list[Path]:
-    """The image files directly in ``folder``, sorted by name; a :class:`DataError` naming any other
-    (non-hidden) file, which a lazy loader would otherwise find only hours into a run."""
-    files = []
+    """The image files directly in ``folder`` (by suffix, as :func:`vitrim.data.load_image_folder`
+    reads them: other files such as ``labels.txt`` are skipped), sorted by name."""
     with os.scandir(folder) as entries:  # d_type, no stat per file: ImageNet's train split is 1.28 M files
-        names = sorted(e.name for e in entries if not e.name.startswith(".") and e.is_file())
-    for name in names:
-        path = folder / name
-        if path.suffix.lower() not in IMAGE_SUFFIXES:
-            raise DataError(f"{path} is not an image ({', '.join(sorted(IMAGE_SUFFIXES))}); remove it or move it "
-                            f"out of {folder}")
-        files.append(path)
-    return files
+        names = sorted(e.name for e in entries if e.is_file() and Path(e.name).suffix.lower() in IMAGE_SUFFIXES)
+    return [folder / name for name in names]
 
 
 def scan_folder(root: Path) -> tuple[list[Path], list[int], list[str]]:
@@ -237,4 +232,93 @@ def loader_throughput(loader: DataLoader, batches: int) -> float:
     return images / seconds
 
 
-__all__ = ["FolderLoader", "ImageFolderDataset", "LoadFailure", "folder_loader", "loader_throughput", "scan_folder"]
+def auto_workers() -> int:
+    """Decoding processes when none are asked for: this process's share of the cores (torchrun's
+    ``LOCAL_WORLD_SIZE`` processes share them), at most 8; 0 when that share is a single core."""
+    from vitrim.data.image_folder import local_processes
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    share = cores // local_processes()
+    return 0 if share < 2 else min(8, share)
+
+
+class FolderSet(ImageSet):
+    """An image folder as an :class:`~vitrim.data.ImageSet` whose images are decoded when a batch
+    is asked for, by ``workers`` processes (0: in this process), never held all at once.
+
+    Labels, class names, :meth:`subset`, :meth:`take`, :meth:`resized` and :meth:`batches` behave
+    as an in-memory set's; the pixels are those of :func:`vitrim.data.load_image_folder` rounded
+    to uint8. ``images`` is not available (the point is not to hold them).
+    """
+
+    def __init__(self, dataset: ImageFolderDataset, *, mean: tuple[float, ...], std: tuple[float, ...],
+                 workers: int | None = None, indices: torch.Tensor | None = None, name: str | None = None) -> None:
+        if workers is not None and int(workers) < 0:
+            raise DataError(f"workers must be 0 (decode in this process) or more, got {workers}")
+        self.dataset, self.mean, self.std = dataset, tuple(mean), tuple(std)
+        self.workers = auto_workers() if workers is None else int(workers)
+        self.indices = torch.arange(len(dataset)) if indices is None else indices  # (N,) into dataset
+        self.class_names = list(dataset.class_names)
+        self.name = name or str(dataset.root)
+        self.inferred_classes = False
+        all_labels = torch.from_numpy(dataset.labels)
+        self.labels = all_labels[self.indices] if dataset.labelled else None  # (N,) or unlabelled
+
+    @property
+    def images(self) -> torch.Tensor:  # type: ignore[override]
+        raise DataError(f"{self.name} is read lazily (a folder decoded batch by batch); iterate over "
+                        f".batches(...) instead of reading .images")
+
+    def __repr__(self) -> str:
+        return (f"FolderSet({self.name!r}, {len(self)} images at {self.image_size}x{self.image_size}, "
+                f"{len(self.class_names)} classes, workers={self.workers})")
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    @property
+    def channels(self) -> int:
+        return self.dataset.channels
+
+    @property
+    def image_size(self) -> int:
+        return self.dataset.image_size
+
+    def take(self, index: torch.Tensor | slice) -> "FolderSet":
+        return FolderSet(self.dataset, mean=self.mean, std=self.std, workers=self.workers,
+                         indices=self.indices[index], name=self.name)
+
+    def resized(self, image_size: int, chunk: int = 1024) -> "FolderSet":
+        """The same images decoded at ``image_size`` (nothing is decoded now)."""
+        if image_size == self.image_size:
+            return self
+        dataset = copy.copy(self.dataset)
+        dataset.image_size = int(image_size)
+        return FolderSet(dataset, mean=self.mean, std=self.std, workers=self.workers, indices=self.indices,
+                         name=self.name)
+
+    def _images_of(self, chunks: list[torch.Tensor]) -> Iterator[torch.Tensor]:
+        """Each chunk's images as uint8 ``(B, C, S, S)``, decoded by the workers in order."""
+        if not chunks:
+            return
+        options: dict = {"worker_init_fn": _worker_init, "prefetch_factor": 2} if self.workers else {}
+        # a generator of its own: the loader's worker seed is not drawn from torch's global RNG, so
+        # dropout and drop-path draw what they would with an in-memory set
+        loader = DataLoader(self.dataset, batch_sampler=[self.indices[c].tolist() for c in chunks],
+                            num_workers=self.workers, collate_fn=collate, generator=torch.Generator(), **options)
+        for batch in loader:
+            if isinstance(batch, LoadFailure):
+                raise DataError(batch.message)
+            yield batch[0]
+
+
+def folder_set(root: str | Path, image_size: int, channels: int = 3, *, workers: int | None = None,
+               mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None) -> FolderSet:
+    """The image folder ``root`` as a lazily decoded :class:`FolderSet` (layouts as
+    :func:`vitrim.data.load_image_folder`; ``workers`` decoding processes, default :func:`auto_workers`)."""
+    dataset = ImageFolderDataset(root, image_size, channels)
+    default_mean, default_std = (IMAGENET_MEAN, IMAGENET_STD) if channels == 3 else ((0.5,), (0.5,))
+    return FolderSet(dataset, mean=mean or default_mean, std=std or default_std, workers=workers)
+
+
+__all__ = ["FolderLoader", "FolderSet", "auto_workers", "folder_set", "ImageFolderDataset", "LoadFailure", "folder_loader", "loader_throughput", "scan_folder"]

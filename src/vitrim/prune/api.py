@@ -20,6 +20,7 @@ from vitrim.prune.cost import CostModel
 from vitrim.prune.recover import distill, reconstruct
 from vitrim.prune.saliency import (METHODS, SECOND_ORDER, FeatureDistance, Forward, LossFn, classification_loss,
                                    output_features, saliency)
+from vitrim.prune.plan import PrunePlan
 from vitrim.prune.search import STRUCTURES, Search
 from vitrim.prune.surgery import slice_model
 
@@ -203,7 +204,7 @@ def prune(model: VisionTransformer, target: str = "flops=0.5", data: ImageSet | 
           recover: str = "reconstruct", train_data: ImageSet | None = None, config: PruneConfig | None = None,
           cost: CostModel | None = None, loss_fn: LossFn = classification_loss, progress: bool = True,
           log: Callable[[str], None] | None = None, device: str | torch.device | None = None,
-          forward: Forward | None = None, **options: Any) -> PruneResult:
+          forward: Forward | None = None, plan: PrunePlan | None = None, **options: Any) -> PruneResult:
     """Prune ``model`` to ``target`` (e.g. ``"flops=0.5"``) and recover; ``model`` is not modified.
 
     ``data`` supplies calibration images; ``train_data`` the images for ``recover="kd"`` or
@@ -215,6 +216,9 @@ def prune(model: VisionTransformer, target: str = "flops=0.5", data: ImageSet | 
     saliency and distillation alike, so no labels are needed. ``forward(model, images)`` (with a
     custom ``loss_fn``) is what the loss reads instead of the logits: a dense model's head on the
     backbone being pruned (:func:`vitrim.dense.prune.prune_dense`), so any task prunes the same way.
+
+    ``plan``: a dimension plan already chosen for this model (e.g. by :mod:`vitrim.joint`, which
+    timed exactly that shape): it is applied as is, in one step, and only the recovery runs.
 
     ``device``: where scoring, reconstruction and distillation run (``None``: where ``model`` is);
     the result lives there too, and ``model`` stays where it was. Under ``torchrun`` each rank
@@ -242,22 +246,24 @@ def prune(model: VisionTransformer, target: str = "flops=0.5", data: ImageSet | 
     if is_converted(model):
         meta = metadata(model)
         result = prune(to_canonical(model), data=data, train_data=train_data, config=cfg, cost=cost, loss_fn=loss_fn,
-                       progress=progress, log=log, device=target_device, forward=forward)
+                       progress=progress, log=log, device=target_device, forward=forward, plan=plan)
         result.model = from_canonical(result.model, meta)
         return result
     if model.config.qk_norm and "qk" in cfg.structures:
         # q/k norm spans each head's channels, so they cannot be pruned one by one
         cfg = dataclasses.replace(cfg, structures=tuple(s for s in cfg.structures if s != "qk"))
-    if cfg.round_to == "auto":
+    if cfg.round_to == "auto" and plan is None:
         from vitrim.prune.roundto import measured_round_to
 
         multiple, _ = measured_round_to(model, batch=cfg.latency_batch, device=target_device)
         say(f"round_to auto: kept widths are multiples of {multiple} (measured on this device)")
         cfg = dataclasses.replace(cfg, round_to=multiple)
     check_prunable(model, cfg)
+    if plan is not None:
+        check_plan(plan, model.config, cfg.structures)
     if data is None and (cfg.saliency != "magnitude" or cfg.reconstructs):
         raise DataError("pruning needs calibration data (pass data=ImageSet)")
-    if cost is None and cfg.metric == "latency":
+    if cost is None and cfg.metric == "latency" and plan is None:
         from vitrim.prune.latency import LatencyTable
 
         table = None
@@ -265,8 +271,8 @@ def prune(model: VisionTransformer, target: str = "flops=0.5", data: ImageSet | 
             table = LatencyTable.for_model(model, batch_size=cfg.latency_batch, progress=progress,
                                            device=target_device)
         cost = distributed.broadcast_object(table).cost_model()
-    elif cost is None:
-        cost = CostModel(cfg.metric)
+    elif cost is None:  # a given plan is not searched: its kept share of the latency is not measured
+        cost = CostModel("flops" if cfg.metric == "latency" else cfg.metric)
     dense = model.eval() if module_device(model) == target_device else copy.deepcopy(model).to(target_device).eval()
     dense_cost = cost.total(dense.config)
     image_size = dense.config.image_size
@@ -282,7 +288,13 @@ def prune(model: VisionTransformer, target: str = "flops=0.5", data: ImageSet | 
     current = copy.deepcopy(dense)
     embed_index = list(range(dense.config.embed_dim))
     steps: list[dict[str, Any]] = []
-    for step in range(1, cfg.steps + 1):
+    if plan is not None:
+        current = slice_model(current.cpu(), plan).to(target_device)
+        embed_index = [embed_index[c] for c in plan.embed]
+        steps.append({"step": 1, "kept_ratio": cost.total(current.config) / dense_cost, "removed": {},
+                      "plan": "given"})
+        say(f"given plan: {cost.metric} kept {steps[0]['kept_ratio']:.4f}")
+    for step in range(1, cfg.steps + 1 if plan is None else 1):
         step_target = dense_cost * cfg.ratio ** (step / cfg.steps)
         if cfg.saliency == "magnitude":
             scores = saliency(current, None, "magnitude")
@@ -329,7 +341,7 @@ def prune(model: VisionTransformer, target: str = "flops=0.5", data: ImageSet | 
                     batch_size=cfg.kd_batch_size, seed=cfg.seed, progress=progress, objective=cfg.objective,
                     embed_index=embed_index, device=target_device)
     result = PruneResult(current.eval(), dense_cost, cost.total(current.config), cost.metric, steps, embed_index, cfg)
-    if result.kept_ratio < cfg.ratio * (1 - cfg.tolerance) - 1e-9:
+    if plan is None and result.kept_ratio < cfg.ratio * (1 - cfg.tolerance) - 1e-9:
         say(f"warning: kept {result.kept_ratio:.3f} of the {cost.metric}, below the target {cfg.ratio:g}: the "
             f"structures left to remove were coarser than the budget (a smaller round_to, --round-to, or "
             f"more --steps gets closer)")
@@ -339,6 +351,28 @@ def prune(model: VisionTransformer, target: str = "flops=0.5", data: ImageSet | 
 def module_names(config) -> list[str]:
     """The names ``exclude`` patterns match: ``embed``, ``blocks.I.attn``, ``blocks.I.mlp``."""
     return ["embed"] + [f"blocks.{i}.{part}" for i in range(config.depth) for part in ("attn", "mlp")]
+
+
+def check_plan(plan: PrunePlan, config: Any, structures: tuple[str, ...]) -> None:
+    """Refuse a given plan that does not fit ``config`` or removes structures outside ``structures``."""
+    if len(plan.blocks) != config.depth:
+        raise ConfigError(f"the given plan has {len(plan.blocks)} blocks but the model has {config.depth}; pass a "
+                          f"plan searched for this model")
+    used = {"embed"} if len(plan.embed) < config.embed_dim else set()
+    for bp, d in zip(plan.blocks, config.blocks):
+        if d.attention and not bp.attention:
+            used.add("attn_layer")
+        if d.mlp and not bp.mlp_on:
+            used.add("mlp_layer")
+        if bp.attention:
+            used |= {k for k, kept, full in (("heads", len(bp.heads), d.heads), ("qk", len(bp.qk[0]), d.qk_dim),
+                                             ("v", len(bp.v[0]), d.v_dim)) if kept < full}
+        if bp.mlp_on and len(bp.mlp) < d.mlp_dim:
+            used.add("mlp")
+    outside = sorted(used - set(structures))
+    if outside:
+        raise ConfigError(f"the given plan removes {', '.join(outside)}, which this model or these settings keep "
+                          f"(structures {', '.join(structures)}); search the plan with those structures only")
 
 
 def check_prunable(model: VisionTransformer, cfg: PruneConfig) -> None:

@@ -12,8 +12,9 @@ import types
 from pathlib import Path
 from typing import Any
 
-from vitrim.cli_common import (add_device, add_json, add_pretrained, add_threads, check_batch_options, command_line,
-                               default_of, emit, load_data_for, number, positive_float, positive_int, resolve_model)
+from vitrim.cli_common import (add_device, add_json, add_pretrained, add_threads, add_workers, check_batch_options,
+                               command_line, default_of, emit, load_data_for, number, positive_float, positive_int,
+                               resolve_model)
 from vitrim.errors import ConfigError
 from vitrim.fsutil import write_json
 
@@ -109,6 +110,7 @@ def _add_data_args(p: argparse.ArgumentParser, help_text: str, split: str) -> No
     p.add_argument("--data-dir", default=None, help="directory holding the Fashion-MNIST IDX files")
     p.add_argument("--split", default=split, choices=["train", "test"])
     p.add_argument("--resize", action="store_true", help="resize images to the model's input size")
+    add_workers(p)
 
 
 def _images(model_config: Any, args: argparse.Namespace, count: int) -> Any:

@@ -22,7 +22,7 @@ class TrainConfig:
     augment: str = "crop"  # comma-separated "crop", "flip", or "none"; flips suit only some data
     grad_clip: float = 1.0
     seed: int = 0
-    precision: str = "auto"  # auto | bf16 | fp32
+    precision: str = "auto"  # auto | bf16 | fp16 (with a gradient scaler) | fp32
     distill_alpha: float = 0.5  # weight of the teacher's KL term when a teacher is given
     distill_temperature: float = 1.0
     limit_train: int | None = None  # use only the first N training images (quick trials)
@@ -43,7 +43,7 @@ class TrainConfig:
             "label_smoothing": 0 <= self.label_smoothing < 1, "grad_clip": self.grad_clip >= 0,
             "seed": _is_int(self.seed) and 0 <= self.seed <= MAX_SEED,
             "distill_alpha": 0 <= self.distill_alpha <= 1, "distill_temperature": self.distill_temperature > 0,
-            "precision": self.precision in ("auto", "bf16", "fp32"),
+            "precision": self.precision in PRECISIONS,
             "limit_train": self.limit_train is None or (_is_int(self.limit_train) and self.limit_train >= 1),
         }
         bad = [name for name, ok in checks.items() if not ok]
@@ -74,13 +74,14 @@ class TrainConfig:
 
 
 MAX_SEED = 2**63 - 1
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")  # fp16 trains with a gradient scaler
 NUMBERS = ("lr", "min_lr", "weight_decay", "warmup_epochs", "label_smoothing", "grad_clip", "distill_alpha",
            "distill_temperature")
 RANGES = {
     "epochs": "an integer >= 1", "batch_size": "an integer >= 1", "lr": "> 0", "min_lr": "0 <= min_lr <= lr",
     "weight_decay": ">= 0", "warmup_epochs": "0 <= warmup_epochs <= epochs", "label_smoothing": "0 <= x < 1",
     "grad_clip": ">= 0 (0: no clipping)", "seed": f"an integer in 0..{MAX_SEED}", "distill_alpha": "0 <= x <= 1",
-    "distill_temperature": "> 0", "precision": "auto, bf16 or fp32", "limit_train": "an integer >= 1",
+    "distill_temperature": "> 0", "precision": "auto, bf16, fp16 or fp32", "limit_train": "an integer >= 1",
 }
 
 

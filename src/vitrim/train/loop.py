@@ -45,15 +45,25 @@ def use_bf16(precision: str, device: torch.device | None = None) -> bool:
     return precision == "bf16"
 
 
+def autocast_dtype(precision: str, device: torch.device | None = None) -> torch.dtype | None:
+    """The dtype training autocasts to (``None``: fp32): fp16 when asked (with a gradient scaler),
+    bf16 as :func:`use_bf16` decides."""
+    if precision == "fp16":
+        return torch.float16
+    return torch.bfloat16 if use_bf16(precision, device) else None
+
+
 @contextlib.contextmanager
-def precision_context(bf16: bool, device: torch.device | None = None):
-    """bf16 autocast on ``device`` (default: the CPU); on the CPU attention takes the math path,
-    whose backward is fast in bf16 there."""
-    if not bf16:
+def precision_context(dtype: torch.dtype | bool | None, device: torch.device | None = None):
+    """Autocast to ``dtype`` (``True``: bf16; ``None``/``False``: none) on ``device`` (default: the
+    CPU); on the CPU attention takes the math path, whose backward is fast in bf16 there."""
+    if dtype is True:
+        dtype = torch.bfloat16
+    if not dtype:
         yield
         return
     kind = "cpu" if device is None else device.type
-    with torch.autocast(kind, dtype=torch.bfloat16):
+    with torch.autocast(kind, dtype=dtype):
         if kind == "cpu":
             with sdpa_kernel(SDPBackend.MATH):
                 yield
@@ -181,7 +191,9 @@ def _fit(model: nn.Module, train_set: ImageSet, cfg: TrainConfig, out_dir: Path,
     model.to(target)
     if teacher is not None:
         teacher.to(target).eval()
-    bf16 = use_bf16(cfg.precision, target)
+    dtype = autocast_dtype(cfg.precision, target)
+    # fp16's narrow range: the loss is scaled up for the backward and the steps that overflow skipped
+    scaler = torch.amp.GradScaler(target.type) if dtype == torch.float16 else None
     optimizer = torch.optim.AdamW(parameter_groups(model, cfg.weight_decay), lr=cfg.lr,
                                   betas=(0.9, 0.999))
     history: list[dict[str, Any]] = []
@@ -189,6 +201,8 @@ def _fit(model: nn.Module, train_set: ImageSet, cfg: TrainConfig, out_dir: Path,
     if resume:
         state = resume_state(ckpt_dir, model, optimizer, cfg)
         start_epoch, history = state["epoch"], state["history"]
+        if scaler is not None and state.get("grad_scaler"):
+            scaler.load_state_dict(state["grad_scaler"])
     step_module = _StepLoss(model, _loss_computation(cfg, teacher, loss_fn))
     runner: nn.Module = step_module
     if world > 1:
@@ -218,13 +232,19 @@ def _fit(model: nn.Module, train_set: ImageSet, cfg: TrainConfig, out_dir: Path,
             y = y.to(target, non_blocking=True) if y is not None else None
             for group in optimizer.param_groups:
                 group["lr"] = cfg.lr_at(step, total_steps, steps_per_epoch)
-            with precision_context(bf16, target):
+            with precision_context(dtype, target):
                 loss = runner(x, y)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+            if scaler is not None:
+                scaler.unscale_(optimizer)  # clip the true gradients
             if cfg.grad_clip > 0:
                 nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
             sums += torch.tensor([loss.item() * x.shape[0], x.shape[0]], dtype=torch.float64)
             bar.set_postfix(refresh=False, loss=f"{sums[0] / sums[1]:.4f}",
                             img_s=f"{world * sums[1] / (time.perf_counter() - started):.0f}")
@@ -238,7 +258,8 @@ def _fit(model: nn.Module, train_set: ImageSet, cfg: TrainConfig, out_dir: Path,
         if distributed.is_main():
             save_checkpoint(ckpt_dir, model, optimizer, {
                 "epoch": epoch + 1, "global_step": (epoch + 1) * steps_per_epoch, "world_size": world,
-                "global_batch": global_batch, "history": history, "train_config": cfg.to_dict()})
+                "global_batch": global_batch, "history": history, "train_config": cfg.to_dict(),
+                "grad_scaler": scaler.state_dict() if scaler is not None else None})
         distributed.barrier()  # the others wait for the checkpoint
         if progress:
             summary = ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items())
