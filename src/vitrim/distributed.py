@@ -30,6 +30,12 @@ def _env_int(name: str, default: int) -> int:
         raise ConfigError(f"environment variable {name}={value!r} is not an integer; launch with torchrun") from None
 
 
+def local_world_size() -> int:
+    """How many processes torchrun started on this machine (``LOCAL_WORLD_SIZE``), sharing its memory
+    and cores; 1 outside torchrun."""
+    return max(1, _env_int("LOCAL_WORLD_SIZE", 1))
+
+
 def active() -> bool:
     """Whether a process group of more than one process is running."""
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1

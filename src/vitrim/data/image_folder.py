@@ -47,6 +47,14 @@ def decode_image(path: Path, mode: str) -> np.ndarray:
         raise DataError(f"cannot decode image {path}: {exc}; replace or remove the file") from None
 
 
+def load_resized(path: Path, mode: str, size: int) -> torch.Tensor:
+    """The image at ``path`` as floats in 0..1 ``(C, size, size)``: decoded in PIL ``mode``, short side
+    resized to ``size``, centre cropped (a :class:`DataError` naming the file if it cannot be decoded)."""
+    image = torch.from_numpy(decode_image(path, mode).copy()).float().div_(255.0)
+    image = image[None] if image.ndim == 2 else image.permute(2, 0, 1)  # (C, H, W)
+    return resize_center_crop(image, size)
+
+
 def _check_folder_memory(root: Path, count: int, channels: int, image_size: int) -> None:
     """Refuse a folder whose decoded images (float32 at ``image_size``) would not fit in RAM."""
     from vitrim.limits import FLOAT_BYTES, human_bytes, physical_ram
@@ -57,17 +65,17 @@ def _check_folder_memory(root: Path, count: int, channels: int, image_size: int)
                         f"than this machine's {human_bytes(ram)} of RAM; use a smaller folder")
 
 
-def local_processes() -> int:
-    """How many processes share this machine's memory and cores (torchrun's ``LOCAL_WORLD_SIZE``, else 1)."""
-    try:
-        return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    except ValueError:
-        return 1
+def image_files(folder: Path) -> list[Path]:
+    """The image files directly in ``folder`` (by suffix; other files such as ``labels.txt`` are
+    skipped), sorted by name."""
+    with os.scandir(folder) as entries:  # d_type, no stat per file: ImageNet's train split is 1.28 M files
+        names = sorted(e.name for e in entries if e.is_file() and Path(e.name).suffix.lower() in IMAGE_SUFFIXES)
+    return [folder / name for name in names]
 
 
-def _count_images(folder: Path) -> int:
-    with os.scandir(folder) as entries:  # d_type, no stat per file
-        return sum(1 for e in entries if e.is_file() and Path(e.name).suffix.lower() in IMAGE_SUFFIXES)
+def default_stats(channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Normalisation ``(mean, std)`` for a folder when none is given: ImageNet's for 3 channels, 0.5 else."""
+    return (IMAGENET_MEAN, IMAGENET_STD) if channels == 3 else ((0.5,), (0.5,))
 
 
 def folder_fits_in_ram(root: Path, image_size: int, channels: int, share: float = 0.25) -> bool:
@@ -75,14 +83,42 @@ def folder_fits_in_ram(root: Path, image_size: int, channels: int, share: float 
     ``image_size`` (twice: decoded, then stacked), take at most ``share`` of the RAM split between
     the processes of this machine (True for a path that is not a folder, so the in-memory loader
     reports it)."""
+    from vitrim.distributed import local_world_size
     from vitrim.limits import FLOAT_BYTES, physical_ram
 
     if not root.is_dir():
         return True
     with os.scandir(root) as entries:
         subs = [Path(e.path) for e in entries if e.is_dir() and not e.name.startswith(".")]
-    count = _count_images(root) + sum(_count_images(sub) for sub in subs)
-    return 2 * count * channels * image_size**2 * FLOAT_BYTES <= share * physical_ram() / local_processes()
+    count = len(image_files(root)) + sum(len(image_files(sub)) for sub in subs)
+    return 2 * count * channels * image_size**2 * FLOAT_BYTES <= share * physical_ram() / local_world_size()
+
+
+def scan_folder(root: Path) -> tuple[list[Path], list[int], list[str]]:
+    """The images under ``root``, their labels (-1 for a flat, unlabelled folder) and the class names."""
+    if not root.is_dir():
+        raise DataError(f"image folder {root} does not exist; pass a directory of class sub-folders or images")
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    layouts = (f"use one layout: {root}/<class>/<image>.JPEG (labelled) or {root}/<image>.JPEG with no "
+               f"sub-folders (unlabelled, for objective='features')")
+    if not classes:
+        files = image_files(root)
+        if not files:
+            raise DataError(f"{root} has no images ({', '.join(sorted(IMAGE_SUFFIXES))}) and no class "
+                            f"sub-folders; {layouts}")
+        return files, [-1] * len(files), []
+    loose = image_files(root)
+    if loose:
+        raise DataError(f"{root} holds both images ({loose[0].name}, ...) and sub-folders ({classes[0]}/, ...); "
+                        f"{layouts}")
+    files, labels = [], []
+    for label, name in enumerate(classes):
+        found = image_files(root / name)
+        files += found
+        labels += [label] * len(found)
+    if not files:
+        raise DataError(f"{root} has class folders but no images ({', '.join(sorted(IMAGE_SUFFIXES))}); {layouts}")
+    return files, labels, classes
 
 
 def load_image_folder(root: str | Path, image_size: int, channels: int = 3,
@@ -99,36 +135,12 @@ def load_image_folder(root: str | Path, image_size: int, channels: int = 3,
     except ImportError:
         raise DataError("image folders need Pillow: pip install pillow") from None
     root = Path(root)
-    if not root.is_dir():
-        raise DataError(f"image folder {root} does not exist")
     mode = {1: "L", 3: "RGB"}.get(channels)
     if mode is None:
         raise DataError(f"image folders support 1 or 3 channels, got {channels}")
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    loose = _images_in(root)
-    layouts = (f"use one layout: {root}/<class>/<image>.png (labelled) or {root}/<image>.png with no "
-               f"sub-folders (unlabelled, for objective='features')")
-    if classes and loose:
-        raise DataError(f"{root} holds both images ({loose[0].name}, ...) and sub-folders ({classes[0]}/, ...); "
-                        f"{layouts}")
-    if not classes and not loose:
-        raise DataError(f"{root} has no images ({', '.join(sorted(IMAGE_SUFFIXES))}) and no class sub-folders; "
-                        f"{layouts}")
-    files = [(label, path) for label, name in enumerate(classes) for path in _images_in(root / name)]
-    if classes and not files:
-        raise DataError(f"{root} has class folders but no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
-    files = files or [(None, path) for path in loose]
+    files, labels, classes = scan_folder(root)
     _check_folder_memory(root, len(files), channels, image_size)
-    images = []
-    for _, path in files:
-        tensor = torch.from_numpy(decode_image(path, mode).copy()).float().div_(255.0)
-        tensor = tensor[None] if tensor.ndim == 2 else tensor.permute(2, 0, 1)
-        images.append(resize_center_crop(tensor, image_size))
-    labels = torch.tensor([label for label, _ in files]) if classes else None  # (N,), or unlabelled
-    default_mean, default_std = (IMAGENET_MEAN, IMAGENET_STD) if channels == 3 else ((0.5,), (0.5,))
-    return ImageSet(torch.stack(images), labels, classes, mean or default_mean, std or default_std, name=str(root))
-
-
-def _images_in(folder: Path) -> list[Path]:
-    """The image files directly in ``folder``, sorted by name."""
-    return [p for p in sorted(folder.iterdir()) if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+    images = [load_resized(path, mode, image_size) for path in files]
+    default_mean, default_std = default_stats(channels)
+    return ImageSet(torch.stack(images), torch.tensor(labels) if classes else None,  # (N,), or unlabelled
+                    classes, mean or default_mean, std or default_std, name=str(root))

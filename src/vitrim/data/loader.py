@@ -23,46 +23,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from vitrim.data.dataset import ImageSet, normalize
-from vitrim.data.image_folder import IMAGE_SUFFIXES, IMAGENET_MEAN, IMAGENET_STD, decode_image, resize_center_crop
+from vitrim.data.image_folder import default_stats, load_resized, scan_folder
 from vitrim.device import resolve_device
 from vitrim.errors import DataError
 
 Batch = tuple[torch.Tensor, torch.Tensor | None]  # normalised images (B, C, S, S), labels (B,) or None
-
-
-def _files_in(folder: Path) -> list[Path]:
-    """The image files directly in ``folder`` (by suffix, as :func:`vitrim.data.load_image_folder`
-    reads them: other files such as ``labels.txt`` are skipped), sorted by name."""
-    with os.scandir(folder) as entries:  # d_type, no stat per file: ImageNet's train split is 1.28 M files
-        names = sorted(e.name for e in entries if e.is_file() and Path(e.name).suffix.lower() in IMAGE_SUFFIXES)
-    return [folder / name for name in names]
-
-
-def scan_folder(root: Path) -> tuple[list[Path], list[int], list[str]]:
-    """The images under ``root``, their labels (-1 for a flat, unlabelled folder) and the class names."""
-    if not root.is_dir():
-        raise DataError(f"image folder {root} does not exist; pass a directory of class sub-folders or images")
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    layouts = (f"use one layout: {root}/<class>/<image>.JPEG (labelled) or {root}/<image>.JPEG with no "
-               f"sub-folders (unlabelled)")
-    if not classes:
-        files = _files_in(root)
-        if not files:
-            raise DataError(f"{root} has no images ({', '.join(sorted(IMAGE_SUFFIXES))}) and no class "
-                            f"sub-folders; {layouts}")
-        return files, [-1] * len(files), []
-    loose = [p for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
-    if loose:
-        raise DataError(f"{root} holds both images ({loose[0].name}, ...) and sub-folders ({classes[0]}/, ...); "
-                        f"{layouts}")
-    files, labels = [], []
-    for label, name in enumerate(classes):
-        found = _files_in(root / name)
-        files += found
-        labels += [label] * len(found)
-    if not files:
-        raise DataError(f"{root} has class folders but no images ({', '.join(sorted(IMAGE_SUFFIXES))}); {layouts}")
-    return files, labels, classes
 
 
 @dataclass(frozen=True)
@@ -83,7 +48,7 @@ class ImageFolderDataset(Dataset):
 
     def __init__(self, root: str | Path, image_size: int, channels: int = 3) -> None:
         try:
-            import PIL.Image  # noqa: F401 - decode_image needs it
+            import PIL.Image  # noqa: F401 - load_resized needs it
         except ImportError:
             raise DataError("image folders need Pillow: pip install pillow") from None
         self.mode = {1: "L", 3: "RGB"}.get(channels)
@@ -115,12 +80,9 @@ class ImageFolderDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int] | LoadFailure:
         path = self.root / os.fsdecode(self._paths[index])
         try:
-            array = decode_image(path, self.mode)
+            image = load_resized(path, self.mode, self.image_size)
         except DataError as exc:  # passed to the main process as data: one line, not a worker traceback
             return LoadFailure(str(exc))
-        image = torch.from_numpy(array.copy()).float().div_(255.0)
-        image = image[None] if image.ndim == 2 else image.permute(2, 0, 1)  # (C, H, W)
-        image = resize_center_crop(image, self.image_size)
         return image.mul_(255.0).round_().clamp_(0, 255).to(torch.uint8), int(self.labels[index])
 
 
@@ -195,7 +157,7 @@ def folder_loader(root: str | Path, image_size: int, *, split: str | None = None
         root = root / split
     dataset = ImageFolderDataset(root, image_size, channels)
     target = resolve_device(device) if device is not None else torch.device("cpu")
-    default_mean, default_std = (IMAGENET_MEAN, IMAGENET_STD) if channels == 3 else ((0.5,), (0.5,))
+    default_mean, default_std = default_stats(channels)
     rank, world = _distributed()
     options: dict = {}
     if world > 1:
@@ -235,10 +197,10 @@ def loader_throughput(loader: DataLoader, batches: int) -> float:
 def auto_workers() -> int:
     """Decoding processes when none are asked for: this process's share of the cores (torchrun's
     ``LOCAL_WORLD_SIZE`` processes share them), at most 8; 0 when that share is a single core."""
-    from vitrim.data.image_folder import local_processes
+    from vitrim.distributed import local_world_size
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    share = cores // local_processes()
+    share = cores // local_world_size()
     return 0 if share < 2 else min(8, share)
 
 
@@ -317,8 +279,9 @@ def folder_set(root: str | Path, image_size: int, channels: int = 3, *, workers:
     """The image folder ``root`` as a lazily decoded :class:`FolderSet` (layouts as
     :func:`vitrim.data.load_image_folder`; ``workers`` decoding processes, default :func:`auto_workers`)."""
     dataset = ImageFolderDataset(root, image_size, channels)
-    default_mean, default_std = (IMAGENET_MEAN, IMAGENET_STD) if channels == 3 else ((0.5,), (0.5,))
+    default_mean, default_std = default_stats(channels)
     return FolderSet(dataset, mean=mean or default_mean, std=std or default_std, workers=workers)
 
 
-__all__ = ["FolderLoader", "FolderSet", "auto_workers", "folder_set", "ImageFolderDataset", "LoadFailure", "folder_loader", "loader_throughput", "scan_folder"]
+__all__ = ["FolderLoader", "FolderSet", "ImageFolderDataset", "LoadFailure", "auto_workers", "folder_loader",
+           "folder_set", "loader_throughput", "scan_folder"]
