@@ -130,6 +130,30 @@ def test_prune_reports_backbone_and_whole_model_flops(trained, coco, tmp_path, c
     assert code == 0 and "whole-model FLOPs" in out and "block 0" in out
 
 
+@pytest.mark.parametrize("task, metric", [("segment", "miou"), ("detect", "map")])
+def test_tokens_on_a_dense_model_unmerge_for_the_head(trained, coco, task, metric, capsys):
+    code, out, err = run(["tokens", trained[task], "--data", f"coco:{coco}", "--sweep", "1,0.5", "--layers", "0",
+                          "--runs", "2", "--json", *FAST], capsys)
+    assert code == 0, err
+    report = json.loads(out)
+    full, half = report["rows"]
+    assert report["task"] == task and sorted(full["latency"]) == ["1", "8"]  # dense batches by default
+    assert full["metrics"][metric] == pytest.approx(report["dense"]["metrics"][metric], abs=1e-6)
+    assert full["backbone_flops_ratio"] == pytest.approx(1.0)
+    assert half["backbone_flops_ratio"] < half["flops_ratio"] < 1.0  # the head's FLOPs stay
+    code, out, _ = run(["tokens", trained[task], "--data", f"coco:{coco}", "--keep", "0.5", "--runs", "2",
+                        "--batch", "1", *FAST], capsys)
+    assert code == 0 and "tokens restored to the full grid" in out and "speedup b=1" in out
+
+
+def test_export_checks_a_dense_model_on_its_own_images(trained, coco, tmp_path, capsys):
+    code, out, err = run(["export", trained["segment"], "--data", f"coco:{coco}", "--out", tmp_path / "seg.onnx",
+                          "--check-images", "4", "--json", *FAST], capsys)
+    assert code == 0, err
+    check = json.loads(out)["check"]
+    assert check["images"] == 4 and check["top1_agreement"] == 1.0 and check["max_abs_diff"] < 1e-3
+
+
 def test_bench_times_the_whole_model_or_its_backbone(trained, capsys):
     results = {}
     for extra in ([], ["--backbone"]):
@@ -168,13 +192,16 @@ def test_bad_combinations_are_refused(trained, coco, tmp_path, capsys):
         (["train", "--task", "detect", "--data", "fashion-mnist", "--out", tmp_path / "x", *TRAIN], "--data coco:DIR"),
         (["train", "--data", f"coco:{coco}", "--out", tmp_path / "x", *TRAIN], "pass --task segment or --task detect"),
         (["eval", "fmnist-vit", "--data", f"coco:{coco}"], "not a detector or segmenter"),
-        (["eval", trained["detect"], "--limit", "8"], "eval it on its task's data: --data coco:DIR"),
+        (["eval", trained["detect"], "--limit", "8"], "vitrim eval needs its task's data: --data coco:DIR"),
         (["prune", trained["detect"], "--out", tmp_path / "p"], "--data coco:DIR"),
         (["prune", "fmnist-vit", "--data", f"coco:{coco}", "--out", tmp_path / "p"], "not a detector or segmenter"),
         (["bench", "fmnist-vit-micro", "--backbone", "--runs", "1"], "--backbone times a dense model's backbone"),
         (["eval", trained["detect"], "--data", f"coco:{coco}", "--val-split", "val2017"],
          "has no annotations/instances_val2017.json"),
         (["eval", trained["detect"], "--data", f"coco:{tmp_path / 'none'}"], "does not exist"),
+        (["tokens", "fmnist-vit", "--data", f"coco:{coco}"], "not a detector or segmenter"),
+        (["tokens", trained["segment"], "--limit", "8"], "vitrim tokens needs its task's data: --data coco:DIR"),
+        (["compress", trained["segment"], "--data", f"coco:{coco}"], "run the stages one by one"),
     ]
     for argv, message in cases:
         code, _, err = run(argv, capsys)

@@ -1,5 +1,6 @@
 """The YOLOS family: exact conversion both ways, pruning by the detector's own loss, saving and refusals."""
 
+import json
 import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -157,6 +158,22 @@ def test_pruned_by_its_own_loss_to_a_flops_budget_reloads_in_its_class(data, tmp
     x = normalised(data, 2)
     with torch.no_grad():
         assert max_diff(again(x), pruned(x)) == 0
+
+
+def test_the_cli_prunes_a_yolos_directory_by_its_own_loss(tmp_path, capsys):
+    from vitrim.cli import main
+
+    tiny().save_pretrained(tmp_path / "hf")
+    root = write_synthetic_coco(tmp_path / "coco", coco_items(12, LABELS), train=6, val=2, canvas=IMAGE, seed=3)
+    argv = ["prune", tmp_path / "hf", "--data", f"coco:{root}", "--target", "flops=0.6", "--steps", "1",
+            "--round-to", "2", "--threads", "1", "--out", tmp_path / "pruned", "--json"]
+    assert main([str(a) for a in argv]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["task"].startswith("detect (YOLOS") and report["kept_ratio"] <= 0.6
+    assert report["pruned"]["backbone_flops"] <= 0.6 * report["dense"]["backbone_flops"]
+    again = vitrim.load(tmp_path / "pruned")
+    assert type(again).__name__ == "YolosForObjectDetection"
+    assert (tmp_path / "pruned" / "report" / "report.json").is_file()
 
 
 def test_pruning_without_a_loss_follows_the_output_features(data):

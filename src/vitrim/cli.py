@@ -240,7 +240,14 @@ def cmd_tokens(args: argparse.Namespace) -> None:
     from vitrim.bench.token_sweep import reduced_view, token_sweep
     from vitrim.report import format_table
 
+    from vitrim.cli_dense import cmd_tokens_dense, is_coco, is_dense, refuse_dense
+
+    if is_coco(args.data):
+        return cmd_tokens_dense(args)
     model, _ = resolve_model(args.model or DEFAULT_MODEL, allow_random=args.no_eval, pretrained=args.pretrained)
+    if is_dense(model) and args.no_eval:
+        return cmd_tokens_dense(args, model)
+    refuse_dense(model, args)
     check_batch_options(model, args)
     knob = "tau" if args.mode == "dynamic" else "keep"
     values = args.sweep or [args.tau if knob == "tau" else args.keep]
@@ -277,8 +284,11 @@ def cmd_compress(args: argparse.Namespace) -> None:
                          quant=_none(args.quant), calib=args.calib,
                          calib_method=args.calib_method, threads=args.threads, runs=args.runs,
                          target=args.target, joint=joint_config(args))
+    from vitrim.cli_dense import refuse_dense_compress
+
     name = args.model or DEFAULT_MODEL
     model, _ = resolve_model(name, pretrained=args.pretrained)
+    refuse_dense_compress(model, args)
     train_set, test_set = train_and_test(model, args)
     out = Path(args.out or f"runs/{parse_spec(name).stem}-compressed")
     progress = not args.json
@@ -471,7 +481,7 @@ def add_tokens_parser(sub: Any) -> None:
                         "with, else every depth/3 blocks)")
     add_data_args(p, "evaluate on the first N test images only")
     p.add_argument("--no-eval", action="store_true")
-    p.add_argument("--batch", type=positive_int, action="append", help="latency batch sizes (default 1 and 64)")
+    p.add_argument("--batch", type=positive_int, action="append", help="latency batch sizes (default 1 and 64; 1 and 8 for dense models)")
     p.add_argument("--runs", type=positive_int, default=default_of(measure, "runs"))
     add_threads(p)
     add_device(p)

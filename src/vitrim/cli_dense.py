@@ -46,7 +46,7 @@ def is_dense(model: Any) -> bool:
 def refuse_dense(model: Any, args: argparse.Namespace) -> None:
     """A dense model with classification data: one error naming the data it needs."""
     if is_dense(model):
-        raise ConfigError(f"{args.model} is a dense {model.dense.task} model; {args.command} it on its task's "
+        raise ConfigError(f"{args.model} is a dense {model.dense.task} model; vitrim {args.command} needs its task's "
                           f"data: --data coco:DIR")
 
 
@@ -79,6 +79,23 @@ def load_split(args: argparse.Namespace, kind: str, model: Any) -> Any:
     if data.skipped:
         print(f"{data.name}: skipped " + ", ".join(f"{n} {why}" for why, n in data.skipped.items()), file=sys.stderr)
     return data
+
+
+def dense_check_images(args: argparse.Namespace, model: Any, count: int) -> torch.Tensor:
+    """``vitrim export DENSE --data coco:DIR``: the first ``count`` val images, normalised (N, C, S, S)."""
+    from vitrim.dense.segmentation import normalised_batches
+
+    model = dense_model(args.model, "export")
+    args.limit = None
+    return next(normalised_batches(load_split(args, "val", model), count))[1]
+
+
+def refuse_dense_compress(model: Any, args: argparse.Namespace) -> None:
+    """``vitrim compress`` chains classification stages: a dense model gets the commands to run instead."""
+    if is_dense(model) or is_coco(args.data):
+        raise ConfigError(f"vitrim compress runs classification models; for a detector or segmenter run the stages "
+                          f"one by one: vitrim prune MODEL --data coco:DIR --target flops=R --out P, vitrim tokens P "
+                          f"--data coco:DIR --sweep 1,0.7,0.5, vitrim export P --data coco:DIR --out P.onnx")
 
 
 # ---------------------------------------------------------------- coco-synthetic
@@ -238,8 +255,10 @@ def cmd_train_dense(args: argparse.Namespace) -> None:
 
 # ---------------------------------------------------------------- eval
 
-def metrics_text(metrics: dict[str, float]) -> str:
-    """COCO box AP figures, or mIoU and pixel accuracy, on one line."""
+def metrics_text(metrics: dict[str, float], short: bool = False) -> str:
+    """COCO box AP figures, or mIoU and pixel accuracy, on one line (``short``: mAP and AP50 only)."""
+    if "map" in metrics and short:
+        return f"mAP {metrics['map'] * 100:.2f}  AP50 {metrics['ap50'] * 100:.2f}"
     if "map" in metrics:
         return (f"mAP@[.5:.95] {metrics['map'] * 100:.2f}  AP50 {metrics['ap50'] * 100:.2f}  AP75 "
                 f"{metrics['ap75'] * 100:.2f}  AP small/medium/large {metrics['ap_small'] * 100:.2f}/"
@@ -263,6 +282,43 @@ def cmd_eval_dense(args: argparse.Namespace) -> None:
                        f"({len(data)} images)")
 
 
+# ---------------------------------------------------------------- tokens
+
+def cmd_tokens_dense(args: argparse.Namespace, model: Any = None) -> None:
+    """``vitrim tokens DENSE --data coco:DIR``: the task metric, FLOPs and whole-model speed-up per
+    knob value, the reduced tokens restored to the full grid for the head (merge, then unmerge)."""
+    from vitrim.bench.latency import unstable_warning
+    from vitrim.dense.tokens import DENSE_BATCHES, dense_token_sweep
+    from vitrim.dense.train import check_classes
+    from vitrim.report import format_table
+    from vitrim.tokens import reduce_tokens
+
+    model = model if model is not None else dense_model(args.model, "tokens")
+    knob = "tau" if args.mode == "dynamic" else "keep"
+    values = args.sweep or [args.tau if knob == "tau" else args.keep]
+    view = reduce_tokens(model.backbone, args.method, layers=args.layers, mode=args.mode)
+    val = None
+    if not args.no_eval:
+        val = load_split(args, "val", model)
+        check_classes(model, val)
+    batches = args.batch or list(DENSE_BATCHES)
+    with threads(args.threads):
+        rows, dense = dense_token_sweep(model, view, knob, values, val=val, batch_sizes=batches,
+                                        threads=args.threads, runs=args.runs, device=args.device)
+    table = [[f"{r[knob]:g}", metrics_text(r["metrics"], short=True) if "metrics" in r else "-",
+              f"{r['backbone_flops_ratio']:.3f}", f"{r['flops_ratio']:.3f}"]
+             + [f"{r[f'speedup_b{b}']:.2f}x" + ("" if r["latency"][str(b)]["stable"] and dense["latency"][str(b)]["stable"]
+                                                 else "*") for b in batches] for r in rows]
+    header = [knob, "metrics", "backbone FLOPs kept", "model FLOPs kept"] + [f"speedup b={b}" for b in batches]
+    figures = [("dense", b, dense["latency"][str(b)]) for b in batches]
+    figures += [(f"{knob}={i}", b, r["latency"][str(b)]) for i, r in enumerate(rows) for b in batches]
+    base = f"unreduced: {metrics_text(dense['metrics'], short=True)}\n" if dense["metrics"] else ""
+    emit(args, {"model": args.model, "task": model.dense.task, "method": view.method, "mode": args.mode,
+                "layers": list(view.layers), "dense": dense, "rows": rows},
+         f"{model.dense.task} model, {view.method} ({args.mode}) at layers {list(view.layers)}, tokens restored to "
+         f"the full grid for the head\n{base}" + format_table(table, header) + unstable_warning(figures))
+
+
 # ---------------------------------------------------------------- prune
 
 def prune_dense_into(args: argparse.Namespace, cfg: Any, name: str, model: Any, out: Path) -> None:
@@ -270,16 +326,16 @@ def prune_dense_into(args: argparse.Namespace, cfg: Any, name: str, model: Any, 
     from vitrim.dense.prune import prune_dense
     from vitrim.dense.train import check_classes
 
+    from vitrim.adapters import family_of
+
     coco_root(args)
+    if family_of(model) == "hf-yolos":
+        return prune_yolos_into(args, cfg, name, model, out)
     if not is_dense(model):
         dense_model(name, "prune")
     train = load_split(args, "train", model)
     check_classes(model, train)
-    options = {"exclude": cfg.exclude, "saliency": cfg.saliency, "steps": cfg.steps, "round_to": cfg.round_to,
-               "recover": cfg.recover, "seed": cfg.seed, "latency_batch": cfg.latency_batch,
-               "calib_images": min(cfg.calib_images, len(train))}
-    if args.structures:
-        options["structures"] = cfg.structures
+    options = _prune_options(args, cfg, train)
     progress = not args.json
     with threads(args.threads):
         pruned, result = prune_dense(model, cfg.target, train, progress=progress, device=args.device,
@@ -291,6 +347,54 @@ def prune_dense_into(args: argparse.Namespace, cfg: Any, name: str, model: Any, 
     _save_pruned(pruned, out, report, model.config)
     emit(args, report, f"{prune_table(report)}\n\n{_plan(model, pruned)}\n\nsaved the pruned model to {out} and the "
                        f"report to {out / 'report'}")
+
+
+def _prune_options(args: argparse.Namespace, cfg: Any, train: Any) -> dict[str, Any]:
+    """The :class:`~vitrim.prune.PruneConfig` fields ``vitrim prune`` passes on for dense models."""
+    options = {"exclude": cfg.exclude, "saliency": cfg.saliency, "steps": cfg.steps, "round_to": cfg.round_to,
+               "recover": cfg.recover, "seed": cfg.seed, "latency_batch": cfg.latency_batch,
+               "calib_images": min(cfg.calib_images, len(train))}
+    if args.structures:
+        options["structures"] = cfg.structures
+    return options
+
+
+def prune_yolos_into(args: argparse.Namespace, cfg: Any, name: str, model: Any, out: Path) -> None:
+    """``vitrim prune YOLOS --data coco:DIR``: a ``YolosForObjectDetection`` pruned by its own
+    Hungarian-matched loss on the training split, the detection heads kept, saved in its class."""
+    import vitrim
+    from vitrim.adapters import to_canonical
+    from vitrim.adapters.families.yolos import prune_yolos
+    from vitrim.bench.flops import model_cost
+    from vitrim.data.coco import find_split, load_coco
+    from vitrim.distributed import barrier, is_main
+    from vitrim.fsutil import write_json
+    from vitrim.prune.report import dimension_plan, plan_table
+
+    root = coco_root(args)
+    dense_cfg = to_canonical(model).config
+    train = load_coco(root, find_split(root, "train", args.train_split), dense_cfg.image_size, dense_cfg.in_chans)
+    progress = not args.json
+    with threads(args.threads):
+        result = prune_yolos(model, cfg.target, train, progress=progress, device=args.device,
+                             log=(lambda text: print(text, file=sys.stderr)) if progress else None,
+                             **_prune_options(args, cfg, train))
+    pruned = result.model.cpu()
+    pruned_cfg = to_canonical(pruned).config
+    report = {"model": name, "task": "detect (YOLOS, its own loss)", "data": args.data, "calibration": train.name,
+              "metric": result.metric, "kept_ratio": result.kept_ratio, "config": result.config.to_dict(),
+              "command": command_line(args),
+              "dense": {"backbone_flops": model_cost(dense_cfg).flops, "dimension_plan": dimension_plan(dense_cfg)},
+              "pruned": {"backbone_flops": model_cost(pruned_cfg).flops, "dimension_plan": dimension_plan(pruned_cfg)}}
+    if is_main():
+        vitrim.save(pruned, out, locked=True,
+                    add_files=lambda tmp: write_json(tmp / "report" / "report.json", report),
+                    extra={"pruning": {"command": report["command"], "base": name, "config": report["config"],
+                                       "kept_ratio": report["kept_ratio"]}})
+    barrier()
+    emit(args, report, f"{name} (YOLOS) pruned by its detection loss: backbone {cfg.metric} kept "
+                       f"{result.kept_ratio:.3f}\n\n{plan_table(dense_cfg, pruned_cfg)}\n\nsaved the pruned "
+                       f"{type(pruned).__name__} to {out} and the report to {out / 'report'}")
 
 
 def prune_report(args: argparse.Namespace, name: str, train: Any, result: Any, models: dict[str, Any],

@@ -398,9 +398,13 @@ class WithSetting:
     def config(self) -> Any:
         return self.model.config
 
-    def __call__(self, x: torch.Tensor) -> Any:
+    def apply(self) -> None:
+        """Set the settings on the model."""
         for name, value in self.settings.items():
             setattr(self.model, name, value)
+
+    def __call__(self, x: torch.Tensor) -> Any:
+        self.apply()
         return self.model(x)
 
 

@@ -9,6 +9,7 @@ full grid (merge, then unmerge), so the head always sees the grid it was built f
 
 from __future__ import annotations
 
+import copy
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -156,6 +157,12 @@ class DenseModel(nn.Module):
                               "vitrim.reduce_tokens(model.backbone, ...)")
         object.__setattr__(self, "reduced", view)  # not a sub-module: its weights are the backbone's
         return self
+
+    def through(self, view: nn.Module) -> "DenseModel":
+        """A second dense model sharing this one's modules (and weights) whose backbone runs through
+        ``view``, a token-reduced view of it; this model stays as it is."""
+        twin = copy.copy(self)  # a new instance; the sub-modules (and parameters) are this model's
+        return twin.use_reduced(view)
 
     def feature_map(self, images: torch.Tensor) -> torch.Tensor:  # (B, in, H, W) -> (B, C, G, G)
         source = self.reduced if self.reduced is not None else self.backbone

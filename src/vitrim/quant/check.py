@@ -13,7 +13,8 @@ Logits = Callable[[torch.Tensor], torch.Tensor]
 
 @dataclass
 class Agreement:
-    """Max abs logit difference and top-1 agreement of a candidate against a reference."""
+    """Max abs logit difference and top-1 agreement of a candidate against a reference (for dense
+    outputs (B, K, H, W): the share of positions whose top channel agrees, averaged over images)."""
 
     max_abs_diff: float
     mean_abs_diff: float
@@ -41,14 +42,15 @@ def compare(reference: Logits, candidate: Logits, batches: Iterable[torch.Tensor
     """Run both callables on each batch ``(B, C, H, W)`` and accumulate the differences."""
     worst, total, agree, count, elements = 0.0, 0.0, 0, 0, 0
     for x in batches:
-        ref = reference(x).float()  # (B, classes)
-        out = candidate(x).float()  # (B, classes)
+        ref = reference(x).float()  # (B, classes) or dense (B, K, H, W)
+        out = candidate(x).float()
         diff = (ref - out).abs()
         step = diff.max().item()
         worst = max(worst, step if step == step else float("inf"))  # NaN counts as failure
         total += diff.sum().item()
         elements += diff.numel()
-        agree += (ref.argmax(-1) == out.argmax(-1)).sum().item()
+        same = (ref.argmax(1) == out.argmax(1)).reshape(x.shape[0], -1).float()  # (B, positions)
+        agree += same.mean(1).sum().item()
         count += x.shape[0]
     if count == 0:
         raise ValueError("compare() needs at least one image")

@@ -106,7 +106,8 @@ def _add_blockwise_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_data_args(p: argparse.ArgumentParser, help_text: str, split: str) -> None:
-    p.add_argument("--data", default=None, help=f"{help_text}: fashion-mnist | idx:DIR | folder:DIR")
+    p.add_argument("--data", default=None, help=f"{help_text}: fashion-mnist | idx:DIR | folder:DIR"
+                   + (" | coco:DIR (dense models)" if split == "test" else ""))
     p.add_argument("--data-dir", default=None, help="directory holding the Fashion-MNIST IDX files")
     p.add_argument("--split", default=split, choices=["train", "test"])
     p.add_argument("--resize", action="store_true", help="resize images to the model's input size")
@@ -128,6 +129,7 @@ def _images(model_config: Any, args: argparse.Namespace, count: int) -> Any:
 def cmd_export(args: argparse.Namespace) -> None:
     """``vitrim export``: export to ONNX, checked against PyTorch in ONNX Runtime."""
     from vitrim.bench.latency import fixed_threads
+    from vitrim.cli_dense import dense_check_images, is_coco
     from vitrim.fsutil import check_output_file
     from vitrim.quant.export import export
     from vitrim.report import human
@@ -135,7 +137,9 @@ def cmd_export(args: argparse.Namespace) -> None:
     check_output_file(args.out, "--out file")
     model, weights = resolve_model(args.model, allow_random=True, pretrained=args.pretrained)
     check_batch_options(model, args)
-    images = _images(model.config, args, args.check_images) if args.data else None
+    images = _images(model.config, args, args.check_images) if args.data and not is_coco(args.data) else None
+    if is_coco(args.data):  # a dense model checked on its own task's images
+        images = dense_check_images(args, model, args.check_images)
     if images is None:
         import torch
 
