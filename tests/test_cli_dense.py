@@ -128,6 +128,13 @@ def test_prune_reports_backbone_and_whole_model_flops(trained, coco, tmp_path, c
     code, out, _ = run(["prune", trained["segment"], "--data", f"coco:{coco}", "--target", "flops=0.7",
                         "--out", tmp_path / "seg", "--steps", "1", "--no-eval", *FAST], capsys)
     assert code == 0 and "whole-model FLOPs" in out and "block 0" in out
+    code, out, err = run(["prune", trained["segment"], "--data", f"coco:{coco}", "--target", "flops=0.7",
+                          "--recover", "reconstruct+kd", "--epochs", "1", "--out", tmp_path / "seg-kd", "--steps", "1",
+                          "--no-eval", "--json", *FAST], capsys)
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["config"]["recover"] == "reconstruct+kd" and report["kept_ratio"] <= 0.7
+    assert vitrim.load(tmp_path / "seg-kd").config.blocks == vitrim.load(tmp_path / "seg").config.blocks
 
 
 @pytest.mark.parametrize("task, metric", [("segment", "miou"), ("detect", "map")])

@@ -62,9 +62,28 @@ def test_the_task_loss_reaches_every_gate(data, task):
     assert scores["0.heads"].std() > 0
 
 
-def test_embedding_width_and_distillation_are_refused(data):
+def test_the_embedding_width_is_refused(data):
     model = dense_model("segment")
     with pytest.raises(ConfigError, match="leave 'embed' out"):
         prune_dense(model, "flops=0.6", data, structures=("heads", "embed"))
-    with pytest.raises(ConfigError, match="recover='reconstruct'"):
-        prune_dense(model, "flops=0.6", data, recover="kd")
+
+
+def _distance(student: DenseModel, teacher: DenseModel, x: torch.Tensor) -> float:
+    with torch.no_grad():
+        return float(((student.feature_map(x) - teacher.feature_map(x)) ** 2).mean())
+
+
+@pytest.mark.parametrize("task", ["segment", "detect"])
+def test_distillation_matches_the_dense_feature_map_and_outputs(data, task):
+    from vitrim.dense.segmentation import normalised_batches
+
+    model = dense_model(task)
+    x = next(normalised_batches(data, 8))[1]
+    options = dict(steps=1, round_to=1, progress=False, seed=0)
+    plain, _ = prune_dense(model, "flops=0.5", data, recover="none", **options)
+    distilled, result = prune_dense(model, "flops=0.5", data, recover="kd", kd_epochs=8, kd_batch_size=4,
+                                    kd_lr=3e-4, **options)
+    assert result.config.recover == "kd" and distilled.config == plain.config
+    assert _distance(distilled, model, x) < 0.8 * _distance(plain, model, x)
+    for name, p in model.named_parameters():  # the teacher is left as it was
+        assert p.requires_grad, name

@@ -322,7 +322,8 @@ def cmd_tokens_dense(args: argparse.Namespace, model: Any = None) -> None:
 # ---------------------------------------------------------------- prune
 
 def prune_dense_into(args: argparse.Namespace, cfg: Any, name: str, model: Any, out: Path) -> None:
-    """``vitrim prune DENSE --data coco:DIR``: the backbone pruned by the task loss, whole-model FLOPs."""
+    """``vitrim prune DENSE --data coco:DIR``: the backbone pruned by the task loss (distilled from the
+    dense model's feature map and outputs with ``--recover kd``), whole-model FLOPs."""
     from vitrim.dense.prune import prune_dense
     from vitrim.dense.train import check_classes
 
@@ -356,6 +357,8 @@ def _prune_options(args: argparse.Namespace, cfg: Any, train: Any) -> dict[str, 
                "calib_images": min(cfg.calib_images, len(train))}
     if args.structures:
         options["structures"] = cfg.structures
+    if cfg.distils:  # the dense model's feature map and head outputs
+        options.update(kd_epochs=cfg.kd_epochs, kd_images=cfg.kd_images, kd_lr=cfg.kd_lr)
     return options
 
 

@@ -3,12 +3,16 @@ segmentation or detection loss through the whole model, the global search and th
 layer-wise reconstruction, the feature pyramid and head kept as they are.
 
 The embedding width is kept (the pyramid reads it), so the structures are heads, MLP units and
-whole sub-layers unless ``structures`` says otherwise.
+whole sub-layers unless ``structures`` says otherwise. Distillation (``recover="kd"`` or
+``"reconstruct+kd"``) matches the dense model's feature map and head outputs, not class logits.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -52,9 +56,8 @@ def prune_dense(model: DenseModel, target: str = "flops=0.5", data: Any = None, 
         raise ConfigError(f"prune_dense prunes a vitrim DenseModel, got {type(model).__name__}")
     if data is None or len(data) == 0:
         raise ConfigError("pruning a dense model needs its task's data (a DenseSet from vitrim.data.coco.load_coco)")
-    if "kd" in options.get("recover", "reconstruct"):
-        raise ConfigError("distillation recovers class logits; for a dense model use recover='reconstruct' "
-                          "(or 'none') and fine-tune the task afterwards")
+    recover = options.pop("recover", "reconstruct")
+    kd = {key: options.pop(key) for key in KD_OPTIONS if key in options}
     options.setdefault("structures", BACKBONE_STRUCTURES)
     if "embed" in options["structures"]:
         raise ConfigError("the feature pyramid reads the backbone's embedding width: leave 'embed' out of structures")
@@ -62,9 +65,48 @@ def prune_dense(model: DenseModel, target: str = "flops=0.5", data: Any = None, 
     calib = ImageSet(data.images, torch.arange(len(data)), [str(i) for i in range(len(data))], data.mean, data.std,
                      name=data.name)
     options.setdefault("calib_images", len(data))
+    layerwise = {"reconstruct+kd": "reconstruct", "kd": "none"}.get(recover, recover)
     result = prune(model.backbone, target, data=calib, loss_fn=loss_fn, forward=forward, objective="labels",
-                   **options)
+                   recover=layerwise, **options)
     pruned = copy.deepcopy(model)
     pruned.backbone = result.model
     pruned.use_reduced(None)
+    if layerwise != recover:
+        with tempfile.TemporaryDirectory() as tmp:
+            distill_dense(pruned, model, data, tmp, seed=options.get("seed", 0), progress=options.get("progress", True),
+                          device=options.get("device"), **kd)
+        result.config = dataclasses.replace(result.config, recover=recover)
     return pruned, result
+
+
+KD_OPTIONS = ("kd_epochs", "kd_images", "kd_lr", "kd_batch_size")  # distill_dense's settings
+
+
+def distill_dense(student: DenseModel, teacher: DenseModel, data: Any, out_dir: str | Path, *, kd_epochs: int = 1,
+                  kd_images: int | None = None, kd_lr: float = 2e-4, kd_batch_size: int = 32, seed: int = 0,
+                  progress: bool = True, device: Any = None) -> DenseModel:
+    """Train ``student`` in place to match ``teacher``'s feature map and head outputs on ``data``'s
+    images (a ``DenseSet``; no labels used) for ``kd_epochs`` or ``kd_images``: the sum of both
+    mean squared errors, each relative to the teacher's variance."""
+    from vitrim.dense.train import dense_train_config, indexed
+    from vitrim.train import fit
+
+    teacher = copy.deepcopy(teacher).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+
+    def outputs(model: DenseModel, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = model.feature_map(x)  # (B, C, G, G)
+        return features, model.head(model.pyramid(features), x.shape[-2:])
+
+    def loss(model: Any, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            targets = outputs(teacher.to(x.device), x)
+        return sum(F.mse_loss(s.float(), t.float()) / t.float().var().clamp_min(1e-8)
+                   for s, t in zip(outputs(model, x), targets))
+
+    cfg = dense_train_config(epochs=kd_epochs, lr=kd_lr, min_lr=kd_lr * 0.01, warmup_epochs=0.05, weight_decay=0.01,
+                             batch_size=min(kd_batch_size, len(data), kd_images or len(data)), seed=seed,
+                             limit_train=kd_images)
+    fit(student, indexed(data), cfg, out_dir, progress=progress, loss_fn=loss, device=device)
+    return student.eval()
