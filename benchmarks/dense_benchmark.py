@@ -27,6 +27,7 @@ import argparse
 import copy
 import math
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -57,25 +58,30 @@ def split(root: Path, name: str, model: Any):
     return load_coco(root, name, cfg.image_size, cfg.in_chans)
 
 
-def classification_plan(backbone: Any, ratio: float, images: int, round_to: int, seed: int) -> PrunePlan:
-    """The global search on the classification loss's Fisher saliency of ``backbone`` (a classifier)
-    on Fashion-MNIST training images resized to its input."""
+def classification_saliency(backbone: Any, images: int, seed: int) -> dict[str, torch.Tensor]:
+    """Fisher saliency of the classification loss of ``backbone`` (a classifier) on Fashion-MNIST
+    training images resized to its input."""
     from vitrim.data import load_dataset
     from vitrim.prune.api import calibration_batches
 
     data = load_dataset("fashion-mnist", "train").subset(images).resized(backbone.config.image_size)
     batches = calibration_batches(data, images, 32, backbone.config.image_size, seed)
-    scores = saliency(backbone, batches, "fisher", total=len(batches), progress=False)
+    return saliency(backbone, batches, "fisher", total=len(batches), progress=False)
+
+
+def classification_plan(backbone: Any, scores: dict[str, torch.Tensor], ratio: float, round_to: int) -> PrunePlan:
+    """The global search on the classification saliency ``scores``, to ``ratio`` of the FLOPs."""
     cost = CostModel("flops")
     search = Search(backbone.config, scores, cost, structures=BACKBONE_STRUCTURES, round_to=round_to)
     search.run(cost.total(backbone.config) * ratio)
     return search.plan()
 
 
-def uniform_plan(backbone: Any, ratio: float) -> PrunePlan:
+def uniform_plan(backbone: Any, ratio: float, round_to: int) -> PrunePlan:
     """Every block keeps the same number of heads (``ratio`` of them, rounded) and the same share of
-    MLP units, the largest-norm ones, at the largest share whose backbone FLOPs are within ``ratio``
-    of the dense backbone's (fewer heads when even the smallest MLP does not fit)."""
+    MLP units (a multiple of ``round_to``), the largest-norm ones, at the largest share whose
+    backbone FLOPs are within ``ratio`` of the dense backbone's (fewer heads when even the smallest
+    MLP does not fit)."""
     cfg: ViTConfig = backbone.config
     scores = magnitude_saliency(backbone)
     cost = CostModel("flops")
@@ -85,7 +91,7 @@ def uniform_plan(backbone: Any, ratio: float) -> PrunePlan:
         blocks = []
         for i, d in enumerate(cfg.blocks):
             kept = sorted(scores[f"{i}.heads"].argsort(descending=True)[:heads].tolist())
-            units = max(1, math.floor(d.mlp_dim * share))
+            units = max(round_to, math.floor(d.mlp_dim * share / round_to) * round_to)
             mlp = sorted(scores[f"{i}.mlp"].argsort(descending=True)[:units].tolist())
             blocks.append(BlockPlan(kept, [list(range(d.qk_dim)) for _ in kept], [list(range(d.v_dim)) for _ in kept],
                                     mlp))
@@ -106,10 +112,11 @@ def uniform_plan(backbone: Any, ratio: float) -> PrunePlan:
     raise ValueError(f"no uniform plan reaches {ratio} of the backbone's FLOPs")
 
 
-def finetune(model: Any, train: Any, epochs: int, lr: float, work: Path) -> Any:
+def finetune(model: Any, train: Any, epochs: int, lr: float) -> Any:
     tuned = copy.deepcopy(model)
     cfg = dense_train_config(epochs=epochs, lr=lr, warmup_epochs=0, seed=0)
-    return fit_dense(tuned, train, cfg, work, progress=False).model
+    with tempfile.TemporaryDirectory() as work:  # its checkpoints
+        return fit_dense(tuned, train, cfg, work, progress=False).model
 
 
 def main() -> None:
@@ -128,11 +135,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--limit", type=int, default=None, help="first N train and val images (a smoke test)")
-    parser.add_argument("--work", default="runs/dense_benchmark", help="fine-tuning checkpoints")
     parser.add_argument("--name", default="dense_benchmark")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    root, work = Path(args.data), Path(args.work)
+    root = Path(args.data)
     ratios = [float(r) for r in args.ratios.split(",")]
     tuned_ratios = [float(r) for r in args.finetune.split(",") if r]
 
@@ -147,9 +153,10 @@ def main() -> None:
     results["detector"]["dense"] = dense
     print(f"dense detector: mAP {dense['metrics']['map'] * 100:.2f}", flush=True)
     models: dict[str, Any] = {"dense": detector}
+    classification_scores = classification_saliency(detector.backbone, calib, args.seed)
     for ratio in ratios:
-        plans = {"classification": classification_plan(detector.backbone, ratio, calib, args.round_to, args.seed),
-                 "uniform": uniform_plan(detector.backbone, ratio)}
+        plans = {"classification": classification_plan(detector.backbone, classification_scores, ratio, args.round_to),
+                 "uniform": uniform_plan(detector.backbone, ratio, args.round_to)}
         for method in METHODS:
             started = time.perf_counter()
             options = dict(steps=1, round_to=args.round_to, calib_images=calib, seed=args.seed, progress=False,
@@ -165,7 +172,7 @@ def main() -> None:
                      "prune_seconds": round(time.perf_counter() - started, 1)}
             if ratio in tuned_ratios and method != "uniform":
                 started = time.perf_counter()
-                tuned = finetune(pruned, train, args.finetune_epochs, args.finetune_lr, work / key)
+                tuned = finetune(pruned, train, args.finetune_epochs, args.finetune_lr)
                 entry["finetuned_metrics"] = evaluate_dense(tuned.eval(), val)
                 entry["finetune_seconds"] = round(time.perf_counter() - started, 1)
             results["detector"][key] = entry

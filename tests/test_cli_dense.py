@@ -151,14 +151,35 @@ def test_tokens_on_a_dense_model_unmerge_for_the_head(trained, coco, task, metri
     code, out, _ = run(["tokens", trained[task], "--data", f"coco:{coco}", "--keep", "0.5", "--runs", "2",
                         "--batch", "1", *FAST], capsys)
     assert code == 0 and "tokens restored to the full grid" in out and "speedup b=1" in out
+    code, out, err = run(["tokens", trained[task], "--no-eval", "--keep", "0.5", "--runs", "2", "--batch", "1",
+                          "--json", *FAST], capsys)  # no data: FLOPs and speed only
+    assert code == 0, err
+    (row,) = json.loads(out)["rows"]
+    assert "metrics" not in row and row["backbone_flops_ratio"] == pytest.approx(half["backbone_flops_ratio"])
 
 
-def test_export_checks_a_dense_model_on_its_own_images(trained, coco, tmp_path, capsys):
-    code, out, err = run(["export", trained["segment"], "--data", f"coco:{coco}", "--out", tmp_path / "seg.onnx",
+@pytest.mark.parametrize("task", ["segment", "detect"])
+def test_export_checks_a_dense_model_on_its_own_images(trained, coco, task, tmp_path, capsys):
+    code, out, err = run(["export", trained[task], "--data", f"coco:{coco}", "--out", tmp_path / "dense.onnx",
                           "--check-images", "4", "--json", *FAST], capsys)
     assert code == 0, err
     check = json.loads(out)["check"]
     assert check["images"] == 4 and check["top1_agreement"] == 1.0 and check["max_abs_diff"] < 1e-3
+
+
+def test_export_agreement_counts_a_detectors_class_channels_only():
+    from vitrim.quant.check import compare
+
+    x = torch.zeros(2, 1, 4, 4)
+    reference = torch.zeros(2, 3 + 4, 4, 4)
+    reference[:, 0] = 1.0  # class 0 everywhere; the box channels hold larger values
+    reference[:, 3:] = 5.0
+    candidate = reference.clone()
+    candidate[:, 3:] = torch.arange(4.0).view(1, 4, 1, 1) * 10  # other box values: the top box channel moves
+    candidate[1, 1, :2] = 2.0  # image 1: class 1 wins in half of the positions
+    agreement = compare(lambda _: reference, lambda _: candidate, [x], reference_name="r", classes=3)
+    assert agreement.top1_agreement == pytest.approx(0.75)
+    assert compare(lambda _: reference, lambda _: reference, [x], reference_name="r", classes=3).top1_agreement == 1
 
 
 def test_bench_times_the_whole_model_or_its_backbone(trained, capsys):

@@ -6,7 +6,7 @@ import torch
 import vitrim
 from vitrim.errors import ConfigError, ModelFileError
 from vitrim.models import VisionTransformer, uniform_config
-from vitrim.models.dense import DenseHeadConfig, DenseModel
+from vitrim.models.dense import DenseHeadConfig, DenseModel, SegmentationHead
 from vitrim.tokens import reduce_tokens
 
 
@@ -53,6 +53,20 @@ def test_token_reduction_unmerges_for_the_head():
     assert not torch.allclose(reduced, dense)
     with pytest.raises(ConfigError, match="must wrap this dense model's own backbone"):
         model.use_reduced(reduce_tokens(segmenter().backbone, "tome"))
+
+
+def test_a_reduced_twin_shares_the_weights_and_leaves_the_model_as_it_was():
+    model = segmenter().eval()
+    x = torch.randn(2, 1, 32, 32)
+    view = reduce_tokens(model.backbone, "tome", layers=(0, 1), keep=0.5)
+    twin = model.through(view)
+    with torch.no_grad():
+        dense, reduced = model(x), twin(x)
+    assert model.reduced is None and twin.reduced is view and not twin.training
+    assert twin.head is model.head and twin.backbone is model.backbone
+    assert not torch.allclose(dense, reduced)
+    twin.head = torch.nn.Identity()  # replacing a module of the twin leaves the model's
+    assert isinstance(model.head, SegmentationHead)
 
 
 def test_bad_head_configs_and_files(tmp_path):

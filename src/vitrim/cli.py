@@ -237,13 +237,13 @@ def prune_data(model: Any, args: argparse.Namespace, family: str) -> tuple[Any, 
 def cmd_tokens(args: argparse.Namespace) -> None:
     """``vitrim tokens``: accuracy, FLOPs and speed-up of token reduction per knob value."""
     from vitrim.bench.latency import unstable_warning
-    from vitrim.bench.token_sweep import reduced_view, token_sweep
+    from vitrim.bench.token_sweep import reduced_view, speedup_columns, token_sweep
     from vitrim.report import format_table
 
-    from vitrim.cli_dense import cmd_tokens_dense, is_coco, is_dense, refuse_dense
+    from vitrim.cli_dense import cmd_tokens_dense, dense_model, is_coco, is_dense, refuse_dense
 
     if is_coco(args.data):
-        return cmd_tokens_dense(args)
+        return cmd_tokens_dense(args, dense_model(args.model or DEFAULT_MODEL, "tokens", pretrained=args.pretrained))
     model, _ = resolve_model(args.model or DEFAULT_MODEL, allow_random=args.no_eval, pretrained=args.pretrained)
     if is_dense(model) and args.no_eval:
         return cmd_tokens_dense(args, model)
@@ -261,12 +261,10 @@ def cmd_tokens(args: argparse.Namespace) -> None:
                                           threads=args.threads, runs=args.runs, device=args.device)
     if not is_main():  # under torchrun rank 0 times and prints
         return
+    cells, figures = speedup_columns(knob, rows, dense_latency, batches)
     table = [[f"{r[knob]:g}", f"{r['accuracy'] * 100:.2f}%" if "accuracy" in r else "-", f"{r['flops_ratio']:.3f}"]
-             + [f"{r[f'speedup_b{b}']:.2f}x" + ("" if r["latency"][str(b)]["stable"] and dense_latency[str(b)]["stable"]
-                                                 else "*") for b in batches] for r in rows]
+             + speedups for r, speedups in zip(rows, cells)]
     header = [knob, "accuracy", "FLOPs kept"] + [f"speedup b={b}" for b in batches]
-    figures = [("dense", b, dense_latency[str(b)]) for b in batches]
-    figures += [(f"{knob}={i}", b, r["latency"][str(b)]) for i, r in enumerate(rows) for b in batches]
     emit(args, {"model": args.model or DEFAULT_MODEL, "method": args.method, "mode": args.mode,
                 "layers": list(reduced.layers), "dense_latency": dense_latency, "rows": rows},
          f"{args.method} ({args.mode}) at layers {list(reduced.layers)}\n" + format_table(table, header)
@@ -479,9 +477,10 @@ def add_tokens_parser(sub: Any) -> None:
     p.add_argument("--layers", type=parse_ints, default=None,
                    help="blocks after which tokens are reduced, e.g. 2,4 (default: those the model was fine-tuned "
                         "with, else every depth/3 blocks)")
-    add_data_args(p, "evaluate on the first N test images only")
+    add_data_args(p, "evaluate on the first N test images only (val images for coco:DIR)")
     p.add_argument("--no-eval", action="store_true")
-    p.add_argument("--batch", type=positive_int, action="append", help="latency batch sizes (default 1 and 64; 1 and 8 for dense models)")
+    p.add_argument("--batch", type=positive_int, action="append",
+                   help="latency batch sizes (default 1 and 64; 1 and 8 for dense models)")
     p.add_argument("--runs", type=positive_int, default=default_of(measure, "runs"))
     add_threads(p)
     add_device(p)

@@ -50,11 +50,11 @@ def refuse_dense(model: Any, args: argparse.Namespace) -> None:
                           f"data: --data coco:DIR")
 
 
-def dense_model(spec: str, what: str) -> Any:
+def dense_model(spec: str, what: str, pretrained: bool = False) -> Any:
     """The dense model ``spec`` names; a classifier is refused with the command that makes one."""
     from vitrim.cli_common import resolve_model
 
-    model = resolve_model(spec)[0]
+    model = resolve_model(spec, pretrained=pretrained)[0]
     if not is_dense(model):
         raise ConfigError(f"{spec} is a {type(model).__name__} classifier, not a detector or segmenter; {what} "
                           f"with coco:DIR data takes a dense model (vitrim train --task detect|segment --data coco:DIR "
@@ -85,9 +85,12 @@ def dense_check_images(args: argparse.Namespace, model: Any, count: int) -> torc
     """``vitrim export DENSE --data coco:DIR``: the first ``count`` val images, normalised (N, C, S, S)."""
     from vitrim.dense.segmentation import normalised_batches
 
-    model = dense_model(args.model, "export")
-    args.limit = None
-    return next(normalised_batches(load_split(args, "val", model), count))[1]
+    if not is_dense(model):
+        dense_model(args.model, "export")  # the error naming what coco:DIR data needs
+    data = load_split(args, "val", model)
+    if len(data) == 0:
+        raise DataError(f"{data.name} holds no images to check the export on; use a split with images")
+    return next(normalised_batches(data, count))[1]
 
 
 def refuse_dense_compress(model: Any, args: argparse.Namespace) -> None:
@@ -284,16 +287,17 @@ def cmd_eval_dense(args: argparse.Namespace) -> None:
 
 # ---------------------------------------------------------------- tokens
 
-def cmd_tokens_dense(args: argparse.Namespace, model: Any = None) -> None:
+def cmd_tokens_dense(args: argparse.Namespace, model: Any) -> None:
     """``vitrim tokens DENSE --data coco:DIR``: the task metric, FLOPs and whole-model speed-up per
     knob value, the reduced tokens restored to the full grid for the head (merge, then unmerge)."""
     from vitrim.bench.latency import unstable_warning
+    from vitrim.bench.token_sweep import speedup_columns
     from vitrim.dense.tokens import DENSE_BATCHES, dense_token_sweep
     from vitrim.dense.train import check_classes
+    from vitrim.distributed import is_main
     from vitrim.report import format_table
     from vitrim.tokens import reduce_tokens
 
-    model = model if model is not None else dense_model(args.model, "tokens")
     knob = "tau" if args.mode == "dynamic" else "keep"
     values = args.sweep or [args.tau if knob == "tau" else args.keep]
     view = reduce_tokens(model.backbone, args.method, layers=args.layers, mode=args.mode)
@@ -305,13 +309,13 @@ def cmd_tokens_dense(args: argparse.Namespace, model: Any = None) -> None:
     with threads(args.threads):
         rows, dense = dense_token_sweep(model, view, knob, values, val=val, batch_sizes=batches,
                                         threads=args.threads, runs=args.runs, device=args.device)
+    if not is_main():  # under torchrun rank 0 prints
+        return
+    cells, figures = speedup_columns(knob, rows, dense["latency"], batches)
     table = [[f"{r[knob]:g}", metrics_text(r["metrics"], short=True) if "metrics" in r else "-",
-              f"{r['backbone_flops_ratio']:.3f}", f"{r['flops_ratio']:.3f}"]
-             + [f"{r[f'speedup_b{b}']:.2f}x" + ("" if r["latency"][str(b)]["stable"] and dense["latency"][str(b)]["stable"]
-                                                 else "*") for b in batches] for r in rows]
+              f"{r['backbone_flops_ratio']:.3f}", f"{r['flops_ratio']:.3f}"] + speedups
+             for r, speedups in zip(rows, cells)]
     header = [knob, "metrics", "backbone FLOPs kept", "model FLOPs kept"] + [f"speedup b={b}" for b in batches]
-    figures = [("dense", b, dense["latency"][str(b)]) for b in batches]
-    figures += [(f"{knob}={i}", b, r["latency"][str(b)]) for i, r in enumerate(rows) for b in batches]
     base = f"unreduced: {metrics_text(dense['metrics'], short=True)}\n" if dense["metrics"] else ""
     emit(args, {"model": args.model, "task": model.dense.task, "method": view.method, "mode": args.mode,
                 "layers": list(view.layers), "dense": dense, "rows": rows},
@@ -329,9 +333,9 @@ def prune_dense_into(args: argparse.Namespace, cfg: Any, name: str, model: Any, 
 
     from vitrim.adapters import family_of
 
-    coco_root(args)
     if family_of(model) == "hf-yolos":
         return prune_yolos_into(args, cfg, name, model, out)
+    coco_root(args)
     if not is_dense(model):
         dense_model(name, "prune")
     train = load_split(args, "train", model)

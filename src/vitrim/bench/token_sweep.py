@@ -29,6 +29,18 @@ def reduced_view(model: nn.Module, method: str | None, layers: Sequence[int] | N
     return model, reduced, reduced.method
 
 
+def speedup_columns(knob: str, rows: Sequence[dict[str, Any]], dense_latency: dict[str, Any],
+                    batch_sizes: Sequence[int]) -> tuple[list[list[str]], list[tuple[str, int, Any]]]:
+    """``(cells, figures)`` for a sweep's table: per row its speed-up per batch size (``*`` when
+    either timing is unstable), and every timing labelled by its knob value for
+    :func:`~vitrim.bench.latency.unstable_warning`."""
+    cells = [[f"{r[f'speedup_b{b}']:.2f}x" + ("" if r["latency"][str(b)]["stable"] and dense_latency[str(b)]["stable"]
+                                              else "*") for b in batch_sizes] for r in rows]
+    figures = [("dense", b, dense_latency[str(b)]) for b in batch_sizes]
+    figures += [(f"{knob}={r[knob]:g}", b, r["latency"][str(b)]) for r in rows for b in batch_sizes]
+    return cells, figures
+
+
 def token_sweep(model: nn.Module, reduced: Any, knob: str, values: Sequence[float], *, test: Any = None,
                 batch_sizes: Sequence[int] = (1, 64), threads: int | None = None,
                 runs: int = 30,

@@ -75,15 +75,17 @@ def prune_dense(model: DenseModel, target: str = "flops=0.5", data: Any = None, 
         with tempfile.TemporaryDirectory() as tmp:
             distill_dense(pruned, model, data, tmp, seed=options.get("seed", 0), progress=options.get("progress", True),
                           device=options.get("device"), **kd)
-        result.config = dataclasses.replace(result.config, recover=recover)
+        result.config = dataclasses.replace(result.config, recover=recover, **{**KD_DEFAULTS, **kd})
     return pruned, result
 
 
-KD_OPTIONS = ("kd_epochs", "kd_images", "kd_lr", "kd_batch_size")  # distill_dense's settings
+KD_DEFAULTS = {"kd_epochs": 1, "kd_images": None, "kd_lr": 2e-4, "kd_batch_size": 32}  # distill_dense's
+KD_OPTIONS = tuple(KD_DEFAULTS)
 
 
-def distill_dense(student: DenseModel, teacher: DenseModel, data: Any, out_dir: str | Path, *, kd_epochs: int = 1,
-                  kd_images: int | None = None, kd_lr: float = 2e-4, kd_batch_size: int = 32, seed: int = 0,
+def distill_dense(student: DenseModel, teacher: DenseModel, data: Any, out_dir: str | Path, *,
+                  kd_epochs: int = KD_DEFAULTS["kd_epochs"], kd_images: int | None = KD_DEFAULTS["kd_images"],
+                  kd_lr: float = KD_DEFAULTS["kd_lr"], kd_batch_size: int = KD_DEFAULTS["kd_batch_size"], seed: int = 0,
                   progress: bool = True, device: Any = None) -> DenseModel:
     """Train ``student`` in place to match ``teacher``'s feature map and head outputs on ``data``'s
     images (a ``DenseSet``; no labels used) for ``kd_epochs`` or ``kd_images``: the sum of both

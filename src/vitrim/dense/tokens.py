@@ -28,15 +28,15 @@ class ReducedDenseRunner(WithSetting):
 
     def __init__(self, model: DenseModel, view: Any, **settings: Any) -> None:
         super().__init__(view, **settings)
-        self.dense = model
+        self.whole = model
 
     @property
     def config(self) -> Any:
-        return self.dense.config
+        return self.whole.config
 
     def __call__(self, x: torch.Tensor) -> Any:
         self.apply()
-        return self.dense(x)
+        return self.whole(x)
 
 
 def dense_token_sweep(model: DenseModel, view: Any, knob: str, values: Sequence[float], *, val: Any = None,
@@ -59,7 +59,8 @@ def dense_token_sweep(model: DenseModel, view: Any, knob: str, values: Sequence[
     cost = dense_cost(model)
     cfg = model.config
     sample = next(normalised_batches(val, batch_size))[1] if val is not None else \
-        torch.randn(batch_size, cfg.in_chans, cfg.image_size, cfg.image_size)  # (B, C, S, S)
+        torch.randn(batch_size, cfg.in_chans, cfg.image_size, cfg.image_size,
+                    generator=torch.Generator().manual_seed(0))  # (B, C, S, S)
     dense: dict[str, Any] = {"metrics": evaluate_dense(model, val, batch_size) if val is not None else {}}
     rows: list[dict[str, Any]] = []
     for value in values:

@@ -60,6 +60,7 @@ class _OnDevice(torch.nn.Module):
     def __init__(self, model: DenseModel, device: torch.device) -> None:
         super().__init__()
         self.model, self.device, self.stride = model, device, model.stride
+        self.train(model.training)  # the evaluation restores this mode afterwards
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(images.to(self.device)).float().cpu()

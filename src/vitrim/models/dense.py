@@ -9,7 +9,6 @@ full grid (merge, then unmerge), so the head always sees the grid it was built f
 
 from __future__ import annotations
 
-import copy
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -159,9 +158,13 @@ class DenseModel(nn.Module):
         return self
 
     def through(self, view: nn.Module) -> "DenseModel":
-        """A second dense model sharing this one's modules (and weights) whose backbone runs through
-        ``view``, a token-reduced view of it; this model stays as it is."""
-        twin = copy.copy(self)  # a new instance; the sub-modules (and parameters) are this model's
+        """A second dense model holding this one's backbone, pyramid and head (the same modules and
+        weights) whose backbone runs through ``view``, a token-reduced view of it; this model keeps
+        running through its backbone."""
+        twin = DenseModel.__new__(DenseModel)
+        nn.Module.__init__(twin)
+        twin.backbone, twin.pyramid, twin.head, twin.dense = self.backbone, self.pyramid, self.head, self.dense
+        twin.training = self.training
         return twin.use_reduced(view)
 
     def feature_map(self, images: torch.Tensor) -> torch.Tensor:  # (B, in, H, W) -> (B, C, G, G)

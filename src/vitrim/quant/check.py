@@ -38,8 +38,10 @@ class Agreement:
 
 @torch.no_grad()
 def compare(reference: Logits, candidate: Logits, batches: Iterable[torch.Tensor], *,
-            reference_name: str, tolerance: float | None = None) -> Agreement:
-    """Run both callables on each batch ``(B, C, H, W)`` and accumulate the differences."""
+            reference_name: str, tolerance: float | None = None, classes: int | None = None) -> Agreement:
+    """Run both callables on each batch ``(B, C, H, W)`` and accumulate the differences; the top-1
+    agreement is over the first ``classes`` output channels (default: all; a detector's heatmaps
+    come before its box channels)."""
     worst, total, agree, count, elements = 0.0, 0.0, 0, 0, 0
     for x in batches:
         ref = reference(x).float()  # (B, classes) or dense (B, K, H, W)
@@ -49,7 +51,8 @@ def compare(reference: Logits, candidate: Logits, batches: Iterable[torch.Tensor
         worst = max(worst, step if step == step else float("inf"))  # NaN counts as failure
         total += diff.sum().item()
         elements += diff.numel()
-        same = (ref.argmax(1) == out.argmax(1)).reshape(x.shape[0], -1).float()  # (B, positions)
+        top = slice(0, classes)
+        same = (ref[:, top].argmax(1) == out[:, top].argmax(1)).reshape(x.shape[0], -1).float()  # (B, positions)
         agree += same.mean(1).sum().item()
         count += x.shape[0]
     if count == 0:

@@ -401,7 +401,7 @@ def prune_yolos(model: nn.Module, target: str = "flops=0.5", data: Any = None, *
         raise ConfigError("pruning YOLOS by its loss needs detection data (a DenseSet from vitrim.data.coco.load_coco)")
     if "kd" in options.get("recover", "reconstruct"):
         raise ConfigError("distillation matches the canonical logits, which are not the detector's output; use "
-                          "recover='reconstruct' (or 'none') and fine-tune the detector afterwards")
+                          "--recover reconstruct (recover='reconstruct') or none, and fine-tune the detector afterwards")
     forward, loss_fn = yolos_loss(model, data)
     channels = data.images.shape[1]
     mean, std = (IMAGENET_MEAN, IMAGENET_STD) if channels == 3 else ((0.5,) * channels, (0.5,) * channels)
