@@ -112,6 +112,15 @@ def uniform_plan(backbone: Any, ratio: float, round_to: int) -> PrunePlan:
     raise ValueError(f"no uniform plan reaches {ratio} of the backbone's FLOPs")
 
 
+def training_record(directory: str) -> dict[str, Any]:
+    """How a model directory was trained: its command, epochs and last epoch's record."""
+    import json
+
+    training = json.loads((Path(directory) / "config.json").read_text()).get("training", {})
+    history = training.get("history") or [{}]
+    return {"command": training.get("command"), "epochs": len(training.get("history") or []), "last": history[-1]}
+
+
 def finetune(model: Any, train: Any, epochs: int, lr: float) -> Any:
     tuned = copy.deepcopy(model)
     cfg = dense_train_config(epochs=epochs, lr=lr, warmup_epochs=0, seed=0)
@@ -147,7 +156,10 @@ def main() -> None:
     if args.limit:
         train, val = train.subset(min(args.limit, len(train))), val.subset(min(args.limit, len(val)))
     calib = min(args.calib, len(train))
-    results: dict[str, Any] = {"environment": environment(), "settings": vars(args), "detector": {}, "segmenter": {}}
+    results: dict[str, Any] = {"environment": environment(), "settings": vars(args), "detector": {}, "segmenter": {},
+                               "references": {"detector": training_record(args.detector)}}
+    if args.segmenter:
+        results["references"]["segmenter"] = training_record(args.segmenter)
     dense = {"metrics": evaluate_dense(detector, val), **dense_cost(detector),
              "dimension_plan": dimension_plan(detector.config)}
     results["detector"]["dense"] = dense
@@ -207,6 +219,9 @@ def markdown(results: dict[str, Any]) -> str:
              f"{results['environment']['device']}, {results['environment']['threads']} threads. Every detector "
              f"below was timed interleaved with the others in one process (median of "
              f"{results['settings']['runs']}; `*`: spread p90/p10 over the stability limit).\n",
+             "Reference models (`make dense-reference` makes them): "
+             + "; ".join(f"{name}: `{ref['command']}` ({ref['epochs']} epochs)"
+                         for name, ref in results["references"].items()) + "\n",
              "## Detector: backbone pruned by the task loss, by the classification loss, and uniformly\n",
              "One-shot pruning, layer-wise reconstruction on the detection training images (no training); "
              f"then {results['settings']['finetune_epochs']} epoch(s) of detection training at lr "

@@ -93,3 +93,20 @@ def test_a_detector_saves_and_reloads(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(again(x), model(x), atol=0, rtol=0)
     assert again.dense.task == "detect"
+
+
+def test_a_detector_computes_only_the_pyramid_level_its_head_reads():
+    torch.manual_seed(0)
+    backbone = VisionTransformer(uniform_config(2, 32, 2, image_size=32, patch_size=4, in_chans=1, num_classes=1,
+                                                mean=(0.5,), std=(0.5,)))
+    model = DenseModel(backbone, DenseHeadConfig(num_classes=3, task="detect", scales=(1.0, 2.0, 0.5))).eval()
+    x = torch.randn(2, 1, 32, 32)
+    calls = []
+    for i, level in enumerate(model.pyramid.levels):
+        level.register_forward_hook(lambda *_, i=i: calls.append(i))
+    with torch.no_grad():
+        features = model.feature_map(x)
+        every_level = model.head(model.pyramid(features), x.shape[-2:])
+        calls.clear()
+        torch.testing.assert_close(model(x), every_level, atol=0, rtol=0)
+    assert calls == [1]  # scale 2: the finest

@@ -27,7 +27,7 @@ def dense_cost(model: DenseModel) -> dict[str, int]:
     features = torch.zeros(1, cfg.embed_dim, grid, grid)  # (1, C, G, G)
     counter = FlopCounterMode(display=False)
     with counter:
-        model.head(model.pyramid(features), (cfg.image_size, cfg.image_size))
+        model.predict(features, (cfg.image_size, cfg.image_size))
     backbone = model_cost(cfg)
     head = int(counter.get_total_flops())
     return {"backbone_flops": backbone.flops, "head_flops": head, "flops": backbone.flops + head,

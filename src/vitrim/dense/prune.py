@@ -33,7 +33,7 @@ def task_loss(model: DenseModel, data: Any):
 
     def forward(backbone, x: torch.Tensor) -> torch.Tensor:
         maps = backbone.forward_intermediates(x, [head.dense.index])[0]
-        return head.head(head.pyramid(maps), x.shape[-2:])
+        return head.predict(maps, x.shape[-2:])
 
     if model.dense.task == "segment":
         def loss_fn(output: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -99,7 +99,7 @@ def distill_dense(student: DenseModel, teacher: DenseModel, data: Any, out_dir: 
 
     def outputs(model: DenseModel, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         features = model.feature_map(x)  # (B, C, G, G)
-        return features, model.head(model.pyramid(features), x.shape[-2:])
+        return features, model.predict(features, x.shape[-2:])
 
     def loss(model: Any, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():

@@ -27,7 +27,7 @@ class DenseHeadConfig:
     """``num_classes``: per-pixel classes (segment: background included) or object classes
     (detect); ``index``: the block whose feature map feeds the pyramid (ViTDet: the last);
     ``scales``: pyramid levels relative to the patch grid (2 = twice as fine; detection predicts
-    on the finest); ``width``: channels of every level and of the head."""
+    on the finest and computes only that one); ``width``: channels of every level and of the head."""
 
     num_classes: int
     task: str = "segment"
@@ -79,8 +79,10 @@ class SimpleFeaturePyramid(nn.Module):
         super().__init__()
         self.levels = nn.ModuleList(_level(in_channels, config.width, s) for s in config.scales)
 
-    def forward(self, features: torch.Tensor) -> list[torch.Tensor]:  # (B, C, G, G) -> [(B, W, sG, sG)]
-        return [level(features) for level in self.levels]
+    def forward(self, features: torch.Tensor, levels: list[int] | None = None) -> list[torch.Tensor]:
+        """(B, C, G, G) -> [(B, W, sG, sG)] per level (``levels``: these indices only)."""
+        chosen = range(len(self.levels)) if levels is None else levels
+        return [self.levels[i](features) for i in chosen]
 
 
 class SegmentationHead(nn.Module):
@@ -171,5 +173,13 @@ class DenseModel(nn.Module):
         source = self.reduced if self.reduced is not None else self.backbone
         return source.forward_intermediates(images, [self.dense.index])[0]
 
+    def predict(self, features: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """The head's output from the backbone's feature map (B, C, G, G), for ``size`` input images;
+        the detector computes only the pyramid level its head reads (the finest)."""
+        levels = None
+        if self.dense.task == "detect":
+            levels = [max(range(len(self.dense.scales)), key=lambda i: self.dense.scales[i])]
+        return self.head(self.pyramid(features, levels), size)
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.head(self.pyramid(self.feature_map(images)), images.shape[-2:])
+        return self.predict(self.feature_map(images), images.shape[-2:])
