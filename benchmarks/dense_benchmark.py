@@ -54,8 +54,9 @@ METHODS = ("task", "classification", "uniform")
 
 
 def split(root: Path, name: str, model: Any):
+    """The split at ``model``'s input size, normalised by its mean and std (as ``vitrim`` does)."""
     cfg = model.config
-    return load_coco(root, name, cfg.image_size, cfg.in_chans)
+    return load_coco(root, name, cfg.image_size, cfg.in_chans).for_model(cfg)
 
 
 def classification_saliency(backbone: Any, images: int, seed: int) -> dict[str, torch.Tensor]:

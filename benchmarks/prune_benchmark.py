@@ -145,7 +145,8 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+",
                         default=["vitrim-taylor2", "vitrim-fisher", "vitrim-magnitude", "tp-taylor", "tp-hessian"])
     parser.add_argument("--recover", nargs="+", default=["none", "reconstruct", "kd"],
-                        help="none | reconstruct | kd | reconstruct+kd; reconstruct applies to vitrim methods only")
+                        help="none | reconstruct | kd | reconstruct+kd; reconstruct applies to vitrim methods only "
+                             "(Torch-Pruning gets kd for reconstruct+kd)")
     parser.add_argument("--note", default="", help="a sentence for the summary (what this run covers)")
     parser.add_argument("--calib", type=int, default=512)
     parser.add_argument("--tp-calib", type=int, default=256)
@@ -178,7 +179,9 @@ def main() -> None:
             reconstructed = None
             for recover in args.recover:
                 if recover.startswith("reconstruct") and not method.startswith("vitrim-"):
-                    continue
+                    if recover != "reconstruct+kd" or "kd" in args.recover:
+                        continue
+                    recover = "kd"  # Torch-Pruning has no reconstruction: the same distillation alone
                 t0 = time.perf_counter()
                 if recover.startswith("reconstruct") and reconstructed is None:
                     reconstructed = vitrim_pruned(dense, ratio, method, "reconstruct", train, args)

@@ -65,15 +65,12 @@ def dense_model(spec: str, what: str, pretrained: bool = False) -> Any:
 def load_split(args: argparse.Namespace, kind: str, model: Any) -> Any:
     """``kind`` (``train``/``val``) of ``--data coco:DIR`` at ``model``'s input size and normalisation;
     ``--limit`` applies to the split evaluated; skipped records are counted on stderr."""
-    import dataclasses
-
     from vitrim.data.coco import find_split, load_coco
 
     root = coco_root(args)
     split = find_split(root, kind, getattr(args, f"{kind}_split", None))
     cfg = model.config
-    data = load_coco(root, split, cfg.image_size, cfg.in_chans)
-    data = dataclasses.replace(data, mean=tuple(cfg.mean), std=tuple(cfg.std))
+    data = load_coco(root, split, cfg.image_size, cfg.in_chans).for_model(cfg)
     if (kind == "val" or args.command == "eval") and getattr(args, "limit", None):
         data = data.subset(min(args.limit, len(data)))
     if data.skipped:

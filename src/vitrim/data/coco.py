@@ -57,6 +57,11 @@ class DenseSet:
     def __len__(self) -> int:
         return int(self.images.shape[0])
 
+    def for_model(self, config: Any) -> "DenseSet":
+        """This split normalised by a model's ``config.mean`` / ``config.std`` (what it was trained
+        with; :func:`load_coco` leaves 0.5 / 0.5)."""
+        return replace(self, mean=tuple(config.mean), std=tuple(config.std))
+
     def subset(self, count: int) -> "DenseSet":
         """The first ``count`` images with their targets."""
         return replace(self, images=self.images[:count], targets=self.targets[:count],
