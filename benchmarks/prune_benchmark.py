@@ -166,8 +166,9 @@ def main() -> None:
     for ratio in args.targets:
         for method in args.methods:
             started = time.perf_counter()
-            if method.startswith("vitrim-"):
-                base = vitrim_pruned(dense, ratio, method, "none", train, args)
+            if method.startswith("vitrim-"):  # the unrecovered model only when a recovery starts from it
+                needs_base = any(not r.startswith("reconstruct") for r in args.recover)
+                base = vitrim_pruned(dense, ratio, method, "none", train, args) if needs_base else None
             else:
                 base = tp_pruned(dense, ratio, method.split("-", 1)[1], train, args)
                 if base is None:
