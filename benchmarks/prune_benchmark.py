@@ -66,7 +66,7 @@ def use_fused_reshape(model: VisionTransformer) -> None:
     for block in model.blocks:
         attn = block.attn
 
-        def forward(x, attn=attn):
+        def forward(x, bias=None, capture=None, attn=attn):  # vitrim's Attention.forward signature
             B, N, _ = x.shape
             qkv = attn.qkv(x).reshape(B, N, 3, attn.heads, -1).permute(2, 0, 3, 1, 4)  # (3, B, H, N, D)
             q, k, v = qkv.unbind(0)
