@@ -54,7 +54,11 @@ def dense_model(spec: str, what: str, pretrained: bool = False) -> Any:
     """The dense model ``spec`` names; a classifier is refused with the command that makes one."""
     from vitrim.cli_common import resolve_model
 
-    model = resolve_model(spec, pretrained=pretrained)[0]
+    return require_dense(resolve_model(spec, pretrained=pretrained)[0], spec, what)
+
+
+def require_dense(model: Any, spec: str, what: str) -> Any:
+    """``model`` if it is a dense model; else a :class:`ConfigError` naming the command that makes one."""
     if not is_dense(model):
         raise ConfigError(f"{spec} is a {type(model).__name__} classifier, not a detector or segmenter; {what} "
                           f"with coco:DIR data takes a dense model (vitrim train --task detect|segment --data coco:DIR "
@@ -82,8 +86,7 @@ def dense_check_images(args: argparse.Namespace, model: Any, count: int) -> torc
     """``vitrim export DENSE --data coco:DIR``: the first ``count`` val images, normalised (N, C, S, S)."""
     from vitrim.dense.segmentation import normalised_batches
 
-    if not is_dense(model):
-        dense_model(args.model, "export")  # the error naming what coco:DIR data needs
+    require_dense(model, args.model, "export")
     data = load_split(args, "val", model)
     if len(data) == 0:
         raise DataError(f"{data.name} holds no images to check the export on; use a split with images")
@@ -333,8 +336,7 @@ def prune_dense_into(args: argparse.Namespace, cfg: Any, name: str, model: Any, 
     if family_of(model) == "hf-yolos":
         return prune_yolos_into(args, cfg, name, model, out)
     coco_root(args)
-    if not is_dense(model):
-        dense_model(name, "prune")
+    require_dense(model, name, "prune")
     train = load_split(args, "train", model)
     check_classes(model, train)
     options = _prune_options(args, cfg, train)

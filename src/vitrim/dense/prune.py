@@ -18,8 +18,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from vitrim.data.dataset import ImageSet
 from vitrim.dense.detection import detection_loss
+from vitrim.dense.train import dense_train_config, indexed
 from vitrim.errors import ConfigError
 from vitrim.models.dense import DenseModel
 
@@ -62,8 +62,7 @@ def prune_dense(model: DenseModel, target: str = "flops=0.5", data: Any = None, 
     if "embed" in options["structures"]:
         raise ConfigError("the feature pyramid reads the backbone's embedding width: leave 'embed' out of structures")
     forward, loss_fn = task_loss(model, data)
-    calib = ImageSet(data.images, torch.arange(len(data)), [str(i) for i in range(len(data))], data.mean, data.std,
-                     name=data.name)
+    calib = indexed(data)  # the loss looks each image's targets up by its index
     options.setdefault("calib_images", len(data))
     layerwise = {"reconstruct+kd": "reconstruct", "kd": "none"}.get(recover, recover)
     result = prune(model.backbone, target, data=calib, loss_fn=loss_fn, forward=forward, objective="labels",
@@ -90,7 +89,6 @@ def distill_dense(student: DenseModel, teacher: DenseModel, data: Any, out_dir: 
     """Train ``student`` in place to match ``teacher``'s feature map and head outputs on ``data``'s
     images (a ``DenseSet``; no labels used) for ``kd_epochs`` or ``kd_images``: the sum of both
     mean squared errors, each relative to the teacher's variance."""
-    from vitrim.dense.train import dense_train_config, indexed
     from vitrim.train import fit
 
     teacher = copy.deepcopy(teacher).eval()

@@ -137,9 +137,11 @@ def cmd_export(args: argparse.Namespace) -> None:
     check_output_file(args.out, "--out file")
     model, weights = resolve_model(args.model, allow_random=True, pretrained=args.pretrained)
     check_batch_options(model, args)
-    images = _images(model.config, args, args.check_images) if args.data and not is_coco(args.data) else None
+    images = None
     if is_coco(args.data):  # a dense model checked on its own task's images
         images = dense_check_images(args, model, args.check_images)
+    elif args.data:
+        images = _images(model.config, args, args.check_images)
     if images is None:
         import torch
 
