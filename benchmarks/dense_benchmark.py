@@ -11,8 +11,11 @@ for every method (layer-wise reconstruction on the detection training images, no
   backbone pruned as a classifier, then the detection head re-attached;
 - ``uniform``: every block keeps the same share of heads and MLP units (the largest-norm ones).
 
-Then ``--finetune-epochs`` of detection training for the ratios in ``--finetune`` (task and
-classification). Reported: COCO mAP / AP50 on the val split, backbone and whole-model FLOPs, the
+Then, for the ratios in ``--finetune`` (task and classification), a short recovery per kind in
+``--finetune-by``: ``kd``, ``--finetune-epochs`` of distillation from the dense detector (its
+feature map and head outputs, no labels; :func:`vitrim.dense.prune.distill_dense` at
+``--kd-lr``), and ``labels``, detection training on the labels at ``--finetune-lr``.
+Reported: COCO mAP / AP50 on the val split, backbone and whole-model FLOPs, the
 latency of the whole detector at batch 1 and 8 (all models timed interleaved in one process) and
 the dimension plan per block. The segmenter: ToMe merging at ``--keeps``, restored to the full
 grid for the head, no training: mIoU, FLOPs and speed-up (interleaved).
@@ -41,7 +44,7 @@ import vitrim  # noqa: E402
 from vitrim.bench.latency import interleaved_latency  # noqa: E402
 from vitrim.data.coco import load_coco  # noqa: E402
 from vitrim.dense.cost import dense_cost  # noqa: E402
-from vitrim.dense.prune import BACKBONE_STRUCTURES, prune_dense  # noqa: E402
+from vitrim.dense.prune import BACKBONE_STRUCTURES, distill_dense, prune_dense  # noqa: E402
 from vitrim.dense.train import dense_train_config, evaluate_dense, fit_dense  # noqa: E402
 from vitrim.models.config import ViTConfig  # noqa: E402
 from vitrim.prune.cost import CostModel  # noqa: E402
@@ -122,10 +125,14 @@ def training_record(directory: str) -> dict[str, Any]:
     return {"command": training.get("command"), "epochs": len(training.get("history") or []), "last": history[-1]}
 
 
-def finetune(model: Any, train: Any, epochs: int, lr: float) -> Any:
+def finetune(model: Any, dense: Any, train: Any, kind: str, args: argparse.Namespace) -> Any:
+    """A copy of ``model`` distilled from ``dense`` (``kd``) or trained on the labels (``labels``)."""
     tuned = copy.deepcopy(model)
-    cfg = dense_train_config(epochs=epochs, lr=lr, warmup_epochs=0, seed=0)
     with tempfile.TemporaryDirectory() as work:  # its checkpoints
+        if kind == "kd":
+            return distill_dense(tuned, dense, train, work, kd_epochs=args.finetune_epochs, kd_lr=args.kd_lr,
+                                 seed=args.seed, progress=False)
+        cfg = dense_train_config(epochs=args.finetune_epochs, lr=args.finetune_lr, warmup_epochs=0, seed=0)
         return fit_dense(tuned, train, cfg, work, progress=False).model
 
 
@@ -137,9 +144,11 @@ def main() -> None:
     parser.add_argument("--ratios", default="0.8,0.6,0.4")
     parser.add_argument("--calib", type=int, default=512, help="calibration images (saliency, reconstruction)")
     parser.add_argument("--round-to", type=int, default=8)
-    parser.add_argument("--finetune", default="0.8,0.6,0.4", help="ratios fine-tuned after pruning (empty: none)")
+    parser.add_argument("--finetune", default="0.8,0.6", help="ratios fine-tuned after pruning (empty: none)")
+    parser.add_argument("--finetune-by", default="kd,labels", help="recoveries after pruning: kd and/or labels")
     parser.add_argument("--finetune-epochs", type=int, default=1)
-    parser.add_argument("--finetune-lr", type=float, default=2e-4)
+    parser.add_argument("--kd-lr", type=float, default=2e-4, help="distillation learning rate")
+    parser.add_argument("--finetune-lr", type=float, default=5e-5, help="label training learning rate")
     parser.add_argument("--keeps", default="1,0.8,0.7,0.5")
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--threads", type=int, default=2)
@@ -151,6 +160,9 @@ def main() -> None:
     root = Path(args.data)
     ratios = [float(r) for r in args.ratios.split(",")]
     tuned_ratios = [float(r) for r in args.finetune.split(",") if r]
+    kinds = [k for k in args.finetune_by.split(",") if k]
+    if set(kinds) - {"kd", "labels"}:
+        parser.error(f"--finetune-by takes kd and/or labels, got {args.finetune_by!r}")
 
     detector = vitrim.load(args.detector).eval()
     train, val = split(root, "train", detector), split(root, "val", detector)
@@ -183,15 +195,15 @@ def main() -> None:
                      "metrics": evaluate_dense(pruned, val), **dense_cost(pruned),
                      "dimension_plan": dimension_plan(pruned.config),
                      "prune_seconds": round(time.perf_counter() - started, 1)}
-            if ratio in tuned_ratios and method != "uniform":
+            for kind in kinds if ratio in tuned_ratios and method != "uniform" else ():
                 started = time.perf_counter()
-                tuned = finetune(pruned, train, args.finetune_epochs, args.finetune_lr)
-                entry["finetuned_metrics"] = evaluate_dense(tuned.eval(), val)
-                entry["finetune_seconds"] = round(time.perf_counter() - started, 1)
+                tuned = finetune(pruned, detector, train, kind, args)
+                entry.setdefault("finetuned", {})[kind] = {"metrics": evaluate_dense(tuned.eval(), val),
+                                                           "seconds": round(time.perf_counter() - started, 1)}
             results["detector"][key] = entry
             models[key] = pruned
-            tuned_text = f", fine-tuned {entry['finetuned_metrics']['map'] * 100:.2f}" if "finetuned_metrics" in entry \
-                else ""
+            tuned_text = "".join(f", {kind} {done['metrics']['map'] * 100:.2f}"
+                                 for kind, done in entry.get("finetuned", {}).items())
             print(f"{key}: kept {result.kept_ratio:.3f}, mAP {entry['metrics']['map'] * 100:.2f}{tuned_text}",
                   flush=True)
     timed = interleaved_latency(models, (1, 8), threads=args.threads, runs=args.runs)  # every detector, interleaved
@@ -225,18 +237,22 @@ def markdown(results: dict[str, Any]) -> str:
                          for name, ref in results["references"].items()) + "\n",
              "## Detector: backbone pruned by the task loss, by the classification loss, and uniformly\n",
              "One-shot pruning, layer-wise reconstruction on the detection training images (no training); "
-             f"then {results['settings']['finetune_epochs']} epoch(s) of detection training at lr "
-             f"{results['settings']['finetune_lr']:g} where a fine-tuned figure is given.\n",
-             "| model | backbone FLOPs | model FLOPs | mAP | AP50 | mAP fine-tuned | b=1 ms (speed-up) | b=8 ms (speed-up) |",
-             "|---|---|---|---|---|---|---|---|"]
+             f"then, where a figure is given, {results['settings']['finetune_epochs']} epoch(s) of distillation "
+             f"from the dense detector (kd: feature map and head outputs, no labels, lr "
+             f"{results['settings']['kd_lr']:g}) or of detection training on the labels (lr "
+             f"{results['settings']['finetune_lr']:g}).\n",
+             "| model | backbone FLOPs | model FLOPs | mAP | AP50 | mAP after kd | mAP after labels | "
+             "b=1 ms (speed-up) | b=8 ms (speed-up) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for key, e in det.items():
         lat = e["latency"]
         cells = [f"{lat[b]['median_ms']:.1f} ({lat[b]['speedup']:.2f}x){'' if lat[b]['stable'] else '*'}"
                  for b in ("1", "8")]
-        tuned = f"{e['finetuned_metrics']['map'] * 100:.2f}" if "finetuned_metrics" in e else "-"
+        tuned = [f"{e['finetuned'][k]['metrics']['map'] * 100:.2f}" if k in e.get("finetuned", {}) else "-"
+                 for k in ("kd", "labels")]
         lines.append(f"| {key} | {e['backbone_flops'] / dense['backbone_flops']:.3f} | "
                      f"{e['flops'] / dense['flops']:.3f} | {e['metrics']['map'] * 100:.2f} | "
-                     f"{e['metrics']['ap50'] * 100:.2f} | {tuned} | {cells[0]} | {cells[1]} |")
+                     f"{e['metrics']['ap50'] * 100:.2f} | {tuned[0]} | {tuned[1]} | {cells[0]} | {cells[1]} |")
     depth = len(dense["dimension_plan"])
     lines += ["", "### Dimension plans (heads x q/k / v dims per head, then MLP units, per block; - : sub-layer removed)\n",
               "| model | " + " | ".join(f"block {i}" for i in range(depth)) + " |", "|---|" + "---|" * depth]

@@ -89,3 +89,58 @@ def test_distillation_matches_the_dense_feature_map_and_outputs(data, task):
     assert _distance(distilled, model, x) < 0.8 * _distance(plain, model, x)
     torch.testing.assert_close(model.state_dict(), before, rtol=0, atol=0)  # the teacher is left as it was
     assert all(p.requires_grad for p in model.parameters()) and not model.training
+
+
+@pytest.mark.parametrize("task", ["segment", "detect"])
+def test_vitrim_prune_takes_a_dense_model_and_its_batch_loss(data, task):
+    """``vitrim.prune(dense, target, data=..., loss=fn)``: ``fn`` sees the dense model on the backbone
+    being pruned and the batch's targets; the backbone alone is pruned, the pyramid and head kept."""
+    import torch.nn.functional as F
+
+    import vitrim
+    from vitrim.dense.detection import detection_loss
+
+    model = dense_model(task)
+    seen = []
+
+    def loss(net, batch):
+        images, targets = batch
+        seen.append((type(net), type(targets)))
+        if task == "segment":
+            return F.cross_entropy(net(images), targets)
+        return detection_loss(net(images), targets, net.stride)
+
+    result = vitrim.prune(model, "flops=0.6", data, loss=loss, steps=1, round_to=2, progress=False)
+    pruned = result.model
+    assert type(pruned) is DenseModel and result.kept_ratio <= 0.6
+    assert seen and all(net is DenseModel for net, _ in seen)
+    assert all(kind is (torch.Tensor if task == "segment" else list) for _, kind in seen)
+    x = (data.images[:2].float() / 255 - 0.5) / 0.5
+    assert pruned(x).shape == model(x).shape
+    for name, weight in model.head.state_dict().items():
+        torch.testing.assert_close(pruned.head.state_dict()[name], weight)
+
+
+def test_the_batch_loss_ranks_like_the_task_loss(data):
+    """A segmenter's mean cross-entropy over a batch scores every gate as the per-image task loss does."""
+    import torch.nn.functional as F
+
+    from vitrim.dense.prune import batch_task_loss
+    from vitrim.prune.saliency import saliency
+
+    model = dense_model("segment")
+    forward, loss_fn = task_loss(model, data)
+    x = (data.images.float() / 255 - 0.5) / 0.5
+    batches = [(x, torch.arange(len(data)))]
+    exact = saliency(model.backbone, batches, "fisher", loss_fn=loss_fn, forward=forward)
+    scalar = saliency(model.backbone, batches, "fisher",
+                      batch_loss=batch_task_loss(model, data, lambda net, b: F.cross_entropy(net(b[0]), b[1])))
+    for key in exact:
+        torch.testing.assert_close(scalar[key], exact[key], rtol=1e-4, atol=1e-12)
+
+
+def test_a_dense_model_refuses_per_sample_loss_functions(data):
+    import vitrim
+
+    with pytest.raises(ConfigError, match="a dense model's loss is loss=fn"):
+        vitrim.prune(dense_model("segment"), "flops=0.6", data, loss_fn=lambda out, y: out.sum(), progress=False)

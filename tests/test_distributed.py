@@ -1,6 +1,7 @@
 """World size 1 vs 2 (two gloo processes on 127.0.0.1): the same saliency, plan and reconstructed weights,
 the same DDP training as one process with the global batch, a world-2 checkpoint resumed in one process,
-and sharded evaluation equal to one process's on a count not divisible by 2."""
+and sharded evaluation equal to one process's on a count not divisible by 2 (classification, detection
+and segmentation)."""
 
 import os
 import socket
@@ -59,6 +60,25 @@ def _stop_after_first(model, record):
     raise Interrupted
 
 
+def dense_scores(root):
+    """Every dense task's val metrics of a small random dense model, or None without pycocotools."""
+    try:
+        import pycocotools  # noqa: F401
+    except ImportError:
+        return None
+    from tests.test_dense_prune import dense_model
+    from vitrim.data.coco import load_coco
+    from vitrim.dense.train import evaluate_dense
+
+    val = load_coco(root, "val", image_size=32)
+    scores, seen = {}, []
+    for task in ("detect", "segment"):
+        model = dense_model(task)
+        model.backbone.patch_embed.register_forward_hook(lambda module, args, out: seen.append(out.shape[0]))
+        scores[task] = evaluate_dense(model, val, batch_size=2)
+    return {"scores": scores, "images_seen": sum(seen)}
+
+
 def _worker(rank, port, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(WORLD), RANK=str(rank),
                       LOCAL_RANK=str(rank))
@@ -73,6 +93,7 @@ def _worker(rank, port, out):
         result["plan"] = pruned.model.config.to_dict()
         result["pruned"] = pruned.model.state_dict()
         result["eval"] = vitrim.evaluate(tiny_model(), test, batch_size=4)
+        result["dense"] = dense_scores(os.path.join(out, "coco"))
         model = tiny_model()
         fit(model, data, train_config(4), os.path.join(out, "train"), progress=False)
         result["trained"] = model.state_dict()
@@ -95,6 +116,13 @@ def free_port():
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
+    try:
+        from tests.conftest import coco_items
+        from vitrim.data.coco import write_synthetic_coco
+
+        write_synthetic_coco(out / "coco", coco_items(12, 3), train=2, val=TEST, canvas=32, seed=3)
+    except ImportError:  # no pycocotools: the dense scores are not compared
+        pass
     mp.spawn(_worker, args=(free_port(), str(out)), nprocs=WORLD, join=True)
     return out, [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]
 
@@ -138,6 +166,21 @@ def test_sharded_evaluation_is_exact(two_ranks):
         assert result["eval"]["count"] == TEST
         assert result["eval"]["accuracy"] == single["accuracy"]
         assert result["eval"]["loss"] == pytest.approx(single["loss"], rel=1e-6)
+
+
+def test_sharded_dense_evaluation_is_exact(two_ranks):
+    """Detection mAP (the shards' detections gathered) and segmentation mIoU (the confusion matrices
+    summed) under two ranks equal one process's, on a val count not divisible by 2."""
+    pytest.importorskip("pycocotools")
+    out, results = two_ranks
+    single = dense_scores(out / "coco")
+    assert single["images_seen"] == 2 * TEST
+    scores = single["scores"]
+    assert scores["detect"].keys() >= {"map", "ap50"} and scores["segment"]["pixel_accuracy"] > 0
+    assert [r["dense"]["images_seen"] for r in results] == [2 * 7, 2 * 6]  # each rank its shard, per task
+    for result in results:
+        for task, metrics in scores.items():
+            assert result["dense"]["scores"][task] == pytest.approx(metrics, rel=1e-6, abs=1e-9)
 
 
 def test_ddp_training_matches_the_global_batch(two_ranks, tmp_path):

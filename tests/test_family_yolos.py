@@ -249,3 +249,38 @@ def test_a_yolos_detector_refuses_onnx_export(tmp_path):
     with pytest.raises(ConfigError, match="does not export to ONNX"):
         export(tiny(), tmp_path / "m.onnx")
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_detections_are_the_image_processors_post_processing(data):
+    """Each detection token's best real class, boxes in pixels: what YOLOS's own post-processing gives."""
+    processor = pytest.importorskip("transformers").YolosImageProcessorPil()
+    model = tiny()
+    x = normalised(data, 2)
+    with torch.no_grad():
+        expected = processor.post_process_object_detection(model(pixel_values=x), threshold=0.0,
+                                                           target_sizes=[(IMAGE, IMAGE)] * 2)
+    for ours, theirs in zip(yolos.yolos_detections(model, x), expected):
+        order = theirs["scores"].argsort(descending=True)
+        torch.testing.assert_close(ours["scores"], theirs["scores"][order])
+        torch.testing.assert_close(ours["labels"], theirs["labels"][order])
+        torch.testing.assert_close(ours["boxes"], theirs["boxes"][order])
+
+
+def test_the_cli_evaluates_a_yolos_directory_on_coco(tmp_path, capsys):
+    from vitrim.cli import main
+
+    tiny().save_pretrained(tmp_path / "hf")
+    root = write_synthetic_coco(tmp_path / "coco", coco_items(12, LABELS), train=2, val=5, canvas=IMAGE, seed=3)
+    assert main(["eval", str(tmp_path / "hf"), "--data", f"coco:{root}", "--threads", "1", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["task"] == "detect (YOLOS)" and report["count"] == 5
+    direct = yolos.evaluate_yolos(tiny(), load_coco(root, "val", image_size=IMAGE, channels=3))
+    assert {k: report[k] for k in direct} == pytest.approx(direct)
+    assert 0 <= report["map"] <= report["ap50"] <= 1
+
+
+def test_evaluating_on_more_categories_than_the_detector_has_is_refused(data):
+    from vitrim.errors import DataError
+
+    with pytest.raises(DataError, match="categories but the model predicts 2"):
+        yolos.evaluate_yolos(tiny(num_labels=2), data)

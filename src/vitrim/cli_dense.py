@@ -271,10 +271,15 @@ def metrics_text(metrics: dict[str, float], short: bool = False) -> str:
 
 def cmd_eval_dense(args: argparse.Namespace) -> None:
     """``vitrim eval DENSE --data coco:DIR``: COCO mAP (detect) or mIoU / pixel accuracy (segment)."""
+    from vitrim.adapters import family_of
+    from vitrim.adapters.sources import load_model
     from vitrim.dense.train import check_classes, evaluate_dense
 
     coco_root(args)
-    model = dense_model(args.model, "eval")
+    model = load_model(args.model, require_trained=True).model  # in its family's class
+    if family_of(model) == "hf-yolos":
+        return eval_yolos(args, model)
+    require_dense(model, args.model, "eval")
     data = load_split(args, "train" if args.split == "train" else "val", model)
     check_classes(model, data)
     with threads(args.threads):
@@ -283,6 +288,19 @@ def cmd_eval_dense(args: argparse.Namespace) -> None:
               "count": len(data), **metrics}
     emit(args, result, f"{args.model} ({model.dense.task}) on {data.name}: {metrics_text(metrics)}  "
                        f"({len(data)} images)")
+
+
+def eval_yolos(args: argparse.Namespace, model: Any) -> None:
+    """``vitrim eval YOLOS --data coco:DIR``: COCO box metrics of a ``YolosForObjectDetection``."""
+    from vitrim.adapters import to_canonical
+    from vitrim.adapters.families.yolos import evaluate_yolos
+
+    data = load_split(args, "train" if args.split == "train" else "val", to_canonical(model))
+    with threads(args.threads):
+        metrics = evaluate_yolos(model, data, args.batch_size, device=args.device)
+    result = {"model": args.model, "task": "detect (YOLOS)", "data": args.data, "split": data.name,
+              "count": len(data), **metrics}
+    emit(args, result, f"{args.model} (YOLOS) on {data.name}: {metrics_text(metrics)}  ({len(data)} images)")
 
 
 # ---------------------------------------------------------------- tokens

@@ -114,6 +114,15 @@ def broadcast_object(value: object) -> object:
     return box[0]
 
 
+def all_gather_object(value: object) -> list[object]:
+    """Every rank's ``value``, in rank order, on every rank (``[value]`` in one process)."""
+    if not active():
+        return [value]
+    gathered: list[object] = [None] * world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
 def main_lock(target: str | os.PathLike[str]) -> contextlib.AbstractContextManager[None]:
     """:func:`vitrim.fsutil.output_lock` on ``target`` held by rank 0, the rank that writes; nothing
     on the others (their lock would refuse the run)."""
@@ -144,5 +153,5 @@ def strided_shard(indices: Sequence[int] | torch.Tensor, rank_: int | None = Non
     return indices[r::w]
 
 
-__all__ = ["active", "all_reduce_sum", "barrier", "broadcast_object", "init_from_env", "is_main", "main_lock", "rank",
+__all__ = ["active", "all_gather_object", "all_reduce_sum", "barrier", "broadcast_object", "init_from_env", "is_main", "main_lock", "rank",
            "shard", "strided_shard", "world_size"]

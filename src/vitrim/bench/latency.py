@@ -374,7 +374,8 @@ def paired_latency(first: nn.Module, second: nn.Module, batch_size: int = 1, *, 
                    warmup: int = 5, runs: int = 30) -> dict[str, Any]:
     """Median latency of two models timed alternately in one loop (drift hits both alike).
 
-    ``speedup`` is ``first_ms / second_ms``; ``stable`` is False when either figure is unstable.
+    ``speedup`` is ``first_ms / second_ms``; ``first_spread`` / ``second_spread`` are each model's
+    p90/p10 over the runs; ``stable`` is False when either figure is unstable.
     """
     x = example_input(first, batch_size)
     timed = interleaved_latency({"first": first, "second": second}, [batch_size], threads=threads,
@@ -382,6 +383,7 @@ def paired_latency(first: nn.Module, second: nn.Module, batch_size: int = 1, *, 
     a, b = timed["first"][batch_size], timed["second"][batch_size]
     reasons = sorted({r for r in (a["unstable_reason"], b["unstable_reason"]) if r})
     return {"first_ms": a["median_ms"], "second_ms": b["median_ms"], "speedup": b["speedup"], "runs": runs,
+            "first_spread": a["spread"], "second_spread": b["spread"],
             "stable": a["stable"] and b["stable"], "unstable_reason": "; ".join(reasons) or None}
 
 

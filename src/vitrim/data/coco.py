@@ -62,10 +62,29 @@ class DenseSet:
         with; :func:`load_coco` leaves 0.5 / 0.5)."""
         return replace(self, mean=tuple(config.mean), std=tuple(config.std))
 
+    def batch_targets(self, index: torch.Tensor, task: str) -> Any:
+        """The ``task``'s targets of the images at ``index`` (B,): for ``"segment"`` their class maps
+        (B, S, S), for ``"detect"`` the list of their box dicts (as a detector's loss reads them)."""
+        if task == "segment":
+            return self.semantic[index.cpu()]
+        return [self.targets[int(i)] for i in index.cpu()]
+
     def subset(self, count: int) -> "DenseSet":
         """The first ``count`` images with their targets."""
-        return replace(self, images=self.images[:count], targets=self.targets[:count],
-                       semantic=self.semantic[:count])
+        return self.span(0, count)
+
+    def span(self, start: int, stop: int) -> "DenseSet":
+        """Images ``start`` to ``stop`` (exclusive) with their targets."""
+        return replace(self, images=self.images[start:stop], targets=self.targets[start:stop],
+                       semantic=self.semantic[start:stop])
+
+    def shard(self) -> "DenseSet":
+        """This rank's contiguous share of the images under ``torchrun``
+        (:func:`vitrim.distributed.shard`); the whole split in one process."""
+        from vitrim import distributed
+
+        mine = distributed.shard(range(len(self)))
+        return self.span(mine.start, mine.stop)
 
 
 # --- writing a synthetic set ----------------------------------------------------------------

@@ -11,6 +11,7 @@ L1 on size (x 0.1) and offset at the centres. Decoding keeps the local maxima of
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -145,15 +146,27 @@ def coco_map(detections: list[dict[str, torch.Tensor]], data: Any) -> dict[str, 
 
 @torch.no_grad()
 def evaluate_detection(model: nn.Module, data: Any, batch_size: int = 32) -> dict[str, float]:
-    """COCO metrics of a detection :class:`~vitrim.models.dense.DenseModel` on a ``DenseSet``."""
-    from vitrim.dense.segmentation import normalised_batches
-
-    detections: list[dict[str, torch.Tensor]] = []
+    """COCO metrics of a detection :class:`~vitrim.models.dense.DenseModel` on a ``DenseSet``; under
+    ``torchrun`` each rank detects on its shard and every rank scores all the detections."""
     was = model.training
     model.eval()
     try:
-        for _, images in normalised_batches(data, batch_size):
-            detections += decode(model(images), model.stride)
+        return evaluate_detector(lambda images: decode(model(images), model.stride), data, batch_size)
     finally:
         model.train(was)
-    return coco_map(detections, data)
+
+
+@torch.no_grad()
+def evaluate_detector(detect: Callable[[torch.Tensor], list[dict[str, torch.Tensor]]], data: Any,
+                      batch_size: int = 32) -> dict[str, float]:
+    """COCO metrics of ``detect`` (normalised images (B, C, S, S) -> per image ``boxes`` xyxy in
+    pixels, ``scores``, ``labels``) on a ``DenseSet``; under ``torchrun`` each rank detects on its
+    shard and every rank scores all the detections."""
+    from vitrim import distributed
+    from vitrim.dense.segmentation import normalised_batches
+
+    detections: list[dict[str, torch.Tensor]] = []
+    for _, images in normalised_batches(data.shard(), batch_size):
+        detections += [{k: v.cpu() for k, v in d.items()} for d in detect(images)]
+    gathered = distributed.all_gather_object(detections)  # the shards in rank order: the images' order
+    return coco_map([d for part in gathered for d in part], data)

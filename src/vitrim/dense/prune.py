@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -46,10 +47,36 @@ def task_loss(model: DenseModel, data: Any):
     return forward, loss_fn
 
 
-def prune_dense(model: DenseModel, target: str = "flops=0.5", data: Any = None, **options: Any) -> tuple[DenseModel, Any]:
+def batch_task_loss(model: DenseModel, data: Any, loss: Callable[[DenseModel, tuple], torch.Tensor]):
+    """``loss(dense model, (images, targets)) -> scalar`` as a loss of the backbone being pruned on
+    batches of ``(images, index)``: the dense model it receives is ``model``'s pyramid and head (a
+    copy) on that backbone, the targets ``data.batch_targets(index, task)``."""
+    head = copy.deepcopy(model).eval()
+
+    def backbone_loss(backbone, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        x, index = batch
+        head.backbone = backbone
+        return loss(head, (x, _on(data.batch_targets(index, model.dense.task), x.device)))
+
+    return backbone_loss
+
+
+def _on(targets: Any, device: torch.device) -> Any:
+    if torch.is_tensor(targets):
+        return targets.to(device)
+    return [{k: v.to(device) for k, v in t.items()} for t in targets]
+
+
+def prune_dense(model: DenseModel, target: str = "flops=0.5", data: Any = None, *,
+                loss: Callable[[DenseModel, tuple], torch.Tensor] | None = None,
+                **options: Any) -> tuple[DenseModel, Any]:
     """``model`` with its backbone pruned to ``target`` (of the backbone's cost) by the task loss on
     ``data`` (a ``DenseSet``); returns the new dense model and the backbone's
-    :class:`~vitrim.prune.api.PruneResult`. ``options`` are :class:`~vitrim.prune.PruneConfig` fields."""
+    :class:`~vitrim.prune.api.PruneResult`. ``options`` are :class:`~vitrim.prune.PruneConfig` fields.
+
+    ``loss(dense_model, (images, targets))``, the batch's mean loss, replaces the task's own (which
+    is exact per image): ``targets`` are :meth:`DenseSet.batch_targets` — box dicts for a detector,
+    class maps (B, S, S) for a segmenter."""
     from vitrim.prune import prune
 
     if not isinstance(model, DenseModel):
@@ -61,12 +88,12 @@ def prune_dense(model: DenseModel, target: str = "flops=0.5", data: Any = None, 
     options.setdefault("structures", BACKBONE_STRUCTURES)
     if "embed" in options["structures"]:
         raise ConfigError("the feature pyramid reads the backbone's embedding width: leave 'embed' out of structures")
-    forward, loss_fn = task_loss(model, data)
+    objective = dict(zip(("forward", "loss_fn"), task_loss(model, data))) if loss is None \
+        else {"loss": batch_task_loss(model, data, loss)}
     calib = indexed(data)  # the loss looks each image's targets up by its index
     options.setdefault("calib_images", len(data))
     layerwise = {"reconstruct+kd": "reconstruct", "kd": "none"}.get(recover, recover)
-    result = prune(model.backbone, target, data=calib, loss_fn=loss_fn, forward=forward, objective="labels",
-                   recover=layerwise, **options)
+    result = prune(model.backbone, target, data=calib, objective="labels", recover=layerwise, **objective, **options)
     pruned = copy.deepcopy(model)
     pruned.backbone = result.model
     pruned.use_reduced(None)

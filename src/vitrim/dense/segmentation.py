@@ -60,20 +60,24 @@ def normalised_batches(data, batch_size: int):
 
 @torch.no_grad()
 def evaluate_segmentation(model: nn.Module, data, batch_size: int = 32) -> SegmentationScore:
-    """Score ``model`` (images -> (B, K+1, H, W) logits) on a :class:`~vitrim.data.coco.DenseSet`."""
+    """Score ``model`` (images -> (B, K+1, H, W) logits) on a :class:`~vitrim.data.coco.DenseSet`;
+    under ``torchrun`` each rank scores its shard and the confusion matrices are summed."""
+    from vitrim import distributed
+
     if len(data) == 0:
         raise DataError(f"{data.name} holds no images; evaluate on a set with at least one")
     count = len(data.class_names) + 1
     matrix = torch.zeros(count, count, dtype=torch.long)
     was = model.training
     model.eval()
+    mine = data.shard()
     try:
-        for start, images in normalised_batches(data, batch_size):
+        for start, images in normalised_batches(mine, batch_size):
             logits = model(images)
             if logits.shape[1] != count:
                 raise DataError(f"the model predicts {logits.shape[1]} classes per pixel but {data.name} has "
                                 f"{count} (background + {count - 1}); build the head with num_classes={count}")
-            matrix += confusion(logits.argmax(1), data.semantic[start:start + batch_size], count)
+            matrix += confusion(logits.argmax(1), mine.semantic[start:start + batch_size], count)
     finally:
         model.train(was)
-    return SegmentationScore.from_confusion(matrix)
+    return SegmentationScore.from_confusion(distributed.all_reduce_sum(matrix))

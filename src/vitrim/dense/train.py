@@ -44,12 +44,11 @@ def indexed(data: Any) -> ImageSet:
 def dense_loss(data: Any, task: str) -> Callable[[Any, torch.Tensor, torch.Tensor], torch.Tensor]:
     """``(model, images (B, C, S, S), index (B,)) -> loss``: per-pixel cross-entropy or CenterNet's loss."""
     def segment(model: Any, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        classes = data.semantic[index.cpu()].to(x.device)  # (B, S, S)
+        classes = data.batch_targets(index, "segment").to(x.device)  # (B, S, S)
         return F.cross_entropy(model(x).float(), classes)
 
     def detect(model: Any, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        targets = [data.targets[int(i)] for i in index.cpu()]
-        return detection_loss(model(x).float(), targets, model.stride)
+        return detection_loss(model(x).float(), data.batch_targets(index, "detect"), model.stride)
 
     return segment if task == "segment" else detect
 

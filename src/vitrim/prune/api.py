@@ -18,8 +18,8 @@ from vitrim.models import VisionTransformer
 from vitrim.progress import progress_bar
 from vitrim.prune.cost import CostModel
 from vitrim.prune.recover import distill, reconstruct
-from vitrim.prune.saliency import (METHODS, SECOND_ORDER, FeatureDistance, Forward, LossFn, classification_loss,
-                                   output_features, saliency)
+from vitrim.prune.saliency import (METHODS, SECOND_ORDER, BatchLoss, FeatureDistance, Forward, LossFn,
+                                   classification_loss, output_features, saliency)
 from vitrim.prune.plan import PrunePlan
 from vitrim.prune.search import STRUCTURES, Search
 from vitrim.prune.surgery import slice_model
@@ -161,12 +161,13 @@ def calibration_batches(data: ImageSet, count: int, batch_size: int, image_size:
 
 
 def resolve_objective(cfg: PruneConfig, model: Any, data: ImageSet | None, loss_fn: LossFn = classification_loss,
-                      say: Callable[[str], None] = lambda text: None) -> PruneConfig:
+                      say: Callable[[str], None] = lambda text: None, *,
+                      batch_loss: BatchLoss | None = None) -> PruneConfig:
     """``cfg`` with the objective ``"auto"`` decided and the structures it implies, checked against
     ``model`` (any supported family) and ``data`` before any work.
 
     ``"auto"`` is ``"features"`` when the model's head is not a classifier (a pooler or none) or
-    the data has no labels, else ``"labels"`` (always, with a custom ``loss_fn``). Under
+    the data has no labels, else ``"labels"`` (always, with a custom ``loss_fn`` or ``batch_loss``). Under
     ``"features"``, default structures leave ``embed`` out, so the output width stays.
     """
     from vitrim.adapters import head_kind
@@ -174,8 +175,8 @@ def resolve_objective(cfg: PruneConfig, model: Any, data: ImageSet | None, loss_
     head = head_kind(model)
     objective = cfg.objective
     unlabelled = data is not None and not data.labelled
+    custom = loss_fn is not classification_loss or batch_loss is not None
     if objective == "auto":
-        custom = loss_fn is not classification_loss
         objective = "features" if not custom and (head != "classifier" or unlabelled) else "labels"
         if objective == "features":  # the usual choice goes unsaid
             why = "the model has no classifier" if head != "classifier" else "the images have no labels"
@@ -185,10 +186,11 @@ def resolve_objective(cfg: PruneConfig, model: Any, data: ImageSet | None, loss_
         raise ConfigError(f"{type(model).__name__} has no head (no classifier or pooler), so objective='labels' "
                           f"has no logits; use objective='features' (--objective features) to prune it by the "
                           f"distance to its dense output features")
-    if objective == "labels" and unlabelled and needs_loss and loss_fn is classification_loss:
+    if objective == "labels" and unlabelled and needs_loss and not custom:
         data.require_labels(f"the {cfg.saliency} saliency of objective='labels'")
-    if objective == "features" and loss_fn is not classification_loss:
-        raise ConfigError("loss_fn applies to objective='labels'; drop it, or pass objective='labels'")
+    if objective == "features" and custom:
+        raise ConfigError(f"{'loss' if batch_loss is not None else 'loss_fn'} applies to objective='labels'; drop it, "
+                          f"or pass objective='labels'")
     if objective == "features" and cfg.saliency == "taylor":
         say("objective 'features' with the taylor saliency: the distance is at its minimum at the dense model, so "
             "the first step sees no first-order signal; fisher or taylor2 (--saliency) rank by the second-order term")
@@ -204,8 +206,17 @@ def prune(model: VisionTransformer, target: str = "flops=0.5", data: ImageSet | 
           recover: str = "reconstruct", train_data: ImageSet | None = None, config: PruneConfig | None = None,
           cost: CostModel | None = None, loss_fn: LossFn = classification_loss, progress: bool = True,
           log: Callable[[str], None] | None = None, device: str | torch.device | None = None,
-          forward: Forward | None = None, plan: PrunePlan | None = None, **options: Any) -> PruneResult:
+          forward: Forward | None = None, plan: PrunePlan | None = None, loss: BatchLoss | None = None,
+          **options: Any) -> PruneResult:
     """Prune ``model`` to ``target`` (e.g. ``"flops=0.5"``) and recover; ``model`` is not modified.
+
+    ``loss(model, batch)``: the task's loss, the batch's mean as a scalar, ``batch`` being
+    ``(images, targets)`` — the labels of an :class:`ImageSet`; for a dense model
+    (:class:`~vitrim.models.dense.DenseModel`, whose backbone alone is pruned, the pyramid and
+    head kept) a :class:`~vitrim.data.coco.DenseSet`'s per-image box dicts (detection) or class
+    maps (B, S, S) (segmentation). It replaces the classification loss for the saliency; ``model``
+    is then vitrim's canonical ViT (``model(x)`` its logits) or the dense model with the backbone
+    being pruned. Without it a dense model is pruned by its own task's loss.
 
     ``data`` supplies calibration images; ``train_data`` the images for ``recover="kd"`` or
     ``"reconstruct+kd"`` (defaults to ``data``). ``options`` are :class:`PruneConfig` fields
@@ -225,6 +236,14 @@ def prune(model: VisionTransformer, target: str = "flops=0.5", data: ImageSet | 
     scores and reconstructs on its shard of the calibration images, the sums all-reduced, so
     every rank ends with the same plan and weights; only rank 0 logs.
     """
+    from vitrim.models.dense import DenseModel
+
+    if loss is not None and (loss_fn is not classification_loss or forward is not None):
+        raise ConfigError("pass the loss one way: loss=fn(model, batch) -> scalar, or loss_fn with forward (per sample)")
+    if isinstance(model, DenseModel):
+        return _prune_dense_model(model, target, data, recover=recover, train_data=train_data, config=config,
+                                  cost=cost, custom=loss_fn is not classification_loss or forward is not None,
+                                  progress=progress, log=log, device=device, plan=plan, loss=loss, **options)
     cfg = config or PruneConfig(target=target, recover=recover, **options)
     from vitrim import distributed
     from vitrim.adapters import family, from_canonical, is_converted, metadata, to_canonical
@@ -233,7 +252,7 @@ def prune(model: VisionTransformer, target: str = "flops=0.5", data: ImageSet | 
     target_device = module_device(model) if device is None else resolve_device(device)
     progress = progress and distributed.is_main()
     say = (log if distributed.is_main() else None) or (lambda text: None)
-    cfg = resolve_objective(cfg, model, data, loss_fn, say)
+    cfg = resolve_objective(cfg, model, data, loss_fn, say, batch_loss=loss)
     found = family(model)  # an unknown model: one error naming the supported families
     kept = tuple(s for s in cfg.structures if s in found.prunable)
     if not kept:
@@ -246,7 +265,7 @@ def prune(model: VisionTransformer, target: str = "flops=0.5", data: ImageSet | 
     if is_converted(model):
         meta = metadata(model)
         result = prune(to_canonical(model), data=data, train_data=train_data, config=cfg, cost=cost, loss_fn=loss_fn,
-                       progress=progress, log=log, device=target_device, forward=forward, plan=plan)
+                       progress=progress, log=log, device=target_device, forward=forward, plan=plan, loss=loss)
         result.model = from_canonical(result.model, meta)
         return result
     if model.config.qk_norm and "qk" in cfg.structures:
@@ -300,9 +319,9 @@ def prune(model: VisionTransformer, target: str = "flops=0.5", data: ImageSet | 
             scores = saliency(current, None, "magnitude")
         else:
             probe = torch.Generator().manual_seed(cfg.seed * 1000 + step) if cfg.saliency in SECOND_ORDER else None
-            loss = (dict(loss_fn=FeatureDistance(embed_index, probe), forward=output_features) if features
-                    else dict(loss_fn=loss_fn, forward=forward))
-            scores = saliency(current, batches, cfg.saliency, progress=progress, total=len(batches), **loss)
+            scoring = (dict(loss_fn=FeatureDistance(embed_index, probe), forward=output_features) if features
+                       else dict(loss_fn=loss_fn, forward=forward, batch_loss=loss))
+            scores = saliency(current, batches, cfg.saliency, progress=progress, total=len(batches), **scoring)
         search = Search(current.config, scores, cost, structures=cfg.structures, exclude=cfg.exclude,
                         round_to=cfg.round_to)
         start = search.total_cost()
@@ -345,6 +364,24 @@ def prune(model: VisionTransformer, target: str = "flops=0.5", data: ImageSet | 
         say(f"warning: kept {result.kept_ratio:.3f} of the {cost.metric}, below the target {cfg.ratio:g}: the "
             f"structures left to remove were coarser than the budget (a smaller round_to, --round-to, or "
             f"more --steps gets closer)")
+    return result
+
+
+def _prune_dense_model(model: Any, target: str, data: Any, *, recover: str, train_data: Any, config: Any, cost: Any,
+                       custom: bool, **options: Any) -> PruneResult:
+    """:func:`prune` on a dense model: its backbone by the task's loss (``loss``, or its own), the
+    result's ``model`` the whole dense model."""
+    from vitrim.dense.prune import prune_dense
+
+    if custom:
+        raise ConfigError("a dense model's loss is loss=fn(model, batch) -> scalar (or its own task loss); "
+                          "loss_fn and forward apply to backbones")
+    for name, value in (("config", config), ("cost", cost), ("train_data", train_data)):
+        if value is not None:
+            raise ConfigError(f"{name}= is not taken for a dense model: pass PruneConfig fields as keywords, "
+                              f"the task's training split as data=")
+    pruned, result = prune_dense(model, target, data, recover=recover, **options)
+    result.model = pruned
     return result
 
 

@@ -40,6 +40,7 @@ SECOND_ORDER = ("fisher", "taylor2")  # the methods that read squared gradients
 Batch = tuple[torch.Tensor, Any]  # images (B, C, H, W) and the loss's target (labels (B,), or dense features)
 LossFn = Callable[[Any, Any], torch.Tensor]  # (output, target) -> per-sample loss (B,)
 Forward = Callable[[VisionTransformer, torch.Tensor], Any]  # (model, images) -> the output a LossFn reads
+BatchLoss = Callable[[Any, Batch], torch.Tensor]  # (model, (images, targets)) -> the batch's mean loss, a scalar
 Features = tuple[torch.Tensor, torch.Tensor]  # output tokens (B, N, C) and pooled embedding (B, C)
 UNLABELLED = ("the calibration images carry no labels but the classification loss needs them; use "
               "objective='features' (--objective features), or labelled images (DIR/<class>/<image>)")
@@ -177,21 +178,28 @@ def feature_distance(model: VisionTransformer, dense: VisionTransformer, data: I
 def gradient_saliency(model: VisionTransformer, batches: Iterable[Batch], method: str = "fisher",
                       loss_fn: LossFn = classification_loss, kinds: Iterable[str] | None = None,
                       progress: bool = False, total: int | None = None,
-                      forward: Forward | None = None) -> dict[str, torch.Tensor]:
+                      forward: Forward | None = None, batch_loss: BatchLoss | None = None) -> dict[str, torch.Tensor]:
     """Gradient saliency (fisher | taylor | taylor2) of every gate key (restricted to ``kinds`` if given)."""
     if method not in GRADIENT_METHODS:
         raise ConfigError(f"unknown gradient saliency {method!r}; use one of {', '.join(GRADIENT_METHODS)}")
-    return accumulate_gradients(model, batches, loss_fn, kinds, progress, total, forward).scores(method)
+    return accumulate_gradients(model, batches, loss_fn, kinds, progress, total, forward, batch_loss).scores(method)
 
 
 def accumulate_gradients(model: VisionTransformer, batches: Iterable[Batch], loss_fn: LossFn = classification_loss,
                          kinds: Iterable[str] | None = None, progress: bool = False,
-                         total: int | None = None, forward: Forward | None = None) -> SaliencyAccumulator:
+                         total: int | None = None, forward: Forward | None = None,
+                         batch_loss: BatchLoss | None = None) -> SaliencyAccumulator:
     """One pass over ``batches``: per-sample gate gradients summed for every gradient method.
 
     ``loss_fn(forward(model, x), target)`` is each batch's per-sample loss; ``forward`` defaults
     to the logits ``model(x)`` (with :func:`output_features` and a :class:`FeatureDistance`, the
     batches' targets are the dense model's features).
+
+    ``batch_loss(model, (x, target))``, when given, replaces both: the batch's *mean* loss, a
+    scalar. Each sample still has its own gates, so the gradient of ``B * mean`` with respect to
+    sample b's gate is that sample's ``dl_b/dg`` exactly when the samples do not interact (a ViT
+    without batch statistics) and the mean is over per-sample terms; a loss normalised otherwise
+    (e.g. by the objects in the batch) scales every structure alike.
     """
     shapes = gate_shapes(model.config)
     if kinds is not None:
@@ -212,11 +220,18 @@ def accumulate_gradients(model: VisionTransformer, batches: Iterable[Batch], los
             gates = {k: torch.ones((x.shape[0],) + s, dtype=dtype, device=device, requires_grad=True)
                      for k, s in shapes.items()}
             with gated(model, gates):
-                losses = loss_fn(forward(model, x) if forward is not None else model(x), y)
-            if losses.ndim != 1 or losses.shape[0] != x.shape[0]:
-                raise ConfigError(f"loss_fn must return one loss per sample, shape ({x.shape[0]},), "
-                                  f"got {tuple(losses.shape)}")
-            grads = torch.autograd.grad(losses.sum(), list(gates.values()), allow_unused=True)
+                if batch_loss is not None:
+                    total_loss = _batch_total(batch_loss(model, (x, y)), x.shape[0])
+                else:
+                    losses = loss_fn(forward(model, x) if forward is not None else model(x), y)
+                    if losses.ndim != 1 or losses.shape[0] != x.shape[0]:
+                        raise ConfigError(f"loss_fn must return one loss per sample, shape ({x.shape[0]},), "
+                                          f"got {tuple(losses.shape)}")
+                    total_loss = losses.sum()
+            if not total_loss.requires_grad:
+                raise ConfigError("the loss does not depend on the model being pruned (no gradient reaches it); "
+                                  "compute it from the model's output on the batch's images")
+            grads = torch.autograd.grad(total_loss, list(gates.values()), allow_unused=True)
             acc.add({k: (g if g is not None else torch.zeros_like(gates[k]))
                      for k, g in zip(gates, grads)})
     finally:
@@ -224,6 +239,15 @@ def accumulate_gradients(model: VisionTransformer, batches: Iterable[Batch], los
             p.requires_grad_(flag)
         model.train(was_training)
     return acc.all_reduce()
+
+
+def _batch_total(loss: Any, size: int) -> torch.Tensor:
+    """A batch-mean ``loss`` (a scalar tensor) as the sum of its ``size`` per-sample losses."""
+    if not torch.is_tensor(loss) or loss.numel() != 1:
+        shape = tuple(loss.shape) if torch.is_tensor(loss) else type(loss).__name__
+        raise ConfigError(f"loss(model, batch) must return the batch's mean loss as a scalar tensor, got {shape}; "
+                          f"reduce it with .mean()")
+    return loss.reshape(()) * size
 
 
 def _to(target: Any, device: torch.device) -> Any:

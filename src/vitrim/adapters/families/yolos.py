@@ -389,6 +389,56 @@ def yolos_loss(model: nn.Module, data: Any) -> tuple[Callable[[VisionTransformer
     return detect, loss_fn
 
 
+def normalisation(channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """``(mean, std)`` YOLOS's image processor uses: ImageNet's for RGB, 0.5 for other channel counts."""
+    return (IMAGENET_MEAN, IMAGENET_STD) if channels == 3 else ((0.5,) * channels, (0.5,) * channels)
+
+
+@torch.no_grad()
+def yolos_detections(model: nn.Module, images: torch.Tensor, top_k: int = 100) -> list[dict[str, torch.Tensor]]:
+    """Per image ``boxes`` (n, 4) xyxy in pixels, ``scores`` and 0-based ``labels`` of a
+    ``YolosForObjectDetection`` on normalised ``images`` (B, C, H, W): each detection token's most
+    likely class other than "no object" (as its image processor's post-processing), the ``top_k``
+    highest scores."""
+    out = model(pixel_values=images)
+    scores, labels = out.logits.softmax(-1)[..., :-1].max(-1)  # (B, D)
+    H, W = images.shape[-2:]
+    cx, cy, w, h = out.pred_boxes.unbind(-1)  # (B, D) each, normalised
+    boxes = torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], dim=-1) * images.new_tensor([W, H, W, H])
+    results = []
+    for b in range(images.shape[0]):
+        order = scores[b].argsort(descending=True)[:top_k]
+        results.append({"boxes": boxes[b, order], "scores": scores[b, order], "labels": labels[b, order]})
+    return results
+
+
+def evaluate_yolos(model: nn.Module, data: Any, batch_size: int = 8,
+                   device: str | torch.device | None = None) -> dict[str, float]:
+    """COCO box metrics (:func:`vitrim.dense.detection.coco_map`) of a ``YolosForObjectDetection`` on
+    a :class:`~vitrim.data.coco.DenseSet`, normalised as YOLOS's image processor does; ``device``:
+    where it runs (default: where it is)."""
+    from dataclasses import replace
+
+    from vitrim.dense.detection import evaluate_detector
+    from vitrim.device import module_device, resolve_device
+
+    if not recognizes(model):
+        raise ConfigError(f"evaluate_yolos needs a {HF_CLASS}, got {type(model).__name__}")
+    classes = len(data.class_names)
+    if classes > model.config.num_labels:
+        raise DataError(f"{data.name} has {classes} categories but the model predicts {model.config.num_labels} "
+                        f"(num_labels); evaluate on data with the categories it was trained on")
+    mean, std = normalisation(data.images.shape[1])
+    was, training = module_device(model), model.training
+    where = was if device is None else resolve_device(device)
+    model.to(where).eval()
+    try:
+        return evaluate_detector(lambda x: yolos_detections(model, x.to(where)), replace(data, mean=mean, std=std),
+                                 batch_size)
+    finally:
+        model.to(was).train(training)
+
+
 def prune_yolos(model: nn.Module, target: str = "flops=0.5", data: Any = None, **options: Any) -> Any:
     """``model`` (a ``YolosForObjectDetection``) pruned to ``target`` of its backbone's cost by its own
     detection loss on ``data`` (a :class:`~vitrim.data.coco.DenseSet`), the detection heads kept;
@@ -403,8 +453,7 @@ def prune_yolos(model: nn.Module, target: str = "flops=0.5", data: Any = None, *
         raise ConfigError("distillation matches the canonical logits, which are not the detector's output; use "
                           "--recover reconstruct (recover='reconstruct') or none, and fine-tune the detector afterwards")
     forward, loss_fn = yolos_loss(model, data)
-    channels = data.images.shape[1]
-    mean, std = (IMAGENET_MEAN, IMAGENET_STD) if channels == 3 else ((0.5,) * channels, (0.5,) * channels)
+    mean, std = normalisation(data.images.shape[1])
     calib = ImageSet(data.images, torch.arange(len(data)), [str(i) for i in range(len(data))], mean, std,
                      name=getattr(data, "name", "coco"))
     options.setdefault("calib_images", len(data))
