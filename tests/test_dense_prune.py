@@ -144,3 +144,15 @@ def test_a_dense_model_refuses_per_sample_loss_functions(data):
 
     with pytest.raises(ConfigError, match="a dense model's loss is loss=fn"):
         vitrim.prune(dense_model("segment"), "flops=0.6", data, loss_fn=lambda out, y: out.sum(), progress=False)
+
+
+def test_a_dense_model_needs_dense_data(data):
+    import vitrim
+    from tests.test_prune import random_set
+
+    model = dense_model("segment")
+    with pytest.raises(ConfigError, match="needs its task's data .* got ImageSet"):
+        vitrim.prune(model, "flops=0.6", random_set(model.backbone.config, n=8), progress=False)
+    with pytest.raises(ConfigError, match="magnitude saliency reads no loss"):
+        vitrim.prune(model, "flops=0.6", data, loss=lambda net, batch: net(batch[0]).mean(), saliency="magnitude",
+                     progress=False)

@@ -284,3 +284,45 @@ def test_evaluating_on_more_categories_than_the_detector_has_is_refused(data):
 
     with pytest.raises(DataError, match="categories but the model predicts 2"):
         yolos.evaluate_yolos(tiny(num_labels=2), data)
+
+
+def _named(model, names, order):
+    """``model`` with its real classes renamed ``names`` and moved to the class indices ``order``."""
+    import copy
+
+    moved = copy.deepcopy(model)
+    last = moved.class_labels_classifier.layers[-1]
+    with torch.no_grad():
+        rows = torch.arange(last.weight.shape[0])
+        rows[torch.tensor(order)] = torch.arange(len(order))  # class order[k] takes the old class k
+        last.weight.copy_(last.weight[rows])
+        last.bias.copy_(last.bias[rows])
+    moved.config.id2label = {order[k]: names[k] for k in range(len(names))}
+    moved.config.label2id = {name: i for i, name in moved.config.id2label.items()}
+    return moved
+
+
+def test_categories_are_matched_to_the_detectors_labels_by_name(data):
+    """A detector whose classes sit at other indices (as COCO checkpoints number them by id) scores and
+    trains alike: the data's categories are found by name in config.id2label."""
+    names = list(data.class_names)
+    plain = _named(tiny(), names, [0, 1, 2])
+    shuffled = _named(plain, names, [2, 0, 1])
+    assert yolos.class_indices(shuffled, data).tolist() == [2, 0, 1]
+    assert yolos.evaluate_yolos(shuffled, data) == pytest.approx(yolos.evaluate_yolos(plain, data))
+    index = torch.arange(4)
+    forward, loss_fn = yolos.yolos_loss(plain, data)
+    _, shuffled_loss = yolos.yolos_loss(shuffled, data)
+    x = normalised(data, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(shuffled_loss(yolos.detect(yolos.to_canonical(shuffled), x), index),
+                                   loss_fn(forward(yolos.to_canonical(plain), x), index))
+
+
+def test_categories_missing_from_the_detectors_labels_are_refused(data):
+    from vitrim.errors import DataError
+
+    names = list(data.class_names)
+    partly = _named(tiny(), [names[0], names[1], "umbrella"], [0, 1, 2])
+    with pytest.raises(DataError, match=r"categories \['.*'\] are not among the model's labels"):
+        yolos.evaluate_yolos(partly, data)

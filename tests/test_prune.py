@@ -266,3 +266,60 @@ def test_round_to_auto_picks_the_smallest_multiple_that_gives_up_no_speed(wide_m
     assert result.config.round_to in (1, 8, 16, 32, 64)
     with pytest.raises(ConfigError, match="positive integer or 'auto'"):
         PruneConfig(round_to="fast")
+
+
+class _FlopsTable:
+    """A latency table stand-in whose cost is the FLOPs (the measured ratio is what the test sets)."""
+
+    @classmethod
+    def for_model(cls, *args, **kwargs):
+        return cls()
+
+    def cost_model(self):
+        return CostModel("flops")
+
+
+def test_a_latency_budget_is_met_as_measured(wide_model, monkeypatch):
+    """The built model timed over the target: pruned further by the measured excess, then measured again."""
+    from vitrim.prune import api, latency
+
+    measured = iter([0.7, 0.49])
+    seen = []
+
+    def ratio(dense, pruned, batch, device):
+        seen.append(CostModel("flops").total(pruned.config) / CostModel("flops").total(dense.config))
+        return next(measured), None
+
+    monkeypatch.setattr(latency, "LatencyTable", _FlopsTable)
+    monkeypatch.setattr(api, "measured_latency_ratio", ratio)
+    result = prune(wide_model, "latency=0.5", random_set(wide_model.config), recover="none", calib_images=16,
+                   round_to=1, steps=1, progress=False)
+    assert [s["step"] for s in result.steps] == [1, 2]
+    assert seen[0] == pytest.approx(0.5, abs=0.01)  # the table's target met first
+    assert seen[1] == pytest.approx(0.5 * 0.5 / 0.7, abs=0.01)  # then shrunk by the measured excess
+    assert result.steps[-1]["measured_ratio"] == 0.49 and result.kept_ratio == pytest.approx(seen[1])
+
+
+def test_latency_corrections_stop_at_their_limit_and_can_be_turned_off(wide_model, monkeypatch):
+    from vitrim.prune import api, latency
+
+    calls = []
+    monkeypatch.setattr(latency, "LatencyTable", _FlopsTable)
+    monkeypatch.setattr(api, "measured_latency_ratio", lambda *a: calls.append(1) or (0.9, None))
+    data = random_set(wide_model.config)
+    result = prune(wide_model, "latency=0.5", data, recover="none", calib_images=16, round_to=1, steps=1,
+                   latency_corrections=2, progress=False)
+    assert [s["step"] for s in result.steps] == [1, 2, 3] and len(calls) == 3  # 2 corrections, then measured
+    assert result.steps[-1]["measured_ratio"] == 0.9
+    calls.clear()
+    plain = prune(wide_model, "latency=0.5", data, recover="none", calib_images=16, round_to=1, steps=1,
+                  latency_corrections=0, progress=False)
+    assert not calls and [s["step"] for s in plain.steps] == [1]
+    logged = []
+    monkeypatch.setattr(api, "measured_latency_ratio", lambda *a: (0.9, "runs spread widely"))
+    noisy = prune(wide_model, "latency=0.5", data, recover="none", calib_images=16, round_to=1, steps=1,
+                  progress=False, log=logged.append)
+    assert [s["step"] for s in noisy.steps] == [1]  # an untrusted timing prunes nothing further
+    assert any("not to be trusted (runs spread widely)" in line for line in logged)
+    with pytest.raises(ConfigError, match="latency_corrections must be >= 0"):
+        PruneConfig(target="latency=0.5", latency_corrections=-1)

@@ -82,3 +82,14 @@ def test_the_loss_is_given_one_way(model):
                      loss_fn=lambda out, y: F.cross_entropy(out, y, reduction="none"), progress=False)
     with pytest.raises(ConfigError, match="loss applies to objective='labels'"):
         vitrim.prune(model, "flops=0.7", data, loss=mean_cross_entropy, objective="features", progress=False)
+
+
+def test_a_loss_through_another_copy_of_the_model_is_refused(model):
+    """The loss must run the model it is given: one through a copy reaches none of the gates."""
+    import copy
+
+    other = copy.deepcopy(model)
+    data = random_set(model.config, n=8)
+    with pytest.raises(ConfigError, match="does not pass through the model being pruned"):
+        vitrim.prune(model, "flops=0.7", data, loss=lambda net, batch: mean_cross_entropy(other, batch),
+                     calib_images=8, progress=False)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from torch import nn
 
@@ -23,4 +24,25 @@ def load(path_or_name: str | Path, pretrained: bool = False) -> nn.Module:
     return load_model(path_or_name, pretrained=pretrained).model
 
 
-__all__ = ["create", "load", "save"]
+def prune(model: nn.Module, target: str = "flops=0.5", data: Any = None, **options: Any) -> Any:
+    """Prune ``model`` to ``target`` of its cost (e.g. ``"flops=0.5"``) and recover; see
+    :func:`vitrim.prune.api.prune` for the options (``recover``, ``loss``, ``structures``, ...).
+
+    A dense model (a detector or segmenter, :class:`~vitrim.models.dense.DenseModel`) has its
+    backbone pruned by its task's loss, or by ``loss(model, (images, targets))`` — the batch's mean
+    loss, ``model`` the dense model running on the backbone being pruned, ``targets`` the
+    :class:`~vitrim.data.coco.DenseSet`'s per-image box dicts (detection) or class maps (B, S, S)
+    (segmentation); the pyramid and head are kept and ``result.model`` is the whole dense model
+    (:func:`vitrim.dense.prune.prune_dense_model`)."""
+    from vitrim.models.dense import DenseModel
+
+    if isinstance(model, DenseModel):
+        from vitrim.dense.prune import prune_dense_model
+
+        return prune_dense_model(model, target, data, **options)
+    from vitrim.prune.api import prune as prune_model
+
+    return prune_model(model, target, data, **options)
+
+
+__all__ = ["create", "load", "prune", "save"]

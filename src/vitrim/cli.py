@@ -188,7 +188,8 @@ def cmd_prune(args: argparse.Namespace) -> None:
     cfg = PruneConfig(target=args.target, structures=args.structures, exclude=tuple(args.exclude or ()),
                       saliency=args.saliency, calib_images=args.calib, steps=args.steps, round_to=args.round_to,
                       recover=args.recover, kd_epochs=args.epochs, kd_images=args.kd_images, kd_lr=args.kd_lr,
-                      step_kd_images=args.step_kd_images, latency_batch=args.latency_batch, seed=args.seed,
+                      step_kd_images=args.step_kd_images, latency_batch=args.latency_batch,
+                      latency_corrections=args.latency_corrections, seed=args.seed,
                       objective=args.objective)
     name = args.model or DEFAULT_MODEL
     loaded = load_model(name, pretrained=args.pretrained, allow_random=True)
@@ -412,6 +413,9 @@ def add_prune_parser(sub: Any) -> None:
                         "machine; the table is cached)")
     p.add_argument("--latency-batch", type=positive_int, default=d("latency_batch"),
                    help="batch size for latency=... targets")
+    p.add_argument("--latency-corrections", type=int, default=d("latency_corrections"),
+                   help="latency=...: time the pruned model against dense and prune further, up to this many "
+                        "times, while it is over the target (0: trust the latency table's sum)")
     p.add_argument("--recover", choices=list(RECOVERY), default=d("recover"),
                    help="reconstruct: least-squares refit, no training; kd: distillation from the dense model; "
                         "reconstruct+kd: the refit, then distillation")

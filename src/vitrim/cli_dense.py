@@ -375,7 +375,7 @@ def _prune_options(args: argparse.Namespace, cfg: Any, train: Any) -> dict[str, 
     """The :class:`~vitrim.prune.PruneConfig` fields ``vitrim prune`` passes on for dense models."""
     options = {"exclude": cfg.exclude, "saliency": cfg.saliency, "steps": cfg.steps, "round_to": cfg.round_to,
                "recover": cfg.recover, "seed": cfg.seed, "latency_batch": cfg.latency_batch,
-               "calib_images": min(cfg.calib_images, len(train))}
+               "latency_corrections": cfg.latency_corrections, "calib_images": min(cfg.calib_images, len(train))}
     if args.structures:
         options["structures"] = cfg.structures
     if cfg.distils:  # the dense model's feature map and head outputs

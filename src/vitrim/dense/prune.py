@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from vitrim.dense.detection import detection_loss
 from vitrim.dense.train import dense_train_config, indexed
@@ -27,14 +28,33 @@ from vitrim.models.dense import DenseModel
 BACKBONE_STRUCTURES = ("heads", "qk", "v", "mlp", "attn_layer", "mlp_layer")
 
 
+def task_head(model: DenseModel) -> DenseModel:
+    """A dense model with copies of ``model``'s pyramid and head (in eval mode) and no backbone yet:
+    :func:`on_backbone` gives it the backbone being pruned. ``model`` is left as it is."""
+    twin = DenseModel.__new__(DenseModel)
+    nn.Module.__init__(twin)
+    twin.pyramid, twin.head = copy.deepcopy(model.pyramid).eval(), copy.deepcopy(model.head).eval()
+    twin.dense, twin.backbone, twin.training = model.dense, None, False
+    return twin.use_reduced(None)
+
+
+def on_backbone(head: DenseModel, backbone: nn.Module, device: torch.device) -> DenseModel:
+    """``head`` (:func:`task_head`) running on ``backbone``, its pyramid and head moved to ``device``."""
+    head.backbone = backbone
+    if next(head.head.parameters()).device != device:
+        head.pyramid.to(device)
+        head.head.to(device)
+    return head
+
+
 def task_loss(model: DenseModel, data: Any):
     """``(forward(backbone, x), loss_fn(output, index))`` for ``model``'s task: the loss per image
     (B,), the images named by their index in ``data`` (a :class:`~vitrim.data.coco.DenseSet`)."""
-    head = copy.deepcopy(model)  # the pyramid and head; its backbone is replaced by the one being pruned
+    head = task_head(model)
 
     def forward(backbone, x: torch.Tensor) -> torch.Tensor:
         maps = backbone.forward_intermediates(x, [head.dense.index])[0]
-        return head.predict(maps, x.shape[-2:])
+        return on_backbone(head, backbone, x.device).predict(maps, x.shape[-2:])
 
     if model.dense.task == "segment":
         def loss_fn(output: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -51,12 +71,12 @@ def batch_task_loss(model: DenseModel, data: Any, loss: Callable[[DenseModel, tu
     """``loss(dense model, (images, targets)) -> scalar`` as a loss of the backbone being pruned on
     batches of ``(images, index)``: the dense model it receives is ``model``'s pyramid and head (a
     copy) on that backbone, the targets ``data.batch_targets(index, task)``."""
-    head = copy.deepcopy(model).eval()
+    head = task_head(model)
 
     def backbone_loss(backbone, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         x, index = batch
-        head.backbone = backbone
-        return loss(head, (x, _on(data.batch_targets(index, model.dense.task), x.device)))
+        return loss(on_backbone(head, backbone, x.device), (x, _on(data.batch_targets(index, model.dense.task),
+                                                                     x.device)))
 
     return backbone_loss
 
@@ -79,10 +99,17 @@ def prune_dense(model: DenseModel, target: str = "flops=0.5", data: Any = None, 
     class maps (B, S, S) for a segmenter."""
     from vitrim.prune import prune
 
+    from vitrim.data.coco import DenseSet
+    from vitrim.dense.train import check_classes
+
     if not isinstance(model, DenseModel):
         raise ConfigError(f"prune_dense prunes a vitrim DenseModel, got {type(model).__name__}")
-    if data is None or len(data) == 0:
-        raise ConfigError("pruning a dense model needs its task's data (a DenseSet from vitrim.data.coco.load_coco)")
+    if not isinstance(data, DenseSet) or len(data) == 0:
+        raise ConfigError(f"pruning a dense model needs its task's data (a DenseSet from vitrim.data.coco.load_coco), "
+                          f"got {type(data).__name__ if data is not None else 'none'}")
+    check_classes(model, data)
+    if loss is not None and options.get("saliency") == "magnitude":
+        raise ConfigError("the magnitude saliency reads no loss; drop loss=, or use saliency='fisher'")
     recover = options.pop("recover", "reconstruct")
     kd = {key: options.pop(key) for key in KD_OPTIONS if key in options}
     options.setdefault("structures", BACKBONE_STRUCTURES)
@@ -103,6 +130,24 @@ def prune_dense(model: DenseModel, target: str = "flops=0.5", data: Any = None, 
                           device=options.get("device"), **kd)
         result.config = dataclasses.replace(result.config, recover=recover, **{**KD_DEFAULTS, **kd})
     return pruned, result
+
+
+def prune_dense_model(model: DenseModel, target: str = "flops=0.5", data: Any = None, *,
+                      loss: Callable[[DenseModel, tuple], torch.Tensor] | None = None, **options: Any) -> Any:
+    """:func:`vitrim.prune` on a dense model: :func:`prune_dense`, the
+    :class:`~vitrim.prune.api.PruneResult`'s ``model`` the whole pruned dense model."""
+    for name in ("loss_fn", "forward"):
+        if options.get(name) is not None:
+            raise ConfigError(f"a dense model's loss is loss=fn(model, batch) -> scalar (or its own task loss); "
+                              f"{name} applies to backbones")
+    for name in ("config", "cost", "train_data"):
+        if options.pop(name, None) is not None:
+            raise ConfigError(f"{name}= is not taken for a dense model: pass PruneConfig fields as keywords, the "
+                              f"task's training split as data=")
+    options = {k: v for k, v in options.items() if k not in ("loss_fn", "forward")}
+    pruned, result = prune_dense(model, target, data, loss=loss, **options)
+    result.model = pruned
+    return result
 
 
 KD_DEFAULTS = {"kd_epochs": 1, "kd_images": None, "kd_lr": 2e-4, "kd_batch_size": 32}  # distill_dense's

@@ -71,13 +71,19 @@ def evaluate_segmentation(model: nn.Module, data, batch_size: int = 32) -> Segme
     was = model.training
     model.eval()
     mine = data.shard()
+    predicted = 0  # classes per pixel the model gave, where it differs from the data's (0: none did)
     try:
         for start, images in normalised_batches(mine, batch_size):
             logits = model(images)
             if logits.shape[1] != count:
-                raise DataError(f"the model predicts {logits.shape[1]} classes per pixel but {data.name} has "
-                                f"{count} (background + {count - 1}); build the head with num_classes={count}")
+                predicted = logits.shape[1]
+                break
             matrix += confusion(logits.argmax(1), mine.semantic[start:start + batch_size], count)
     finally:
         model.train(was)
-    return SegmentationScore.from_confusion(distributed.all_reduce_sum(matrix))
+    # one reduction carries the matrix and any rank's mismatch, so every rank raises or none does
+    summed = distributed.all_reduce_sum(torch.cat([matrix.flatten(), torch.tensor([predicted])]))
+    if summed[-1]:
+        raise DataError(f"the model predicts {predicted or 'other numbers of'} classes per pixel but {data.name} has "
+                        f"{count} (background + {count - 1}); build the head with num_classes={count}")
+    return SegmentationScore.from_confusion(summed[:-1].view(count, count))

@@ -72,6 +72,10 @@ def dense_token_sweep(model: DenseModel, view: Any, knob: str, values: Sequence[
         row["backbone_flops_ratio"] = backbone / cost["backbone_flops"]
         row["flops_ratio"] = (backbone + cost["head_flops"]) / cost["flops"]
         rows.append(row)
+    from vitrim import distributed
+
+    if not distributed.is_main():  # under torchrun the metrics are everyone's; the timing rank 0's alone
+        return rows, dense
     runners = {"dense": model, **{f"{knob}={i}": ReducedDenseRunner(reduced, view, **{knob: v})
                                   for i, v in enumerate(values)}}
     timed = interleaved_latency(runners, batch_sizes, threads=threads, runs=runs, device=target)

@@ -86,6 +86,7 @@ class PruneConfig:
     kd_lr: float = 2e-4
     kd_batch_size: int = 128
     latency_batch: int = 1  # batch size the latency table is measured at (target latency=...)
+    latency_corrections: int = 2  # latency=...: further steps while the built model times over the target
     step_kd_images: int = 0  # distillation between pruning steps (0 = none)
     seed: int = 0
     objective: str = "auto"  # see OBJECTIVES
@@ -107,6 +108,8 @@ class PruneConfig:
                      "latency_batch"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        if self.latency_corrections < 0:
+            raise ConfigError(f"latency_corrections must be >= 0, got {self.latency_corrections}")
         if self.step_kd_images < 0:
             raise ConfigError(f"step_kd_images must be >= 0, got {self.step_kd_images}")
         if not 0 <= self.tolerance < 0.5:
@@ -211,12 +214,9 @@ def prune(model: VisionTransformer, target: str = "flops=0.5", data: ImageSet | 
     """Prune ``model`` to ``target`` (e.g. ``"flops=0.5"``) and recover; ``model`` is not modified.
 
     ``loss(model, batch)``: the task's loss, the batch's mean as a scalar, ``batch`` being
-    ``(images, targets)`` — the labels of an :class:`ImageSet`; for a dense model
-    (:class:`~vitrim.models.dense.DenseModel`, whose backbone alone is pruned, the pyramid and
-    head kept) a :class:`~vitrim.data.coco.DenseSet`'s per-image box dicts (detection) or class
-    maps (B, S, S) (segmentation). It replaces the classification loss for the saliency; ``model``
-    is then vitrim's canonical ViT (``model(x)`` its logits) or the dense model with the backbone
-    being pruned. Without it a dense model is pruned by its own task's loss.
+    ``(images, labels)``; it replaces the classification loss for the saliency, ``model`` being
+    vitrim's canonical ViT (``model(x)`` its logits) whichever family ``model`` is. (A dense
+    model goes through :func:`vitrim.prune`, which prunes its backbone.)
 
     ``data`` supplies calibration images; ``train_data`` the images for ``recover="kd"`` or
     ``"reconstruct+kd"`` (defaults to ``data``). ``options`` are :class:`PruneConfig` fields
@@ -236,14 +236,11 @@ def prune(model: VisionTransformer, target: str = "flops=0.5", data: ImageSet | 
     scores and reconstructs on its shard of the calibration images, the sums all-reduced, so
     every rank ends with the same plan and weights; only rank 0 logs.
     """
-    from vitrim.models.dense import DenseModel
-
     if loss is not None and (loss_fn is not classification_loss or forward is not None):
         raise ConfigError("pass the loss one way: loss=fn(model, batch) -> scalar, or loss_fn with forward (per sample)")
-    if isinstance(model, DenseModel):
-        return _prune_dense_model(model, target, data, recover=recover, train_data=train_data, config=config,
-                                  cost=cost, custom=loss_fn is not classification_loss or forward is not None,
-                                  progress=progress, log=log, device=device, plan=plan, loss=loss, **options)
+    if type(model).__name__ == "DenseModel":  # its pyramid and head stay: vitrim.prune prunes its backbone
+        raise ConfigError("a dense model's backbone is pruned by vitrim.prune(model, ...) (or "
+                          "vitrim.dense.prune.prune_dense); vitrim.prune.prune takes the backbone itself")
     cfg = config or PruneConfig(target=target, recover=recover, **options)
     from vitrim import distributed
     from vitrim.adapters import family, from_canonical, is_converted, metadata, to_canonical
@@ -282,6 +279,7 @@ def prune(model: VisionTransformer, target: str = "flops=0.5", data: ImageSet | 
         check_plan(plan, model.config, cfg.structures)
     if data is None and (cfg.saliency != "magnitude" or cfg.reconstructs):
         raise DataError("pruning needs calibration data (pass data=ImageSet)")
+    measured_budget = cost is None and cfg.metric == "latency" and plan is None and cfg.latency_corrections > 0
     if cost is None and cfg.metric == "latency" and plan is None:
         from vitrim.prune.latency import LatencyTable
 
@@ -313,8 +311,9 @@ def prune(model: VisionTransformer, target: str = "flops=0.5", data: ImageSet | 
         steps.append({"step": 1, "kept_ratio": cost.total(current.config) / dense_cost, "removed": {},
                       "plan": "given"})
         say(f"given plan: {cost.metric} kept {steps[0]['kept_ratio']:.4f}")
-    for step in range(1, cfg.steps + 1 if plan is None else 1):
-        step_target = dense_cost * cfg.ratio ** (step / cfg.steps)
+    def search_step(step: int, step_target: float, label: str) -> None:
+        """Score ``current``, search it down to ``step_target`` and slice it (one pruning step)."""
+        nonlocal current, embed_index
         if cfg.saliency == "magnitude":
             scores = saliency(current, None, "magnitude")
         else:
@@ -325,7 +324,7 @@ def prune(model: VisionTransformer, target: str = "flops=0.5", data: ImageSet | 
         search = Search(current.config, scores, cost, structures=cfg.structures, exclude=cfg.exclude,
                         round_to=cfg.round_to)
         start = search.total_cost()
-        bar = progress_bar(None, total=100, desc=f"search {step}/{cfg.steps}", enabled=progress,
+        bar = progress_bar(None, total=100, desc=f"search {label}", enabled=progress,
                            bar_format="{desc}: {percentage:3.0f}%|{bar}| {postfix}")
         with bar:
             def on_step(cand, now, start=start, step_target=step_target, bar=bar):
@@ -334,20 +333,37 @@ def prune(model: VisionTransformer, target: str = "flops=0.5", data: ImageSet | 
                 bar.set_postfix_str(f"{cost.metric} {now / dense_cost:.3f}", refresh=False)
 
             removed = search.run(step_target, cfg.tolerance, on_step=on_step)
-        plan = search.plan()
-        current = slice_model(current.cpu(), plan).to(target_device)  # surgery indexes on the CPU
-        embed_index = [embed_index[c] for c in plan.embed]
+        found = search.plan()
+        current = slice_model(current.cpu(), found).to(target_device)  # surgery indexes on the CPU
+        embed_index = [embed_index[c] for c in found.embed]
         counts: dict[str, int] = {}
         for cand in removed:
             counts[cand.kind] = counts.get(cand.kind, 0) + 1
         record = {"step": step, "kept_ratio": cost.total(current.config) / dense_cost, "removed": counts}
         steps.append(record)
-        say(f"step {step}/{cfg.steps}: {cost.metric} kept {record['kept_ratio']:.4f}, removed {counts}")
+        say(f"step {label}: {cost.metric} kept {record['kept_ratio']:.4f}, removed {counts}")
+
+    for step in range(1, cfg.steps + 1 if plan is None else 1):
+        search_step(step, dense_cost * cfg.ratio ** (step / cfg.steps), f"{step}/{cfg.steps}")
         if cfg.step_kd_images and step < cfg.steps and train_data is not None:
             with tempfile.TemporaryDirectory() as tmp:
                 distill(current, dense, train_data, tmp, images=cfg.step_kd_images, lr=cfg.kd_lr,
                         batch_size=cfg.kd_batch_size, seed=cfg.seed, progress=progress, objective=cfg.objective,
                         embed_index=embed_index, device=target_device)
+    if measured_budget:  # the table's sum misses what the whole model costs: prune on to the measured budget
+        for correction in range(1, cfg.latency_corrections + 2):
+            measured, unstable = measured_latency_ratio(dense, current, cfg.latency_batch, target_device)
+            steps[-1]["measured_ratio"] = measured
+            say(f"measured latency: {measured:.3f} of dense at batch {cfg.latency_batch} (target {cfg.ratio:g})")
+            if measured <= cfg.ratio * (1 + MEASURED_TOLERANCE) or correction > cfg.latency_corrections:
+                break
+            if unstable:  # a noisy figure would prune for nothing, and pruning cannot be undone
+                say(f"warning: not pruning further by a timing that is not to be trusted ({unstable}); time "
+                    f"on an idle machine, or pass latency_corrections=0 (--latency-corrections 0)")
+                break
+            table_now = cost.total(current.config) / dense_cost
+            search_step(cfg.steps + correction, dense_cost * table_now * cfg.ratio / measured,
+                        f"correction {correction}/{cfg.latency_corrections}")
     if cfg.reconstructs:
         images = torch.cat([x for x, _ in batches])
         reconstruct(dense, current, embed_index, images, batch_size=cfg.batch_size, progress=progress)
@@ -360,29 +376,34 @@ def prune(model: VisionTransformer, target: str = "flops=0.5", data: ImageSet | 
                     batch_size=cfg.kd_batch_size, seed=cfg.seed, progress=progress, objective=cfg.objective,
                     embed_index=embed_index, device=target_device)
     result = PruneResult(current.eval(), dense_cost, cost.total(current.config), cost.metric, steps, embed_index, cfg)
-    if plan is None and result.kept_ratio < cfg.ratio * (1 - cfg.tolerance) - 1e-9:
+    corrected = bool(steps) and steps[-1]["step"] > cfg.steps  # pruned past the table's target on purpose
+    if plan is None and not corrected and result.kept_ratio < cfg.ratio * (1 - cfg.tolerance) - 1e-9:
         say(f"warning: kept {result.kept_ratio:.3f} of the {cost.metric}, below the target {cfg.ratio:g}: the "
             f"structures left to remove were coarser than the budget (a smaller round_to, --round-to, or "
             f"more --steps gets closer)")
     return result
 
 
-def _prune_dense_model(model: Any, target: str, data: Any, *, recover: str, train_data: Any, config: Any, cost: Any,
-                       custom: bool, **options: Any) -> PruneResult:
-    """:func:`prune` on a dense model: its backbone by the task's loss (``loss``, or its own), the
-    result's ``model`` the whole dense model."""
-    from vitrim.dense.prune import prune_dense
+MEASURED_TOLERANCE = 0.03  # a measured latency this far over the target counts as met (timing noise)
 
-    if custom:
-        raise ConfigError("a dense model's loss is loss=fn(model, batch) -> scalar (or its own task loss); "
-                          "loss_fn and forward apply to backbones")
-    for name, value in (("config", config), ("cost", cost), ("train_data", train_data)):
-        if value is not None:
-            raise ConfigError(f"{name}= is not taken for a dense model: pass PruneConfig fields as keywords, "
-                              f"the task's training split as data=")
-    pruned, result = prune_dense(model, target, data, recover=recover, **options)
-    result.model = pruned
-    return result
+
+def measured_latency_ratio(dense: Any, pruned: Any, batch_size: int, device: torch.device) -> tuple[float, str | None]:
+    """``(ratio, unstable)``: ``pruned``'s latency over ``dense``'s at ``batch_size``, timed interleaved
+    on ``device`` at the thread count the latency table used (median of 20 rounds), and why the
+    timing is not to be trusted (None when it is); under ``torchrun`` rank 0 times them and every
+    rank gets its figures."""
+    from vitrim import distributed
+    from vitrim.bench.latency import interleaved_latency
+
+    figures = None
+    if distributed.is_main():
+        timed = interleaved_latency({"dense": dense, "pruned": pruned}, [batch_size], runs=20, device=device,
+                                    threads=torch.get_num_threads())
+        first, second = timed["dense"][batch_size], timed["pruned"][batch_size]
+        reasons = "; ".join(sorted({r for r in (first["unstable_reason"], second["unstable_reason"]) if r}))
+        figures = (second["median_ms"] / first["median_ms"], reasons or None)
+    ratio, unstable = distributed.broadcast_object(figures)
+    return float(ratio), unstable
 
 
 def module_names(config) -> list[str]:

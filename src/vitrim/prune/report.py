@@ -58,11 +58,17 @@ def plan_table(dense: ViTConfig, pruned: ViTConfig) -> str:
     return f"{table}\nembedding: {pruned.embed_dim}/{dense.embed_dim}"
 
 
+def measured_text(report: dict[str, Any]) -> str:
+    """`` (measured: 0.497 of dense)`` when a latency budget timed the built model, else nothing."""
+    measured = (report.get("steps") or [{}])[-1].get("measured_ratio")
+    return "" if measured is None else f" by the table (measured: {measured:.3f} of dense)"
+
+
 def markdown(report: dict[str, Any], dense: ViTConfig, pruned: ViTConfig) -> str:
     lines = [f"# vitrim pruning report: {report['model']}", "",
              f"Target `{report['config']['target']}`, saliency `{report['config']['saliency']}`, "
              f"recovery `{report['config']['recover']}`, {report['config']['steps']} step(s); "
-             f"{report['metric']} kept: {report['kept_ratio']:.4f}.", "", "```",
+             f"{report['metric']} kept: {report['kept_ratio']:.4f}{measured_text(report)}.", "", "```",
              summary_table(report), "```", "", "## Dimension plan (kept/dense)", "", "```",
              plan_table(dense, pruned), "```", ""]
     if report.get("plot"):

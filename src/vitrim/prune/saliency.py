@@ -199,7 +199,7 @@ def accumulate_gradients(model: VisionTransformer, batches: Iterable[Batch], los
     scalar. Each sample still has its own gates, so the gradient of ``B * mean`` with respect to
     sample b's gate is that sample's ``dl_b/dg`` exactly when the samples do not interact (a ViT
     without batch statistics) and the mean is over per-sample terms; a loss normalised otherwise
-    (e.g. by the objects in the batch) scales every structure alike.
+    (e.g. by the objects of the whole batch) weights each sample by that batch's normaliser.
     """
     shapes = gate_shapes(model.config)
     if kinds is not None:
@@ -232,6 +232,9 @@ def accumulate_gradients(model: VisionTransformer, batches: Iterable[Batch], los
                 raise ConfigError("the loss does not depend on the model being pruned (no gradient reaches it); "
                                   "compute it from the model's output on the batch's images")
             grads = torch.autograd.grad(total_loss, list(gates.values()), allow_unused=True)
+            if all(g is None for g in grads):
+                raise ConfigError("the loss does not pass through the model being pruned (no gradient reaches its "
+                                  "structures); compute it from the model it is given, not from another copy")
             acc.add({k: (g if g is not None else torch.zeros_like(gates[k]))
                      for k, g in zip(gates, grads)})
     finally:

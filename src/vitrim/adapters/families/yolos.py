@@ -369,14 +369,11 @@ def yolos_loss(model: nn.Module, data: Any) -> tuple[Callable[[VisionTransformer
     if not recognizes(model):
         raise ConfigError(f"yolos_loss needs a {HF_CLASS}, got {type(model).__name__}")
     check(model)
-    classes = len(getattr(data, "class_names", ()) or ())
-    if classes > model.config.num_labels:
-        raise DataError(f"{getattr(data, 'name', 'the data')} has {classes} categories but the model predicts "
-                        f"{model.config.num_labels} (num_labels); build the detector for the data's categories")
     config = type(model.config).from_dict({**model.config.to_dict(), "auxiliary_loss": False})
     criterion = model.loss_function
     H, W = data.images.shape[-2:]
-    targets = [yolos_targets(t, H, W) for t in data.targets]
+    index = class_indices(model, data)  # the data's category k is the model's class index[k]
+    targets = [yolos_targets({**t, "labels": index[t["labels"].long()]}, H, W) for t in data.targets]
 
     def loss_fn(output: tuple[torch.Tensor, torch.Tensor], index: torch.Tensor) -> torch.Tensor:
         logits, boxes = output
@@ -387,6 +384,25 @@ def yolos_loss(model: nn.Module, data: Any) -> tuple[Callable[[VisionTransformer
         return torch.stack(losses)  # (B,)
 
     return detect, loss_fn
+
+
+def class_indices(model: nn.Module, data: Any) -> torch.Tensor:
+    """For each of ``data``'s categories (``class_names``, 0-based), the class index of ``model`` that
+    predicts it: by name through ``config.id2label`` (a COCO checkpoint numbers its 91 classes by
+    COCO id), or the same index when the model's labels are unnamed (``LABEL_k``)."""
+    names = list(getattr(data, "class_names", ()) or ())
+    where = {str(name): int(i) for i, name in (model.config.id2label or {}).items()}
+    found = [name for name in names if name in where]
+    if found and len(found) < len(names):
+        missing = [name for name in names if name not in where]
+        raise DataError(f"{getattr(data, 'name', 'the data')}'s categories {missing[:5]} are not among the model's "
+                        f"labels (config.id2label); use data with the categories it was trained on")
+    if found:
+        return torch.tensor([where[name] for name in names], dtype=torch.long)
+    if len(names) > model.config.num_labels:
+        raise DataError(f"{getattr(data, 'name', 'the data')} has {len(names)} categories but the model predicts "
+                        f"{model.config.num_labels} (num_labels); build the detector for the data's categories")
+    return torch.arange(len(names))
 
 
 def normalisation(channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -424,17 +440,25 @@ def evaluate_yolos(model: nn.Module, data: Any, batch_size: int = 8,
 
     if not recognizes(model):
         raise ConfigError(f"evaluate_yolos needs a {HF_CLASS}, got {type(model).__name__}")
-    classes = len(data.class_names)
-    if classes > model.config.num_labels:
-        raise DataError(f"{data.name} has {classes} categories but the model predicts {model.config.num_labels} "
-                        f"(num_labels); evaluate on data with the categories it was trained on")
+    index = class_indices(model, data)
+    to_data = torch.full((model.config.num_labels + 1,), -1, dtype=torch.long)
+    to_data[index] = torch.arange(len(index))  # model class -> the data's category (-1: not in the data)
+
+    def detect(x: torch.Tensor) -> list[dict[str, torch.Tensor]]:
+        found = []
+        for d in yolos_detections(model, x.to(where)):
+            d = {k: v.cpu() for k, v in d.items()}
+            labels = to_data[d["labels"]]
+            keep = labels >= 0
+            found.append({"boxes": d["boxes"][keep], "scores": d["scores"][keep], "labels": labels[keep]})
+        return found
+
     mean, std = normalisation(data.images.shape[1])
     was, training = module_device(model), model.training
     where = was if device is None else resolve_device(device)
     model.to(where).eval()
     try:
-        return evaluate_detector(lambda x: yolos_detections(model, x.to(where)), replace(data, mean=mean, std=std),
-                                 batch_size)
+        return evaluate_detector(detect, replace(data, mean=mean, std=std), batch_size)
     finally:
         model.to(was).train(training)
 
