@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -9,6 +10,7 @@ from torch import nn
 
 from vitrim.adapters.sources import create, load_model
 from vitrim.io import save
+from vitrim.prune.api import prune as prune_model
 
 
 def load(path_or_name: str | Path, pretrained: bool = False) -> nn.Module:
@@ -24,6 +26,7 @@ def load(path_or_name: str | Path, pretrained: bool = False) -> nn.Module:
     return load_model(path_or_name, pretrained=pretrained).model
 
 
+@functools.wraps(prune_model, assigned=())  # its signature (inspect follows __wrapped__), this docstring
 def prune(model: nn.Module, target: str = "flops=0.5", data: Any = None, **options: Any) -> Any:
     """Prune ``model`` to ``target`` of its cost (e.g. ``"flops=0.5"``) and recover; see
     :func:`vitrim.prune.api.prune` for the options (``recover``, ``loss``, ``structures``, ...).
@@ -40,8 +43,6 @@ def prune(model: nn.Module, target: str = "flops=0.5", data: Any = None, **optio
         from vitrim.dense.prune import prune_dense_model
 
         return prune_dense_model(model, target, data, **options)
-    from vitrim.prune.api import prune as prune_model
-
     return prune_model(model, target, data, **options)
 
 
