@@ -321,5 +321,5 @@ def test_latency_corrections_stop_at_their_limit_and_can_be_turned_off(wide_mode
                   progress=False, log=logged.append)
     assert [s["step"] for s in noisy.steps] == [1]  # an untrusted timing prunes nothing further
     assert any("not to be trusted (runs spread widely)" in line for line in logged)
-    with pytest.raises(ConfigError, match="latency_corrections must be >= 0"):
+    with pytest.raises(ConfigError, match=r"latency_corrections \(--latency-corrections\) must be >= 0"):
         PruneConfig(target="latency=0.5", latency_corrections=-1)

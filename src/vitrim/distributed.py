@@ -153,5 +153,5 @@ def strided_shard(indices: Sequence[int] | torch.Tensor, rank_: int | None = Non
     return indices[r::w]
 
 
-__all__ = ["active", "all_gather_object", "all_reduce_sum", "barrier", "broadcast_object", "init_from_env", "is_main", "main_lock", "rank",
-           "shard", "strided_shard", "world_size"]
+__all__ = ["active", "all_gather_object", "all_reduce_sum", "barrier", "broadcast_object", "init_from_env", "is_main",
+           "main_lock", "rank", "shard", "strided_shard", "world_size"]

@@ -371,7 +371,7 @@ def measure_latency(model: nn.Module, batch_size: int = 1, *, threads: int | Non
 
 
 def paired_latency(first: nn.Module, second: nn.Module, batch_size: int = 1, *, threads: int | None = None,
-                   warmup: int = 5, runs: int = 30) -> dict[str, Any]:
+                   warmup: int = 5, runs: int = 30, device: str | torch.device | None = None) -> dict[str, Any]:
     """Median latency of two models timed alternately in one loop (drift hits both alike).
 
     ``speedup`` is ``first_ms / second_ms``; ``first_spread`` / ``second_spread`` are each model's
@@ -379,7 +379,7 @@ def paired_latency(first: nn.Module, second: nn.Module, batch_size: int = 1, *, 
     """
     x = example_input(first, batch_size)
     timed = interleaved_latency({"first": first, "second": second}, [batch_size], threads=threads,
-                                warmup=warmup, runs=runs, example=x)
+                                warmup=warmup, runs=runs, example=x, device=device)
     a, b = timed["first"][batch_size], timed["second"][batch_size]
     reasons = sorted({r for r in (a["unstable_reason"], b["unstable_reason"]) if r})
     return {"first_ms": a["median_ms"], "second_ms": b["median_ms"], "speedup": b["speedup"], "runs": runs,

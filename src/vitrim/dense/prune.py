@@ -24,6 +24,7 @@ from vitrim.dense.detection import detection_loss
 from vitrim.dense.train import dense_train_config, indexed
 from vitrim.errors import ConfigError
 from vitrim.models.dense import DenseModel
+from vitrim.prune.saliency import target_to
 
 BACKBONE_STRUCTURES = ("heads", "qk", "v", "mlp", "attn_layer", "mlp_layer")
 
@@ -58,7 +59,7 @@ def task_loss(model: DenseModel, data: Any):
 
     if model.dense.task == "segment":
         def loss_fn(output: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-            classes = data.semantic[index.cpu()].to(output.device)
+            classes = data.batch_targets(index, "segment").to(output.device)
             return F.cross_entropy(output, classes, reduction="none").mean(dim=(1, 2))  # (B,)
     else:
         def loss_fn(output: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -75,16 +76,10 @@ def batch_task_loss(model: DenseModel, data: Any, loss: Callable[[DenseModel, tu
 
     def backbone_loss(backbone, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         x, index = batch
-        return loss(on_backbone(head, backbone, x.device), (x, _on(data.batch_targets(index, model.dense.task),
-                                                                     x.device)))
+        targets = target_to(data.batch_targets(index, model.dense.task), x.device)
+        return loss(on_backbone(head, backbone, x.device), (x, targets))
 
     return backbone_loss
-
-
-def _on(targets: Any, device: torch.device) -> Any:
-    if torch.is_tensor(targets):
-        return targets.to(device)
-    return [{k: v.to(device) for k, v in t.items()} for t in targets]
 
 
 def prune_dense(model: DenseModel, target: str = "flops=0.5", data: Any = None, *,
@@ -97,10 +92,9 @@ def prune_dense(model: DenseModel, target: str = "flops=0.5", data: Any = None, 
     ``loss(dense_model, (images, targets))``, the batch's mean loss, replaces the task's own (which
     is exact per image): ``targets`` are :meth:`DenseSet.batch_targets` — box dicts for a detector,
     class maps (B, S, S) for a segmenter."""
-    from vitrim.prune import prune
-
     from vitrim.data.coco import DenseSet
     from vitrim.dense.train import check_classes
+    from vitrim.prune import prune
 
     if not isinstance(model, DenseModel):
         raise ConfigError(f"prune_dense prunes a vitrim DenseModel, got {type(model).__name__}")
@@ -137,14 +131,13 @@ def prune_dense_model(model: DenseModel, target: str = "flops=0.5", data: Any = 
     """:func:`vitrim.prune` on a dense model: :func:`prune_dense`, the
     :class:`~vitrim.prune.api.PruneResult`'s ``model`` the whole pruned dense model."""
     for name in ("loss_fn", "forward"):
-        if options.get(name) is not None:
+        if options.pop(name, None) is not None:
             raise ConfigError(f"a dense model's loss is loss=fn(model, batch) -> scalar (or its own task loss); "
                               f"{name} applies to backbones")
     for name in ("config", "cost", "train_data"):
         if options.pop(name, None) is not None:
             raise ConfigError(f"{name}= is not taken for a dense model: pass PruneConfig fields as keywords, the "
                               f"task's training split as data=")
-    options = {k: v for k, v in options.items() if k not in ("loss_fn", "forward")}
     pruned, result = prune_dense(model, target, data, loss=loss, **options)
     result.model = pruned
     return result

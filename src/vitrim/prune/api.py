@@ -109,7 +109,8 @@ class PruneConfig:
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)}")
         if self.latency_corrections < 0:
-            raise ConfigError(f"latency_corrections must be >= 0, got {self.latency_corrections}")
+            raise ConfigError(f"latency_corrections (--latency-corrections) must be >= 0, "
+                              f"got {self.latency_corrections}")
         if self.step_kd_images < 0:
             raise ConfigError(f"step_kd_images must be >= 0, got {self.step_kd_images}")
         if not 0 <= self.tolerance < 0.5:
@@ -237,7 +238,8 @@ def prune(model: VisionTransformer, target: str = "flops=0.5", data: ImageSet | 
     every rank ends with the same plan and weights; only rank 0 logs.
     """
     if loss is not None and (loss_fn is not classification_loss or forward is not None):
-        raise ConfigError("pass the loss one way: loss=fn(model, batch) -> scalar, or loss_fn with forward (per sample)")
+        raise ConfigError("pass the loss one way: loss=fn(model, batch) -> scalar, or loss_fn with forward "
+                          "(per sample)")
     if type(model).__name__ == "DenseModel":  # its pyramid and head stay: vitrim.prune prunes its backbone
         raise ConfigError("a dense model's backbone is pruned by vitrim.prune(model, ...) (or "
                           "vitrim.dense.prune.prune_dense); vitrim.prune.prune takes the backbone itself")
@@ -393,15 +395,12 @@ def measured_latency_ratio(dense: Any, pruned: Any, batch_size: int, device: tor
     timing is not to be trusted (None when it is); under ``torchrun`` rank 0 times them and every
     rank gets its figures."""
     from vitrim import distributed
-    from vitrim.bench.latency import interleaved_latency
+    from vitrim.bench.latency import paired_latency
 
     figures = None
     if distributed.is_main():
-        timed = interleaved_latency({"dense": dense, "pruned": pruned}, [batch_size], runs=20, device=device,
-                                    threads=torch.get_num_threads())
-        first, second = timed["dense"][batch_size], timed["pruned"][batch_size]
-        reasons = "; ".join(sorted({r for r in (first["unstable_reason"], second["unstable_reason"]) if r}))
-        figures = (second["median_ms"] / first["median_ms"], reasons or None)
+        timed = paired_latency(dense, pruned, batch_size, threads=torch.get_num_threads(), runs=20, device=device)
+        figures = (timed["second_ms"] / timed["first_ms"], timed["unstable_reason"])
     ratio, unstable = distributed.broadcast_object(figures)
     return float(ratio), unstable
 

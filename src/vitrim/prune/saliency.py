@@ -216,7 +216,7 @@ def accumulate_gradients(model: VisionTransformer, batches: Iterable[Batch], los
         p.requires_grad_(False)
     try:
         for x, y in progress_bar(batches, total=total, desc="saliency", enabled=progress):
-            x, y = x.to(device), _to(y, device)
+            x, y = x.to(device), target_to(y, device)
             gates = {k: torch.ones((x.shape[0],) + s, dtype=dtype, device=device, requires_grad=True)
                      for k, s in shapes.items()}
             with gated(model, gates):
@@ -253,12 +253,14 @@ def _batch_total(loss: Any, size: int) -> torch.Tensor:
     return loss.reshape(()) * size
 
 
-def _to(target: Any, device: torch.device) -> Any:
-    """A loss target (labels, a tuple of feature tensors, or None) on ``device``."""
+def target_to(target: Any, device: torch.device) -> Any:
+    """A loss target (labels, a tuple of feature tensors, a list of per-image dicts, or None) on ``device``."""
     if torch.is_tensor(target):
         return target.to(device)
     if isinstance(target, (tuple, list)):
-        return type(target)(_to(t, device) for t in target)
+        return type(target)(target_to(t, device) for t in target)
+    if isinstance(target, dict):
+        return {k: target_to(v, device) for k, v in target.items()}
     return target
 
 
