@@ -7,7 +7,7 @@ ratio, token loss curve, quantization error per scheme, latency of every setting
 to x, take the largest token keep ratio that fits the target after int8 (w8a8), over the grid;
 the best of those by test accuracy is the sequential baseline (an oracle over x: it reads the
 test set, which the joint search never does). Both build their settings with the same functions
-(``vitrim.prune`` 3 steps + reconstruct, static merging, ONNX Runtime quantization) and are timed
+(``vitrim.prune`` with the plan the joint search timed + reconstruct, static merging, ONNX Runtime quantization) and are timed
 together, interleaved with dense torch fp32 eager, at the budget's batch size.
 
     python benchmarks/joint_benchmark.py --model fmnist-vit-197 --targets 0.5 0.3 0.15
@@ -34,8 +34,10 @@ from vitrim.joint import FP32, JointConfig, choose, measure_levers, plan_table, 
 class Builder:
     """Builds (and caches) settings as they run: pruned models per ratio, then tokens and bits."""
 
-    def __init__(self, dense: Any, train: Any, test: Any, work: Path, args: argparse.Namespace) -> None:
+    def __init__(self, dense: Any, train: Any, test: Any, work: Path, args: argparse.Namespace,
+                 plans: dict[float, Any]) -> None:
         self.dense, self.train, self.test, self.work, self.args = dense, train, test, work, args
+        self.plans = plans  # ratio -> the dimension plan the joint search timed
         self.pruned: dict[float, Any] = {}
         self.built: dict[tuple, dict[str, Any]] = {}
 
@@ -43,8 +45,8 @@ class Builder:
         if ratio >= 1:
             return self.dense
         if ratio not in self.pruned:
-            result = vitrim.prune(self.dense, f"flops={ratio:g}", self.train, recover="reconstruct",
-                                  calib_images=self.args.prune_calib, progress=False)
+            result = vitrim.prune(self.dense, f"flops={ratio:g}", self.train, plan=self.plans[ratio][1],
+                                  recover="reconstruct", calib_images=self.args.prune_calib, progress=False)
             self.pruned[ratio] = result.model.eval()
         return self.pruned[ratio]
 
@@ -110,7 +112,7 @@ def main() -> None:
     default_layers = resolve_layers(None, dense.config.depth)
     results: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="vitrim-joint-bench-") as tmp:
-        builder = Builder(dense, train, test, Path(tmp), args)
+        builder = Builder(dense, train, test, Path(tmp), args, levers.plans)
         for target in args.targets:
             plan = choose(levers, target, log=print)
             print(plan_table(plan))

@@ -158,6 +158,39 @@ def test_tokens_on_a_dense_model_unmerge_for_the_head(trained, coco, task, metri
     assert "metrics" not in row and row["backbone_flops_ratio"] == pytest.approx(half["backbone_flops_ratio"])
 
 
+@pytest.mark.parametrize("task, metric, quant", [("segment", "miou", "w8a8"), ("detect", "map", "w8-dynamic")])
+def test_compress_stacks_the_levers_on_a_dense_model(trained, coco, task, metric, quant, tmp_path, capsys):
+    """Prune by the task loss, merge and restore tokens, export and quantize: each stage scored on
+    the val split, the pruned model saved, the exported one agreeing with its PyTorch original."""
+    from vitrim.data.coco import load_coco
+    from vitrim.dense.train import evaluate_dense
+
+    out = tmp_path / "stacked"
+    code, text, err = run(["compress", trained[task], "--data", f"coco:{coco}", "--prune", "flops=0.7",
+                           "--tokens", "keep=0.6", "--layers", "0", "--quant", quant, "--calib", "8",
+                           "--prune-calib", "16", "--runs", "2", "--out", out, "--json", *FAST], capsys)
+    assert code == 0, err
+    report = json.loads(text)
+    stages = report["stages"]
+    names = [s["stage"] for s in stages]
+    assert names[:3] == ["torch fp32 dense", "torch fp32 pruned", "+ tokens (tome keep=0.6, restored)"]
+    assert names[3] == "ORT fp32" and names[4].startswith(f"ORT {quant}")
+    assert report["task"] == task and report["score"] == metric and report["batches"] == [1, 8]
+    assert all(metric in s["metrics"] and sorted(s["latency"]) == ["1", "8"] for s in stages)
+    assert stages[1]["kept_ratio"] <= 0.7 and stages[0]["flops"] > stages[1]["flops"] > stages[2]["flops"]
+    assert stages[2]["flops"] == stages[3]["flops"] == stages[4]["flops"]
+    assert stages[3]["check"]["max_abs_diff"] < 1e-3  # ONNX fp32 against the token-reduced PyTorch model
+    assert stages[3]["metrics"][metric] == pytest.approx(stages[2]["metrics"][metric], abs=0.02)
+    assert stages[0]["speedup_b1"] == 1.0 and stages[4]["size_bytes"] < stages[3]["size_bytes"] / 2
+    assert stages[2]["drop_points"] == pytest.approx((stages[0][metric] - stages[2][metric]) * 100)
+    pruned = vitrim.load(out / "pruned")
+    assert type(pruned) is DenseModel and pruned.dense.task == task
+    val = load_coco(coco, "val", pruned.config.image_size, pruned.config.in_chans).for_model(pruned.config)
+    assert evaluate_dense(pruned, val)[metric] == pytest.approx(stages[1][metric], abs=1e-6)
+    assert (out / f"model-{quant}.onnx").is_file() and (out / "report.md").is_file()
+    assert {"mAP", "mIoU"} & set((out / "report.md").read_text().split()), "the task's metric heads the table"
+
+
 @pytest.mark.parametrize("task", ["segment", "detect"])
 def test_export_checks_a_dense_model_on_its_own_images(trained, coco, task, tmp_path, capsys):
     code, out, err = run(["export", trained[task], "--data", f"coco:{coco}", "--out", tmp_path / "dense.onnx",
@@ -229,7 +262,12 @@ def test_bad_combinations_are_refused(trained, coco, tmp_path, capsys):
         (["eval", trained["detect"], "--data", f"coco:{tmp_path / 'none'}"], "does not exist"),
         (["tokens", "fmnist-vit", "--data", f"coco:{coco}"], "not a detector or segmenter"),
         (["tokens", trained["segment"], "--limit", "8"], "vitrim tokens needs its task's data: --data coco:DIR"),
-        (["compress", trained["segment"], "--data", f"coco:{coco}"], "run the stages one by one"),
+        (["compress", trained["segment"], "--data", f"coco:{coco}", "--target", "latency=0.5", "--out", tmp_path / "c"],
+         "give the levers: --prune flops=R"),
+        (["compress", trained["segment"], "--data", f"coco:{coco}", "--calib-method", "blockwise", "--out",
+          tmp_path / "c"], "use --calib-method minmax"),
+        (["compress", trained["segment"], "--out", tmp_path / "c"], "--data coco:DIR"),
+        (["compress", "fmnist-vit", "--data", f"coco:{coco}", "--out", tmp_path / "c"], "not a detector or segmenter"),
     ]
     for argv, message in cases:
         code, _, err = run(argv, capsys)

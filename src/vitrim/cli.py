@@ -277,17 +277,22 @@ def cmd_compress(args: argparse.Namespace) -> None:
     from vitrim.adapters.sources import parse_spec
     from vitrim.compress import CompressConfig, compress, stage_table
 
+    from vitrim.cli_dense import cmd_compress_dense, is_coco, is_dense
+    from vitrim.dense.compress import DENSE_TARGET_ERROR
+
+    name = args.model or DEFAULT_MODEL
+    model, _ = resolve_model(name, pretrained=args.pretrained)
+    dense = is_coco(args.data) or is_dense(model)
+    if dense and args.target is not None:  # before the joint search's own checks of the levers given
+        raise ConfigError(DENSE_TARGET_ERROR)
     cfg = CompressConfig(prune=_none(args.prune), recover=args.recover, prune_calib=args.prune_calib,
                          tokens=_none(args.tokens), token_method=args.token_method,
                          token_layers=tuple(args.layers) if args.layers else None,
                          quant=_none(args.quant), calib=args.calib,
                          calib_method=args.calib_method, threads=args.threads, runs=args.runs,
                          target=args.target, joint=joint_config(args))
-    from vitrim.cli_dense import refuse_dense_compress
-
-    name = args.model or DEFAULT_MODEL
-    model, _ = resolve_model(name, pretrained=args.pretrained)
-    refuse_dense_compress(model, args)
+    if dense:
+        return cmd_compress_dense(args, cfg, name, model)
     train_set, test_set = train_and_test(model, args)
     out = Path(args.out or f"runs/{parse_spec(name).stem}-compressed")
     progress = not args.json
@@ -503,7 +508,10 @@ def add_compress_parser(sub: Any) -> None:
     def d(name: str) -> Any:
         return default_of(CompressConfig, name)
 
-    p = sub.add_parser("compress", help="prune, reduce tokens and quantize in one pipeline, with one report")
+    from vitrim.cli_dense import add_coco_args
+
+    p = sub.add_parser("compress", help="prune, reduce tokens and quantize in one pipeline, with one report "
+                                        "(classifiers, detectors and segmenters)")
     _model_arg(p, optional=True)
     p.add_argument("--prune", default=_or_none(d("prune")), help="pruning target, or none")
     p.add_argument("--recover", choices=list(RECOVERY), default=d("recover"))
@@ -516,7 +524,8 @@ def add_compress_parser(sub: Any) -> None:
     p.add_argument("--quant", default=_or_none(d("quant")), help="w8a8 | w8-dynamic | w4 | none")
     p.add_argument("--calib", type=positive_int, default=d("calib"), help="calibration images for quantization")
     p.add_argument("--calib-method", choices=list(CALIBRATORS), default=d("calib_method"))
-    add_data_args(p, "evaluate on the first N test images only")
+    add_data_args(p, "evaluate on the first N test images only (dense models: val images)")
+    add_coco_args(p)
     p.add_argument("--runs", type=positive_int, default=d("runs"))
     add_joint_args(p)
     p.add_argument("--out", default=None, help="output directory (default runs/MODEL-compressed)")

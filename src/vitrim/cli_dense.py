@@ -1,6 +1,6 @@
 """Dense prediction on the command line: ``vitrim coco-synthetic``, and ``--data coco:DIR`` /
-``--task segment|detect`` for ``train``, ``eval``, ``prune`` and ``bench`` on dense models
-(:class:`~vitrim.models.dense.DenseModel`). :mod:`vitrim.cli` dispatches here.
+``--task segment|detect`` for ``train``, ``eval``, ``prune``, ``tokens``, ``compress``, ``export`` and
+``bench`` on dense models (:class:`~vitrim.models.dense.DenseModel`). :mod:`vitrim.cli` dispatches here.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ def is_coco(spec: str | None) -> bool:
 def coco_root(args: argparse.Namespace) -> Path:
     """``--data coco:DIR``'s directory; a :class:`ConfigError` for other data."""
     if not is_coco(args.data):
-        raise ConfigError(f"dense models train, evaluate and prune on COCO-format data: pass --data coco:DIR, not "
+        raise ConfigError(f"dense models train, evaluate, prune and compress on COCO-format data: pass --data coco:DIR, not "
                           f"--data {args.data} (write a set with `vitrim coco-synthetic --out DIR`)")
     root = args.data[len(COCO_PREFIX):]
     if not root:
@@ -93,12 +93,31 @@ def dense_check_images(args: argparse.Namespace, model: Any, count: int) -> torc
     return next(normalised_batches(data, count))[1]
 
 
-def refuse_dense_compress(model: Any, args: argparse.Namespace) -> None:
-    """``vitrim compress`` chains classification stages: a dense model gets the commands to run instead."""
-    if is_dense(model) or is_coco(args.data):
-        raise ConfigError(f"vitrim compress runs classification models; for a detector or segmenter run the stages "
-                          f"one by one: vitrim prune MODEL --data coco:DIR --target flops=R --out P, vitrim tokens P "
-                          f"--data coco:DIR --sweep 1,0.7,0.5, vitrim export P --data coco:DIR --out P.onnx")
+def cmd_compress_dense(args: argparse.Namespace, cfg: Any, name: str, model: Any) -> None:
+    """``vitrim compress DENSE --data coco:DIR``: the backbone pruned by the task loss, its tokens
+    merged and restored for the head, the whole model exported and quantized; one report scored by
+    the task's metric on the val split (:func:`vitrim.dense.compress.compress_dense`)."""
+    from vitrim.adapters.sources import parse_spec
+    from vitrim.compress import stage_table
+    from vitrim.dense.compress import compress_dense
+
+    from vitrim.adapters import family_of
+    from vitrim.adapters.sources import load_model
+
+    coco_root(args)
+    if not is_dense(model) and family_of(load_model(name, form="native").model) == "hf-yolos":
+        raise ConfigError(f"{name} is a YOLOS detector: vitrim compress stacks the levers on vitrim's dense models; "
+                          f"prune it with vitrim prune {name} --data {args.data} --target flops=R --out DIR")
+    require_dense(model, name, "compress")
+    train, val = load_split(args, "train", model), load_split(args, "val", model)
+    out = Path(args.out or f"runs/{parse_spec(name).stem}-compressed")
+    progress = not args.json
+    with threads(args.threads):
+        report = compress_dense(model, train, val, cfg, out, progress=progress, device=args.device,
+                                log=(lambda text: print(text, file=sys.stderr)) if progress else (lambda text: None))
+    report.update(model=name, data=args.data, command=command_line(args))
+    emit(args, report, f"{model.dense.task} model on {val.name} ({len(val)} images), whole model timed\n"
+                       f"{stage_table(report)}\n\nartefacts and report.{{json,md,png}} in {out}")
 
 
 # ---------------------------------------------------------------- coco-synthetic

@@ -153,16 +153,11 @@ def compress(model: VisionTransformer, train: ImageSet, test: ImageSet, cfg: Com
         measured = compare_models(runners, LATENCY_BATCHES, test=test, image_size=model.config.image_size,
                                   threads=cfg.threads, runs=cfg.runs, progress=progress, desc="{name}", log=log,
                                   device=target)
-        dense = measured[stages[0]["stage"]]
         for entry in stages:
             result = measured[entry["stage"]]
             entry.update(accuracy=result["accuracy"], threads=result["thread_policy"], latency=result["latency"],
                          device=result.get("device"))
-            for batch in LATENCY_BATCHES:
-                entry[f"latency_ms_b{batch}"] = result["latency"][str(batch)]["median_ms"]
-                entry[f"speedup_b{batch}"] = result["latency"][str(batch)]["speedup"]
-            entry["size_ratio"] = stages[0]["size_bytes"] / entry["size_bytes"]
-            entry["drop_points"] = (dense["accuracy"] - entry["accuracy"]) * 100
+        against_first(stages, "accuracy")
         report = {"config": asdict(cfg), "stages": stages}
         if plan is not None:
             report["joint"] = plan.to_dict()
@@ -205,22 +200,42 @@ def run_stages(model: VisionTransformer, train: ImageSet, test: ImageSet, cfg: C
         current = reduce_tokens(current.cpu(), cfg.token_method, layers=cfg.token_layers, keep=tokens[1])
         add(f"+ tokens ({cfg.token_method} keep={tokens[1]:g})", current, torch_size(current),
             reduced_flops(current, check_images))
-    flops = stages[-1]["flops"]
     if cfg.quant is not None:
-        from vitrim.quant import OnnxModel, export, quantize
-
-        current.cpu()  # ONNX export and the checks against PyTorch run on the CPU
-        exported = export(current, out / "model-fp32.onnx", check_images=check_images, threads=cfg.threads)
-        add("ORT fp32", OnnxModel(exported.path, threads=cfg.threads), exported.size_bytes, flops,
-            check=exported.check.to_dict())
-        quantized = quantize(exported.path, out / f"model-{cfg.quant}.onnx", cfg.quant,
-                             calib=train.subset(cfg.calib), calibrator=cfg.calib_method, threads=cfg.threads,
-                             torch_model=current, log=log)
-        calibrated = cfg.quant == "w8a8" or cfg.calib_method == "blockwise"
-        add(f"ORT {cfg.quant}" + (f" ({cfg.calib_method})" if calibrated else ""),
-            OnnxModel(quantized.path, threads=cfg.threads), quantized.size_bytes, flops,
-            check=quantized.check.to_dict())
+        onnx_stages(current, out, cfg, check_images, train.subset(cfg.calib), add, stages[-1]["flops"], log=log,
+                    torch_model=current)
     return stages, runners
+
+
+def onnx_stages(current: nn.Module, out: Path, cfg: CompressConfig, check_images: torch.Tensor, calib: Any,
+                add: Callable[..., None], flops: float, *, log: Callable[[str], None], torch_model: nn.Module | None = None,
+                wrap: Callable[[Any], Any] = lambda runner: runner) -> None:
+    """The ``ORT fp32`` and ``ORT {cfg.quant}`` stages of ``current`` (the last torch stage, whose
+    ``flops`` they keep): exported and checked against it on ``check_images``, quantized on ``calib``
+    (``torch_model``: the vitrim model blockwise calibration simulates). ``add(name, runner, size,
+    flops, **extra)`` records a stage; ``wrap`` adapts an ONNX Runtime session to the caller's runner."""
+    from vitrim.quant import OnnxModel, export, quantize
+
+    current.cpu()  # ONNX export and the checks against PyTorch run on the CPU
+    exported = export(current, out / "model-fp32.onnx", check_images=check_images, threads=cfg.threads)
+    add("ORT fp32", wrap(OnnxModel(exported.path, threads=cfg.threads)), exported.size_bytes, flops,
+        check=exported.check.to_dict(), device="cpu")
+    quantized = quantize(exported.path, out / f"model-{cfg.quant}.onnx", cfg.quant, calib=calib,
+                         calibrator=cfg.calib_method, threads=cfg.threads, torch_model=torch_model, log=log)
+    calibrated = cfg.quant == "w8a8" or cfg.calib_method == "blockwise"
+    add(f"ORT {cfg.quant}" + (f" ({cfg.calib_method})" if calibrated else ""),
+        wrap(OnnxModel(quantized.path, threads=cfg.threads)), quantized.size_bytes, flops,
+        check=quantized.check.to_dict(), device="cpu")
+
+
+def against_first(stages: list[dict[str, Any]], score: str) -> None:
+    """Each stage's ``latency_ms_b*`` / ``speedup_b*`` from its ``latency`` stats, its size ratio
+    and its drop in ``score`` (points) against the first stage."""
+    first = stages[0]
+    for entry in stages:
+        for batch, stats in entry["latency"].items():
+            entry[f"latency_ms_b{batch}"], entry[f"speedup_b{batch}"] = stats["median_ms"], stats["speedup"]
+        entry["size_ratio"] = first["size_bytes"] / entry["size_bytes"]
+        entry["drop_points"] = (first[score] - entry[score]) * 100
 
 
 def _ms(stage: dict[str, Any], batch: int, digits: int) -> str:
@@ -230,13 +245,25 @@ def _ms(stage: dict[str, Any], batch: int, digits: int) -> str:
     return f"{stage[f'latency_ms_b{batch}']:.{digits}f}{mark}"
 
 
+SCORES = {"accuracy": "accuracy", "map": "mAP", "miou": "mIoU"}  # a stage's score -> its column label
+
+
+def report_score(report: dict[str, Any]) -> tuple[str, str, tuple[int, ...]]:
+    """``(score key, label, latency batches)`` of a compress report (a classifier's: accuracy, 1 and 64)."""
+    key = report.get("score", "accuracy")
+    return key, SCORES[key], tuple(report.get("batches", LATENCY_BATCHES))
+
+
 def stage_table(report: dict[str, Any]) -> str:
     """The stages side by side; a ``*`` marks an unstable latency, explained under the table."""
-    rows = [[s["stage"], f"{s['accuracy'] * 100:.2f}%", f"{s['drop_points']:+.2f}", human(s["size_bytes"], "B"),
-             f"{s['size_ratio']:.2f}x", human(s["flops"]), _ms(s, 1, 2), f"{s['speedup_b1']:.2f}x",
-             _ms(s, 64, 1), f"{s['speedup_b64']:.2f}x"] for s in report["stages"]]
-    table = format_table(rows, ["stage", "accuracy", "drop pt", "size", "smaller", "FLOPs", "ms b=1", "faster",
-                                "ms b=64", "faster"])
+    key, label, batches = report_score(report)
+    unit = "%" if key == "accuracy" else ""
+    rows = [[s["stage"], f"{s[key] * 100:.2f}{unit}", f"{s['drop_points']:+.2f}", human(s["size_bytes"], "B"),
+             f"{s['size_ratio']:.2f}x", human(s["flops"])]
+            + [cell for b in batches for cell in (_ms(s, b, 2 if b == 1 else 1), f"{s[f'speedup_b{b}']:.2f}x")]
+            for s in report["stages"]]
+    header = [label, "drop pt", "size", "smaller", "FLOPs"] + [h for b in batches for h in (f"ms b={b}", "faster")]
+    table = format_table(rows, ["stage"] + header)
     return table + unstable_warning((s["stage"], batch, stats) for s in report["stages"]
                                     for batch, stats in s.get("latency", {}).items())
 
@@ -249,15 +276,16 @@ def write_report(out_dir: Path, report: dict[str, Any]) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
+        key, label, batches = report_score(report)
         fig, ax = plt.subplots(figsize=(6.5, 4))
-        for batch, marker in ((1, "o"), (64, "s")):
+        for batch, marker in zip(batches, "os^v"):
             xs = [s[f"latency_ms_b{batch}"] / report["stages"][0][f"latency_ms_b{batch}"] for s in report["stages"]]
-            ys = [s["accuracy"] * 100 for s in report["stages"]]
+            ys = [s[key] * 100 for s in report["stages"]]
             ax.plot(xs, ys, marker + "-", label=f"batch {batch}")
             for x, y, s in zip(xs, ys, report["stages"]):
                 ax.annotate(s["stage"], (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
         ax.set_xlabel("latency relative to dense torch fp32")
-        ax.set_ylabel("top-1 accuracy (%)")
+        ax.set_ylabel("top-1 accuracy (%)" if key == "accuracy" else f"{label} (x100)")
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()
@@ -268,7 +296,8 @@ def write_report(out_dir: Path, report: dict[str, Any]) -> None:
     except ImportError:
         pass
     write_json(out_dir / "report.json", report)
-    text = ["# vitrim compress report", "", "```", stage_table(report), "```", ""]
+    task = f" ({report['task']} model)" if report.get("task") else ""
+    text = [f"# vitrim compress report{task}", "", "```", stage_table(report), "```", ""]
     if report.get("joint"):
         text += joint_section(report["joint"])
     if report.get("plot"):
@@ -292,4 +321,5 @@ def joint_section(joint: dict[str, Any]) -> list[str]:
             "```", plan_table(plan), "```", ""]
 
 
-__all__ = ["CompressConfig", "check_compress", "compress", "parse_tokens", "stage_table"]
+__all__ = ["CompressConfig", "against_first", "check_compress", "compress", "onnx_stages", "parse_tokens", "stage_table",
+           "write_report"]

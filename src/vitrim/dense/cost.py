@@ -24,7 +24,8 @@ def dense_cost(model: DenseModel) -> dict[str, int]:
 
     cfg = model.config
     grid = cfg.image_size // cfg.patch_size
-    features = torch.zeros(1, cfg.embed_dim, grid, grid)  # (1, C, G, G)
+    device = next(model.head.parameters()).device
+    features = torch.zeros(1, cfg.embed_dim, grid, grid, device=device)  # (1, C, G, G)
     counter = FlopCounterMode(display=False)
     with counter:
         model.predict(features, (cfg.image_size, cfg.image_size))

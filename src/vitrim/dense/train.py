@@ -74,14 +74,20 @@ def evaluate_dense(model: DenseModel, data: Any, batch_size: int = 32,
 
     was = module_device(model)
     where = was if device is None else resolve_device(device)
-    runner = _OnDevice(model.to(where), where)
     try:
-        if model.dense.task == "detect":
-            return evaluate_detection(runner, data, batch_size)
-        score = evaluate_segmentation(runner, data, batch_size)
-        return {"miou": score.miou, "pixel_accuracy": score.pixel_accuracy}
+        return score_dense(_OnDevice(model.to(where), where), model.dense.task, data, batch_size)
     finally:
         model.to(was)
+
+
+def score_dense(runner: Any, task: str, data: Any, batch_size: int = 32) -> dict[str, float]:
+    """:func:`evaluate_dense`'s metrics of any runner of a dense model (normalised images ->
+    the head's maps on the CPU; with ``stride``, ``training`` and ``eval``/``train``, as an ONNX
+    Runtime twin has them) for ``task`` (``detect`` or ``segment``)."""
+    if task == "detect":
+        return evaluate_detection(runner, data, batch_size)
+    score = evaluate_segmentation(runner, data, batch_size)
+    return {"miou": score.miou, "pixel_accuracy": score.pixel_accuracy}
 
 
 def check_classes(model: DenseModel, data: Any) -> None:
