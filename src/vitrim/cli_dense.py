@@ -29,8 +29,9 @@ def is_coco(spec: str | None) -> bool:
 def coco_root(args: argparse.Namespace) -> Path:
     """``--data coco:DIR``'s directory; a :class:`ConfigError` for other data."""
     if not is_coco(args.data):
-        raise ConfigError(f"dense models train, evaluate, prune and compress on COCO-format data: pass --data coco:DIR, not "
-                          f"--data {args.data} (write a set with `vitrim coco-synthetic --out DIR`)")
+        raise ConfigError(f"dense models train, evaluate, prune and compress on COCO-format data: pass "
+                          f"--data coco:DIR, not --data {args.data} (write a set with "
+                          f"`vitrim coco-synthetic --out DIR`)")
     root = args.data[len(COCO_PREFIX):]
     if not root:
         raise ConfigError("--data coco: needs a directory: coco:DIR (DIR/annotations/instances_<split>.json)")
@@ -97,12 +98,10 @@ def cmd_compress_dense(args: argparse.Namespace, cfg: Any, name: str, model: Any
     """``vitrim compress DENSE --data coco:DIR``: the backbone pruned by the task loss, its tokens
     merged and restored for the head, the whole model exported and quantized; one report scored by
     the task's metric on the val split (:func:`vitrim.dense.compress.compress_dense`)."""
-    from vitrim.adapters.sources import parse_spec
+    from vitrim.adapters import family_of
+    from vitrim.adapters.sources import load_model, parse_spec
     from vitrim.compress import stage_table
     from vitrim.dense.compress import compress_dense
-
-    from vitrim.adapters import family_of
-    from vitrim.adapters.sources import load_model
 
     coco_root(args)
     if not is_dense(model) and family_of(load_model(name, form="native").model) == "hf-yolos":

@@ -207,8 +207,8 @@ def run_stages(model: VisionTransformer, train: ImageSet, test: ImageSet, cfg: C
 
 
 def onnx_stages(current: nn.Module, out: Path, cfg: CompressConfig, check_images: torch.Tensor, calib: Any,
-                add: Callable[..., None], flops: float, *, log: Callable[[str], None], torch_model: nn.Module | None = None,
-                wrap: Callable[[Any], Any] = lambda runner: runner) -> None:
+                add: Callable[..., None], flops: float, *, log: Callable[[str], None],
+                torch_model: nn.Module | None = None, wrap: Callable[[Any], Any] = lambda runner: runner) -> None:
     """The ``ORT fp32`` and ``ORT {cfg.quant}`` stages of ``current`` (the last torch stage, whose
     ``flops`` they keep): exported and checked against it on ``check_images``, quantized on ``calib``
     (``torch_model``: the vitrim model blockwise calibration simulates). ``add(name, runner, size,

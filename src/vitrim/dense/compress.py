@@ -130,7 +130,8 @@ def dense_stages(model: DenseModel, train: Any, val: Any, cfg: CompressConfig, o
         runners[name] = net
 
     model.eval()
-    add("torch fp32 dense", model, torch_size(model), dense_cost(model)["flops"])
+    dense = dense_cost(model)  # pruning keeps the pyramid and head: their FLOPs hold for every stage
+    add("torch fp32 dense", model, torch_size(model), dense["flops"])
     current: DenseModel = model
     if cfg.prune is not None:
         current, result = prune_dense(model, cfg.prune, train, recover=cfg.recover,
@@ -143,11 +144,10 @@ def dense_stages(model: DenseModel, train: Any, val: Any, cfg: CompressConfig, o
     tokens = parse_tokens(cfg.tokens)
     if tokens is not None:
         view = reduce_tokens(current.backbone, cfg.token_method, layers=cfg.token_layers, keep=tokens[1])
-        cost = dense_cost(current)
         current = current.through(view)
         flops = reduced_flops(view, check_images.to(next(current.backbone.parameters()).device))
         add(f"+ tokens ({cfg.token_method} keep={tokens[1]:g}, restored)", current, torch_size(current),
-            flops + cost["head_flops"], layers=list(view.layers))
+            flops + dense["head_flops"], layers=list(view.layers))
     if cfg.quant is not None:
         calib = next(normalised_batches(train, cfg.calib))[1]  # (calib, C, S, S)
         onnx_stages(current, out, cfg, check_images, calib, add, stages[-1]["flops"], log=log,
