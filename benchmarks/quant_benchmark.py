@@ -32,7 +32,7 @@ from vitrim.adapters.sources import load_model  # noqa: E402
 from vitrim.bench.latency import paired_latency  # noqa: E402
 from vitrim.compress import CompressConfig, compress, torch_size  # noqa: E402
 from vitrim.data import load_dataset  # noqa: E402
-from vitrim.quant import OnnxModel, export, quantize  # noqa: E402
+from vitrim.quant import CALIBRATORS, OnnxModel, export, quantize  # noqa: E402
 from vitrim.quant.blockwise import BlockwiseConfig  # noqa: E402
 from vitrim.quant.intonly import IntOnlyOptions, int_only  # noqa: E402
 
@@ -107,7 +107,8 @@ def variants(args: argparse.Namespace) -> list[tuple[str, str, int]]:
 def compress_row(dense: Any, test: Any, args: argparse.Namespace, out: Path) -> dict[str, Any]:
     train = load_dataset("fashion-mnist", "train").resized(dense.config.image_size)
     cfg = CompressConfig(prune=args.compress_prune, prune_calib=args.prune_calib, tokens=args.compress_tokens,
-                         quant="w8a8", calib=args.calib, calib_method="blockwise", threads=args.threads, runs=args.runs)
+                         token_layers=args.compress_layers, quant="w8a8", calib=args.calib, calib_method=args.compress_calib_method,
+                         threads=args.threads, runs=args.runs)
     report = compress(dense, train, test, cfg, out, progress=False)
     last = report["stages"][-1]
     row = {"name": f"vitrim compress ({last['stage']})", "accuracy": last["accuracy"],
@@ -199,6 +200,13 @@ def markdown(result: dict[str, Any]) -> str:
               "(a PyTorch simulation of integer hardware).", "", "## Aims", "", "| aim | measured | met |",
               "|---|---|---|"]
     lines += [f"| {aim} | {value} | {'met' if ok else 'missed'} |" for aim, value, ok in result["aims"]]
+    for r in (r for r in result["rows"] if "stages" in r):
+        lines += ["", f"## {r['name']}, stage by stage (speed-ups against dense torch fp32 eager)", "",
+                  "| stage | accuracy | drop (pt) | FLOPs kept | size | speed-up b=1 | speed-up b=64 |",
+                  "|---|---|---|---|---|---|---|"]
+        lines += [f"| {st['stage']} | {st['accuracy'] * 100:.2f}% | {st['drop_points']:+.2f} | "
+                  f"{st['flops'] / r['stages'][0]['flops']:.3f} | {st['size_bytes'] / 1e6:.2f} MB | "
+                  f"{st['speedup_b1']:.2f}x | {st['speedup_b64']:.2f}x |" for st in r["stages"]]
     if result.get("deit"):
         batches = result["deit_batches"]
         lines += ["", "## DeiT-S shape (224x224, random weights): size and latency", "",
@@ -225,6 +233,9 @@ def main() -> None:
     parser.add_argument("--no-compress", dest="compress", action="store_false", help="skip the stacked pipeline")
     parser.add_argument("--compress-prune", default="flops=0.5")
     parser.add_argument("--compress-tokens", default="keep=0.7")
+    parser.add_argument("--compress-layers", type=lambda v: tuple(int(i) for i in v.split(",")), default=None,
+                        help="blocks after which the stacked pipeline merges tokens (default: vitrim's)")
+    parser.add_argument("--compress-calib-method", default="blockwise", choices=CALIBRATORS)
     parser.add_argument("--prune-calib", type=int, default=512)
     parser.add_argument("--no-deit", dest="deit", action="store_false", help="skip the DeiT-S latency part")
     parser.add_argument("--deit-batches", type=int, nargs="+", default=[1, 64])

@@ -41,6 +41,8 @@ TRAINING_FREE = {
     ("tome", "dynamic"): ("tau", [0.9, 0.7, 0.5]),  # cosine similarity above which tokens merge
 }
 MERGE_EVERYWHERE = {"static": ("keep", [0.9, 0.85, 0.8, 0.75, 0.7]), "dynamic": ("tau", [0.9, 0.85, 0.8, 0.75, 0.7])}
+# fine-tuned for a keep range (``--train-keep``, default 0.5-1): swept down to its bottom
+TUNED = {"static": ("keep", [1.0, 0.9, 0.8, 0.7, 0.6, 0.5]), "dynamic": ("tau", [0.9, 0.85, 0.8, 0.75, 0.7])}
 IRET = {"static": ("keep", [1.0, 0.8, 0.6, 0.4, 0.25, 0.1, 0.05]), "dynamic": ("tau", [0.95, 0.9, 0.8, 0.6, 0.4])}
 
 
@@ -81,9 +83,9 @@ def sweeps(dense, iret_dirs: list[str], tuned_dirs: list[str], layers: list[int]
                                                                        mode=mode), knob, values
     for directory in tuned_dirs:
         tuned = vitrim.load(directory)
-        for mode, (knob, values) in MERGE_EVERYWHERE.items():
+        for mode, (knob, values) in TUNED.items():
             model = reduce_tokens(tuned, mode=mode)
-            yield f"{model.method} fine-tuned, {Path(directory).name} ({mode})", model, knob, [1.0] + values
+            yield f"{model.method} fine-tuned, {Path(directory).name} ({mode})", model, knob, values
     for directory in iret_dirs:
         model = vitrim.load(directory)
         lifting = "learned lifting" if model.options.learnable else "Haar"

@@ -59,6 +59,27 @@ def test_threads_are_fixed_and_default_to_torch(exported):
         torch.set_num_threads(previous)
 
 
+def test_profiled_session_records_every_node_of_a_run(exported, tmp_path):
+    import json
+
+    from vitrim.quant.onnxfile import session
+
+    _, path, _ = exported
+    plain = session(path, 1)
+    assert not plain.get_session_options().enable_profiling
+    recording = session(path, 1, profile_prefix=str(tmp_path / "prof"))
+    name = recording.get_inputs()[0].name
+    recording.run(None, {name: torch.zeros(2, 1, 16, 16).numpy()})
+    written = recording.end_profiling()
+    assert written.startswith(str(tmp_path / "prof"))
+    events = json.loads(open(written).read())
+    kernels = [e for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
+    graph_ops = {n.op_type for n in onnx.load(str(path)).graph.node}
+    assert kernels and all(e["args"].get("op_name") for e in kernels)
+    assert {"MatMul", "Softmax"} <= {e["args"]["op_name"] for e in kernels} & graph_ops
+    assert sum(e.get("name") == "model_run" for e in events) == 1
+
+
 def test_latency_timing_works_unchanged(exported):
     _, path, _ = exported
     runner = OnnxModel(path, threads=1)

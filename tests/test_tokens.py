@@ -99,6 +99,13 @@ def test_bipartite_merge_preserves_mass():
     # every old token lands in a token whose size counts it, and the sizes add up
     counted = torch.zeros(2, 6).scatter_add(1, dest, torch.ones(2, 9))
     torch.testing.assert_close(counted, new_sizes)
+    # without the bookkeeping of where tokens went: the same merge, no dest
+    for threshold in (None, 0.2):
+        kept = bipartite_merge(x, x, sizes, r=3, prefix=1, threshold=threshold)
+        lean = bipartite_merge(x, x, sizes, r=3, prefix=1, threshold=threshold, need_dest=False)
+        assert lean[2] is None
+        for full, part in zip(kept[:2] + kept[3:], lean[:2] + lean[3:]):
+            torch.testing.assert_close(part, full, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("method, mode", [("drop", "static"), ("evit", "static"), ("tome", "static"),

@@ -59,11 +59,13 @@ def write_bytes(data: bytes, path: str | Path) -> Path:
     return path
 
 
-def session(model: str | Path | bytes, threads: int | None = None, source: str | None = None) -> Any:
+def session(model: str | Path | bytes, threads: int | None = None, source: str | None = None, *,
+            profile_prefix: str | None = None) -> Any:
     """A CPU ``InferenceSession`` with ``threads`` intra-op threads (default: torch's count).
 
     Its worker threads sleep between runs instead of spinning, so a torch model (or another
-    session) run right after it gets the cores.
+    session) run right after it gets the cores. ``profile_prefix``: record ORT's per-node
+    profile to a JSON file starting with that path (``end_profiling()`` returns its name).
     """
     ort = deps.ort()
     options = ort.SessionOptions()
@@ -71,6 +73,9 @@ def session(model: str | Path | bytes, threads: int | None = None, source: str |
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.log_severity_level = 3
+    if profile_prefix is not None:
+        options.enable_profiling = True
+        options.profile_file_prefix = profile_prefix
     for key, value in SESSION_CONFIG.items():
         options.add_session_config_entry(key, value)
     target = model if isinstance(model, bytes) else str(model)

@@ -72,8 +72,8 @@ def drop_tokens(x: torch.Tensor, sizes: torch.Tensor, scores: torch.Tensor, keep
 
 
 def bipartite_merge(x: torch.Tensor, metric: torch.Tensor, sizes: torch.Tensor, r: int, prefix: int, *,
-                    threshold: float | None = None, valid: torch.Tensor | None = None
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+                    threshold: float | None = None, valid: torch.Tensor | None = None, need_dest: bool = True
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Bipartite soft matching (Bolya et al., "Token Merging"): merge the most similar
     (alternate-position) token pairs by size-weighted averaging. ``metric``: (B, N, d), e.g. keys
     averaged over heads. Prefix tokens are never merged.
@@ -83,11 +83,14 @@ def bipartite_merge(x: torch.Tensor, metric: torch.Tensor, sizes: torch.Tensor, 
     much redundant content (plain background) merge more; the batch is padded to its largest
     count. ``valid`` marks padding from an earlier per-image step, which never merges (its
     ``dest`` is -1).
-    Returns (tokens, sizes, dest, valid) — ``valid`` is None when nothing is padded.
+    Returns (tokens, sizes, dest, valid) — ``valid`` is None when nothing is padded, ``dest``
+    when not ``need_dest`` (it costs a dozen small ops, a visible share at batch 1).
     """
     B, N, C = x.shape
     r = min(r, (N - prefix) // 2)
     if r <= 0:
+        if not need_dest:
+            return x, sizes, None, valid
         dest = torch.arange(N, device=x.device).expand(B, -1)
         return x, sizes, dest if valid is None else dest.masked_fill(~valid, -1), valid
     m = metric[:, prefix:] / metric[:, prefix:].norm(dim=-1, keepdim=True).clamp_min(1e-12)
@@ -124,6 +127,8 @@ def bipartite_merge(x: torch.Tensor, metric: torch.Tensor, sizes: torch.Tensor, 
     if valid is not None or threshold is not None:
         old = valid if valid is not None else torch.ones(B, N, dtype=torch.bool, device=x.device)
         new_valid = torch.cat([old[:, :prefix], stays & old[:, prefix::2].gather(1, keep_a), old[:, prefix + 1::2]], 1)
+    if not need_dest:
+        return tokens, new_sizes, None, new_valid
     base_b = prefix + Na - fewest
     slot_a = torch.full((B, Na), -1, dtype=torch.long, device=x.device).scatter_(
         1, keep_a, prefix + torch.arange(Na - fewest, device=x.device).expand(B, -1))

@@ -115,8 +115,14 @@ class Reducer:
             self._follow(old, dest)
         return x, TokenState(sizes, valid, state.weighted or self.combines)
 
+    @property
+    def needs_dest(self) -> bool:
+        """Whether :meth:`step` must say where each token went (to restore the grid, or for ``refine``)."""
+        return self._tracking or self.refine is not None
+
     def step(self, x: torch.Tensor, state: TokenState, capture: dict[str, Any]):
-        """One reduction: (tokens, sizes, valid, dest) — see :mod:`.primitives` for ``dest``."""
+        """One reduction: (tokens, sizes, valid, dest) — see :mod:`.primitives` for ``dest``
+        (None allowed when not :attr:`needs_dest`)."""
         raise NotImplementedError
 
     def _follow(self, old: torch.Tensor, dest: torch.Tensor) -> None:
@@ -202,7 +208,7 @@ class MergeReducer(Reducer):
         else:
             r, threshold = patches - max(1, round(self.keep * patches)), None
         x, sizes, dest, valid = bipartite_merge(x, keys, state.sizes, r, self.prefix, threshold=threshold,
-                                                valid=state.valid)
+                                                valid=state.valid, need_dest=self.needs_dest)
         return x, sizes, valid, dest
 
 
