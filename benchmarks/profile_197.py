@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
 import time
@@ -36,6 +35,7 @@ import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile, record_function  # noqa: E402
 
 import vitrim  # noqa: E402
+from vitrim.bench.latency import time_callable  # noqa: E402
 from vitrim.data import load_dataset  # noqa: E402
 
 REDUCTION = "token reduction"
@@ -74,21 +74,10 @@ def onnx_category(node: dict[str, Any]) -> str:
     return category(op)
 
 
-def wall_ms(run: Callable[[], Any], runs: int) -> float:
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        run()
-        times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times)
-
-
 def profile_torch(model: torch.nn.Module, x: torch.Tensor, runs: int) -> dict[str, Any]:
     """Self time per op category (ms per forward), the reducer's inclusive time, the wall time."""
     with torch.inference_mode():
-        for _ in range(3):
-            model(x)
-        wall = wall_ms(lambda: model(x), runs)
+        wall = time_callable(lambda: model(x), warmup=3, runs=runs)["median_ms"]
         with reducer_annotated(model), profile(activities=[ProfilerActivity.CPU]) as prof:
             start = time.perf_counter()
             for _ in range(runs):
@@ -134,9 +123,7 @@ def profile_onnx(path: Path, x: torch.Tensor, runs: int, threads: int, work: Pat
     feed = x.numpy()
     plain = session(path, threads)
     name = plain.get_inputs()[0].name
-    for _ in range(3):
-        plain.run(None, {name: feed})
-    wall = wall_ms(lambda: plain.run(None, {name: feed}), runs)
+    wall = time_callable(lambda: plain.run(None, {name: feed}), warmup=3, runs=runs)["median_ms"]
     recording = session(path, threads, profile_prefix=str(work / path.stem))
     recording.run(None, {name: feed})
     start = time.perf_counter()
