@@ -85,6 +85,11 @@ def test_drop_keeps_the_most_attended_tokens():
     assert fused[0, -1, 0].item() == pytest.approx((0.1 * 1 + 0.2 * 3) / 0.3)
     assert fused_sizes[0, -1].item() == 2
     assert dest[0].tolist() == [0, 3, 1, 3, 2]
+    for fuse, full in ((False, kept), (True, fused)):  # without the bookkeeping: the same tokens, no dest
+        lean, lean_sizes, none = drop_tokens(x, sizes, scores, keep=2, prefix=1, fuse=fuse, need_dest=False)
+        assert none is None
+        torch.testing.assert_close(lean, full, rtol=0, atol=0)
+    torch.testing.assert_close(lean_sizes, fused_sizes, rtol=0, atol=0)
 
 
 def test_bipartite_merge_preserves_mass():

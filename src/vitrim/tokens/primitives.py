@@ -51,24 +51,31 @@ def fuse_tokens(patches: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Ten
 
 
 def drop_tokens(x: torch.Tensor, sizes: torch.Tensor, scores: torch.Tensor, keep: int, prefix: int,
-                fuse: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                fuse: bool = False, need_dest: bool = True
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Keep the ``keep`` most-attended patch tokens; with ``fuse``, add one token that is the
-    attention-weighted average of the dropped ones (EViT). Returns (tokens, sizes, dest)."""
+    attention-weighted average of the dropped ones (EViT). Returns (tokens, sizes, dest) —
+    ``dest`` is None when not ``need_dest``."""
     patches, patch_sizes = x[:, prefix:], sizes[:, prefix:]
     patch_scores = scores[:, prefix:]
     index = top_patches(patch_scores, keep)  # (B, keep)
     kept = gather_tokens(patches, index)
     kept_sizes = patch_sizes.gather(1, index)
     parts, size_parts = [x[:, :prefix], kept], [sizes[:, :prefix], kept_sizes]
-    B, N, _ = x.shape
-    dest = prefix_dest(B, N, prefix, x.device)
-    if fuse and keep < patches.shape[1]:
+    fused = fuse and keep < patches.shape[1]
+    if fused:
         dropped = torch.ones_like(patch_scores, dtype=torch.bool).scatter(1, index, torch.zeros_like(index, dtype=torch.bool))  # (B, P)
         parts.append(fuse_tokens(patches, patch_scores * dropped)[0])
         size_parts.append((patch_sizes * dropped).sum(1, keepdim=True))
+    tokens, new_sizes = torch.cat(parts, dim=1), torch.cat(size_parts, dim=1)
+    if not need_dest:
+        return tokens, new_sizes, None
+    B, N, _ = x.shape
+    dest = prefix_dest(B, N, prefix, x.device)
+    if fused:
         dest[:, prefix:] = prefix + keep  # the fused token, unless kept below
     dest[:, prefix:] = dest[:, prefix:].scatter(1, index, prefix + torch.arange(keep, device=x.device).expand(B, -1))
-    return torch.cat(parts, dim=1), torch.cat(size_parts, dim=1), dest
+    return tokens, new_sizes, dest
 
 
 def bipartite_merge(x: torch.Tensor, metric: torch.Tensor, sizes: torch.Tensor, r: int, prefix: int, *,

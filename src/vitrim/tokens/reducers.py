@@ -160,8 +160,9 @@ class DropReducer(Reducer):
         if not self.per_image:
             keep = max(1, round(self.keep * patches))
             if keep >= patches:
-                return x, sizes, valid, torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)
-            x, sizes, dest = drop_tokens(x, sizes, scores, keep, prefix, fuse=self.fuse)
+                dest = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1) if self.needs_dest else None
+                return x, sizes, valid, dest
+            x, sizes, dest = drop_tokens(x, sizes, scores, keep, prefix, fuse=self.fuse, need_dest=self.needs_dest)
             return x, sizes, valid, dest
         return self._drop_per_image(x, sizes, valid, scores if valid is None else scores * valid)
 
