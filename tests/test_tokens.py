@@ -6,7 +6,9 @@ from tests.conftest import uneven_config
 from vitrim.errors import ConfigError
 from vitrim.models import VisionTransformer, uniform_config
 from vitrim.tokens import reduce_tokens
+from vitrim.models.tokens import TokenState
 from vitrim.tokens.primitives import bipartite_merge, drop_tokens, mass_counts
+from vitrim.tokens.reducers import DropReducer
 
 
 @pytest.fixture(scope="module")
@@ -90,6 +92,26 @@ def test_drop_keeps_the_most_attended_tokens():
         assert none is None
         torch.testing.assert_close(lean, full, rtol=0, atol=0)
     torch.testing.assert_close(lean_sizes, fused_sizes, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("fuse", [False, True])
+@pytest.mark.parametrize("knobs", [{"keep": 0.5}, {"mode": "dynamic", "tau": 0.6}])
+def test_drop_reducer_without_the_bookkeeping_gives_the_same_tokens(fuse, knobs):
+    torch.manual_seed(0)
+    x = torch.randn(3, 9, 8)  # (B, N, C)
+    capture = {"q": torch.randn(3, 2, 9, 4), "k": torch.randn(3, 2, 9, 4), "scale": 0.5, "bias": None}
+    state = TokenState(torch.ones(3, 9), None, False)
+    lean = DropReducer(1, (0,), fuse=fuse, **knobs)
+    recording = DropReducer(1, (0,), fuse=fuse, refine=lambda tokens, dest, valid: tokens, **knobs)
+    assert not lean.needs_dest and recording.needs_dest
+    tokens, sizes, valid, dest = lean.step(x, state, capture)
+    full = recording.step(x, state, capture)
+    assert dest is None and full[3].shape == (3, 9)
+    for part, whole in zip((tokens, sizes, valid), full[:3]):
+        if whole is None:
+            assert part is None
+        else:
+            torch.testing.assert_close(part, whole, rtol=0, atol=0)
 
 
 def test_bipartite_merge_preserves_mass():

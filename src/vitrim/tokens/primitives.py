@@ -35,6 +35,11 @@ def top_patches(scores: torch.Tensor, keep: int) -> torch.Tensor:
     return index.sort(dim=1).values
 
 
+def identity_dest(B: int, N: int, device: torch.device | None = None) -> torch.Tensor:
+    """(B, N) destinations when nothing is reduced: every token stays in its slot."""
+    return torch.arange(N, device=device).expand(B, -1)
+
+
 def prefix_dest(B: int, N: int, prefix: int, device: torch.device | None = None) -> torch.Tensor:
     """(B, N) destinations: prefix tokens stay in place, the rest start as dropped (-1)."""
     dest = torch.full((B, N), -1, dtype=torch.long, device=device)
@@ -98,7 +103,7 @@ def bipartite_merge(x: torch.Tensor, metric: torch.Tensor, sizes: torch.Tensor, 
     if r <= 0:
         if not need_dest:
             return x, sizes, None, valid
-        dest = torch.arange(N, device=x.device).expand(B, -1)
+        dest = identity_dest(B, N, x.device)
         return x, sizes, dest if valid is None else dest.masked_fill(~valid, -1), valid
     m = metric[:, prefix:] / metric[:, prefix:].norm(dim=-1, keepdim=True).clamp_min(1e-12)
     a, b = m[:, ::2], m[:, 1::2]  # (B, Na, d), (B, Nb, d)

@@ -19,7 +19,7 @@ import torch
 from vitrim.errors import ConfigError
 from vitrim.models.tokens import TokenState
 from vitrim.tokens.primitives import (bipartite_merge, class_attention, drop_tokens, fuse_tokens, gather_tokens,
-                                      mass_counts, prefix_dest, top_patches)
+                                      identity_dest, mass_counts, prefix_dest, top_patches)
 
 MODES = ("static", "dynamic")
 # refine(tokens, dest, valid) -> tokens: a hook after each reduction (the incremental-resolution ViT)
@@ -160,7 +160,7 @@ class DropReducer(Reducer):
         if not self.per_image:
             keep = max(1, round(self.keep * patches))
             if keep >= patches:
-                dest = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1) if self.needs_dest else None
+                dest = identity_dest(x.shape[0], x.shape[1], x.device) if self.needs_dest else None
                 return x, sizes, valid, dest
             x, sizes, dest = drop_tokens(x, sizes, scores, keep, prefix, fuse=self.fuse, need_dest=self.needs_dest)
             return x, sizes, valid, dest
@@ -178,7 +178,6 @@ class DropReducer(Reducer):
         kept_sizes = sizes[:, prefix:].gather(1, index) * keep_mask
         new_valid = torch.cat([torch.ones(B, prefix, dtype=torch.bool, device=x.device), keep_mask], dim=1)
         parts, size_parts = [x[:, :prefix], kept * keep_mask.unsqueeze(-1)], [sizes[:, :prefix], kept_sizes]
-        dest = prefix_dest(B, x.shape[1], prefix, x.device)
         if self.fuse:
             dropped_weight = scores[:, prefix:].clone()
             dropped_weight.scatter_(1, index, dropped_weight.gather(1, index) * (~keep_mask))
@@ -186,12 +185,19 @@ class DropReducer(Reducer):
             parts.append(fused)
             size_parts.append(sizes[:, prefix:].sum(1, keepdim=True) - kept_sizes.sum(1, keepdim=True))
             new_valid = torch.cat([new_valid, total > 0], dim=1)
+        dest = self._per_image_dest(x, valid, index, keep_mask) if self.needs_dest else None
+        return torch.cat(parts, 1), torch.cat(size_parts, 1), new_valid, dest
+
+    def _per_image_dest(self, x, valid, index, keep_mask):
+        """(B, N) destinations of :meth:`_drop_per_image`: kept patches to their slot, the rest to
+        the fused token (EViT) or -1; padding stays -1."""
+        prefix, (B, width) = self.prefix, keep_mask.shape
+        dest = prefix_dest(B, x.shape[1], prefix, x.device)
+        if self.fuse:
             dest[:, prefix:] = prefix + width
         slots = torch.where(keep_mask, prefix + torch.arange(width, device=x.device).expand(B, -1), dest[:, prefix:].gather(1, index))
         dest[:, prefix:] = dest[:, prefix:].scatter(1, index, slots)
-        if valid is not None:
-            dest = dest.masked_fill(~valid, -1)
-        return torch.cat(parts, 1), torch.cat(size_parts, 1), new_valid, dest
+        return dest if valid is None else dest.masked_fill(~valid, -1)
 
 
 class MergeReducer(Reducer):
