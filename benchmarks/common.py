@@ -46,6 +46,15 @@ def load_reference(model_name: str, threads: int, eval_limit: int | None):
     return dense, test, vitrim.evaluate(dense, test)["accuracy"]
 
 
+def speedup_cell(row: dict[str, Any], batch: int) -> str:
+    """``1.76x (1.02/1.03)``: the speed-up and both models' p90/p10 spread, ``*`` when unstable."""
+    timing = row.get(f"timing_b{batch}")
+    if timing is None:  # results recorded before the spread was kept
+        return f"{row[f'speedup_b{batch}']:.2f}x"
+    flag = "" if timing["stable"] else "*"
+    return f"{timing['speedup']:.2f}x{flag} ({timing['first_spread']:.2f}/{timing['second_spread']:.2f})"
+
+
 def spearman(a: list[float], b: list[float]) -> float:
     def ranks(values: list[float]) -> torch.Tensor:
         t = torch.tensor(values, dtype=torch.float64)

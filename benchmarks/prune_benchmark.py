@@ -20,10 +20,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, load_reference, write_results  # noqa: E402
+from common import environment, load_reference, speedup_cell, write_results  # noqa: E402
 
 import vitrim  # noqa: E402
 from vitrim.bench.flops import model_cost  # noqa: E402
@@ -32,6 +33,7 @@ from vitrim.data import load_dataset  # noqa: E402
 from vitrim.models import BlockDims, VisionTransformer  # noqa: E402
 from vitrim.prune import prune  # noqa: E402
 from vitrim.prune.api import calibration_batches  # noqa: E402
+from vitrim.prune.recover import feature_distillation  # noqa: E402
 from vitrim.train import TrainConfig, fit  # noqa: E402
 
 
@@ -41,7 +43,7 @@ def vitrim_pruned(model, ratio, method, recover, train, args):
     saliency, _, metric = method.split("-", 1)[1].partition("@")
     result = prune(model, f"{metric or 'flops'}={ratio}", train, recover=recover, saliency=saliency,
                    calib_images=args.calib, steps=args.steps, progress=False)
-    return result.model
+    return result.model, result.embed_index
 
 
 def canonical_from_tp(pruned: VisionTransformer, dense: VisionTransformer, num_heads: dict) -> VisionTransformer:
@@ -130,11 +132,24 @@ def tp_pruned(dense, ratio, importance_name, train, args):
     return best  # None: no valid model at or below the target
 
 
-def distil(student, teacher, train, args):
+def kept_embed_channels(pruned: VisionTransformer, dense: VisionTransformer) -> list[int]:
+    """The dense embedding channel of each of ``pruned``'s, found by its patch-embedding filter
+    (Torch-Pruning keeps the kept filters unchanged but does not report which they were)."""
+    kept = pruned.patch_embed.proj.weight.flatten(1)  # (C_kept, in*p*p)
+    full = dense.patch_embed.proj.weight.flatten(1)  # (C, in*p*p)
+    distance, index = torch.cdist(kept, full).min(dim=1)
+    if distance.max() > 1e-5 * full.norm(dim=1).max():
+        raise ValueError("a pruned patch-embedding filter matches no dense one: the embedding channels are unknown")
+    return index.tolist()
+
+
+def distil(student, teacher, train, args, embed_index=None, features=False):
+    """Distillation of the logits; ``features``: plus the output tokens' and pooled embedding's distance."""
     cfg = TrainConfig(epochs=1, batch_size=128, lr=args.kd_lr, min_lr=args.kd_lr * 0.01, warmup_epochs=0.05,
                       label_smoothing=0.0, weight_decay=0.01, distill_alpha=1.0, limit_train=args.kd_images)
+    loss_fn = feature_distillation(teacher, embed_index, with_logits=True) if features else None
     with tempfile.TemporaryDirectory() as tmp:
-        fit(student, train, cfg, tmp, teacher=teacher, progress=False)
+        fit(student, train, cfg, tmp, teacher=None if features else teacher, progress=False, loss_fn=loss_fn)
     return student.eval()
 
 
@@ -145,8 +160,9 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+",
                         default=["vitrim-taylor2", "vitrim-fisher", "vitrim-magnitude", "tp-taylor", "tp-hessian"])
     parser.add_argument("--recover", nargs="+", default=["none", "reconstruct", "kd"],
-                        help="none | reconstruct | kd | reconstruct+kd; reconstruct applies to vitrim methods only "
-                             "(Torch-Pruning gets kd for reconstruct+kd)")
+                        help="none | reconstruct | kd | reconstruct+kd, each kd also as kd+features (the logits' "
+                             "and the output features' distance); reconstruct applies to vitrim methods only "
+                             "(Torch-Pruning gets the same kd for reconstruct+kd)")
     parser.add_argument("--note", default="", help="a sentence for the summary (what this run covers)")
     parser.add_argument("--calib", type=int, default=512)
     parser.add_argument("--tp-calib", type=int, default=256)
@@ -159,6 +175,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--name", default="prune_benchmark")
     args = parser.parse_args()
+    known = {"none", "reconstruct", "kd", "kd+features", "reconstruct+kd", "reconstruct+kd+features"}
+    if unknown := [r for r in args.recover if r not in known]:
+        parser.error(f"unknown --recover {', '.join(unknown)}; use {', '.join(sorted(known))}")
     dense, test, dense_acc = load_reference(args.model, args.threads, args.eval_limit)
     train = load_dataset("fashion-mnist", "train").resized(dense.config.image_size)
     dense_cost = model_cost(dense.config)
@@ -168,9 +187,10 @@ def main() -> None:
             started = time.perf_counter()
             if method.startswith("vitrim-"):  # the unrecovered model only when a recovery starts from it
                 needs_base = any(not r.startswith("reconstruct") for r in args.recover)
-                base = vitrim_pruned(dense, ratio, method, "none", train, args) if needs_base else None
+                base, base_index = vitrim_pruned(dense, ratio, method, "none", train, args) if needs_base else (None, None)
             else:
                 base = tp_pruned(dense, ratio, method.split("-", 1)[1], train, args)
+                base_index = kept_embed_channels(base, dense) if base is not None else None
                 if base is None:
                     rows.append({"target": ratio, "method": method, "recover": "none", "accuracy": None,
                                  "note": "no valid model at this target (a block lost every head)"})
@@ -180,14 +200,17 @@ def main() -> None:
             reconstructed = None
             for recover in args.recover:
                 if recover.startswith("reconstruct") and not method.startswith("vitrim-"):
-                    if recover != "reconstruct+kd" or "kd" in args.recover:
+                    kd_alone = recover.removeprefix("reconstruct+")
+                    if not kd_alone.startswith("kd") or kd_alone in args.recover:
                         continue
-                    recover = "kd"  # Torch-Pruning has no reconstruction: the same distillation alone
+                    recover = kd_alone  # Torch-Pruning has no reconstruction: the same distillation alone
                 t0 = time.perf_counter()
                 if recover.startswith("reconstruct") and reconstructed is None:
                     reconstructed = vitrim_pruned(dense, ratio, method, "reconstruct", train, args)
-                start = reconstructed if recover.startswith("reconstruct") else base
-                model = distil(copy.deepcopy(start), dense, train, args) if recover.endswith("kd") else start
+                start, embed_index = reconstructed if recover.startswith("reconstruct") else (base, base_index)
+                stages = recover.split("+")
+                model = (distil(copy.deepcopy(start), dense, train, args, embed_index, "features" in stages)
+                         if "kd" in stages else start)
                 cost = model_cost(model.config)
                 row = {"target": ratio, "method": method, "recover": recover,
                        "accuracy": vitrim.evaluate(model, test)["accuracy"],
@@ -220,15 +243,6 @@ def main() -> None:
                      f"{r['drop_points']:.2f} | {r['flops_ratio']:.3f} | {r['params'] / 1e6:.2f} M | "
                      f"{speedup_cell(r, 1)} | {speedup_cell(r, 64)} |")
     write_results(args.name, result, "\n".join(lines) + "\n")
-
-
-def speedup_cell(row: dict[str, Any], batch: int) -> str:
-    """``1.76x (1.02/1.03)``: the speed-up and both models' p90/p10 spread, ``*`` when unstable."""
-    timing = row.get(f"timing_b{batch}")
-    if timing is None:  # results recorded before the spread was kept
-        return f"{row[f'speedup_b{batch}']:.2f}x"
-    flag = "" if timing["stable"] else "*"
-    return f"{timing['speedup']:.2f}x{flag} ({timing['first_spread']:.2f}/{timing['second_spread']:.2f})"
 
 
 if __name__ == "__main__":

@@ -282,3 +282,39 @@ def test_cli_prunes_a_backbone_from_a_flat_folder(capsys, tmp_path, flat_folder)
     assert "accuracy" not in report["pruned"] and report["kept_ratio"] <= 0.6
     pruned = vitrim.load(out)
     assert type(pruned).__name__ == "ViTModel" and pruned.config.hidden_size == 32
+
+
+# --- distillation objectives ---------------------------------------------------------------------
+
+def test_logits_and_features_distillation_is_the_sum_of_both_losses(flat):
+    from vitrim.prune.recover import feature_distillation
+    from vitrim.train.loop import distillation_loss
+
+    teacher = canonical_vit()
+    student = perturbed(canonical_vit())  # perturbed twice: near the teacher, not equal
+    x, _ = next(flat.batches(8))
+    with torch.no_grad():
+        features = feature_distillation(teacher)(student, x, None)
+        both = feature_distillation(teacher, with_logits=True, temperature=2.0)(student, x, None)
+        kl = distillation_loss(student(x), teacher(x), 2.0)
+        itself = feature_distillation(teacher, with_logits=True)(teacher, x, None)
+    assert features > 1e-4 and kl > 1e-6
+    torch.testing.assert_close(both, features + kl)
+    assert float(itself) < 1e-6
+
+
+def test_distill_on_logits_and_features_lowers_both_and_names_the_objectives(flat, tmp_path):
+    from vitrim.prune.recover import distill, feature_distillation
+
+    teacher = canonical_vit()
+    student = perturbed(canonical_vit())
+    loss = feature_distillation(teacher, with_logits=True)
+    x, _ = next(flat.batches(16))
+    with torch.no_grad():
+        before = float(loss(student, x, None))
+    distill(student, teacher, flat, tmp_path / "kd", epochs=6, lr=2e-3, batch_size=8, progress=False,
+            objective="labels+features")
+    with torch.no_grad():
+        assert float(loss(student, x, None)) < 0.8 * before
+    with pytest.raises(ConfigError, match="labels, features, labels\\+features"):
+        distill(student, teacher, flat, tmp_path / "bad", objective="logits", progress=False)

@@ -18,11 +18,15 @@ import torch
 from torch import nn
 
 from vitrim.data.dataset import ImageSet
+from vitrim.errors import ConfigError
 from vitrim.models import VisionTransformer
 from vitrim.progress import progress_bar
-from vitrim.prune.saliency import FeatureDistance, output_features
+from vitrim.prune.saliency import FeatureDistance
 from vitrim.train import TrainConfig, fit
-from vitrim.train.loop import TrainLoss
+from vitrim.train.loop import TrainLoss, distillation_loss
+
+
+DISTILL_OBJECTIVES = ("labels", "features", "labels+features")
 
 
 class NormalEquations:
@@ -104,17 +108,26 @@ def reconstruct(dense: VisionTransformer, pruned: VisionTransformer, embed_index
     return pruned
 
 
-def feature_distillation(teacher: VisionTransformer, embed_index: Sequence[int] | None = None) -> TrainLoss:
+def feature_distillation(teacher: VisionTransformer, embed_index: Sequence[int] | None = None, *,
+                         with_logits: bool = False, temperature: float = 1.0) -> TrainLoss:
     """The training loss (for :func:`vitrim.train.fit`) of label-free distillation: the mean
     :class:`~vitrim.prune.saliency.FeatureDistance` from the student's output features to the
-    (frozen, eval-mode) ``teacher``'s on the same batch."""
+    (frozen, eval-mode) ``teacher``'s on the same batch. ``with_logits``: plus the KL divergence
+    of the student's logits to the teacher's at ``temperature`` (both models classify)."""
     distance = FeatureDistance(embed_index)
     teacher.eval()
 
     def loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         with torch.no_grad():
-            target = output_features(teacher, x)  # tokens (B, N, C_dense), pooled (B, C_dense)
-        return distance(output_features(model, x), target).mean()
+            target_tokens = teacher.forward_features(x)  # (B, N, C_dense)
+            target = (target_tokens, teacher.pooled(target_tokens))
+        tokens = model.forward_features(x)  # (B, N, C)
+        total = distance((tokens, model.pooled(tokens)), target).mean()
+        if with_logits:
+            with torch.no_grad():
+                target_logits = teacher.classify(target_tokens).float()  # (B, classes)
+            total = total + distillation_loss(model.classify(tokens).float(), target_logits, temperature)
+        return total
 
     return loss
 
@@ -128,12 +141,15 @@ def distill(student: VisionTransformer, teacher: VisionTransformer, train_set: I
     ``objective="labels"``: KL to the teacher's logits. ``"features"``: the
     :class:`~vitrim.prune.saliency.FeatureDistance` to the teacher's output tokens and pooled
     embedding, with ``embed_index`` the teacher channel of each student channel (``None``: the same).
-    Neither uses labels. ``device``: where student, teacher and batches run (``None``: the student's).
+    ``"labels+features"``: the sum of both. None uses labels. ``device``: where student, teacher and batches run (``None``: the student's).
     """
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, min_lr=lr * 0.01, warmup_epochs=0.05,
                       label_smoothing=0.0, weight_decay=0.01, distill_alpha=1.0, seed=seed,
                       limit_train=images, augment="crop,flip")  # matching the teacher: flips cannot mislabel
-    loss_fn = feature_distillation(teacher, embed_index) if objective == "features" else None
+    if objective not in DISTILL_OBJECTIVES:
+        raise ConfigError(f"unknown distillation objective {objective!r}; use one of {', '.join(DISTILL_OBJECTIVES)}")
+    loss_fn = (feature_distillation(teacher, embed_index, with_logits=objective == "labels+features")
+               if objective != "labels" else None)
     fit(student, train_set, cfg, out_dir, teacher=None if loss_fn is not None else teacher,
         image_size=student.config.image_size, progress=progress, loss_fn=loss_fn, device=device)
     return student.eval()
