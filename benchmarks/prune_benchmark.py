@@ -137,7 +137,7 @@ def kept_embed_channels(pruned: VisionTransformer, dense: VisionTransformer) -> 
     (Torch-Pruning keeps the kept filters unchanged but does not report which they were)."""
     kept = pruned.patch_embed.proj.weight.flatten(1)  # (C_kept, in*p*p)
     full = dense.patch_embed.proj.weight.flatten(1)  # (C, in*p*p)
-    distance, index = torch.cdist(kept, full).min(dim=1)
+    distance, index = torch.cdist(kept, full, compute_mode="donot_use_mm_for_euclid_dist").min(dim=1)
     if distance.max() > 1e-5 * full.norm(dim=1).max():
         raise ValueError("a pruned patch-embedding filter matches no dense one: the embedding channels are unknown")
     return index.tolist()
