@@ -187,15 +187,17 @@ def main() -> None:
             started = time.perf_counter()
             if method.startswith("vitrim-"):  # the unrecovered model only when a recovery starts from it
                 needs_base = any(not r.startswith("reconstruct") for r in args.recover)
-                base, base_index = vitrim_pruned(dense, ratio, method, "none", train, args) if needs_base else (None, None)
+                base, base_index = (vitrim_pruned(dense, ratio, method, "none", train, args) if needs_base
+                                    else (None, None))
             else:
                 base = tp_pruned(dense, ratio, method.split("-", 1)[1], train, args)
-                base_index = kept_embed_channels(base, dense) if base is not None else None
                 if base is None:
                     rows.append({"target": ratio, "method": method, "recover": "none", "accuracy": None,
                                  "note": "no valid model at this target (a block lost every head)"})
                     print(rows[-1], flush=True)
                     continue
+                distils_features = any(r.endswith("+features") for r in args.recover)
+                base_index = kept_embed_channels(base, dense) if distils_features else None
             prune_seconds = time.perf_counter() - started
             reconstructed = None
             for recover in args.recover:

@@ -141,7 +141,8 @@ def distill(student: VisionTransformer, teacher: VisionTransformer, train_set: I
     ``objective="labels"``: KL to the teacher's logits. ``"features"``: the
     :class:`~vitrim.prune.saliency.FeatureDistance` to the teacher's output tokens and pooled
     embedding, with ``embed_index`` the teacher channel of each student channel (``None``: the same).
-    ``"labels+features"``: the sum of both. None uses labels. ``device``: where student, teacher and batches run (``None``: the student's).
+    ``"labels+features"``: the sum of both. None uses labels. ``device``: where student, teacher and
+    batches run (``None``: the student's).
     """
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, min_lr=lr * 0.01, warmup_epochs=0.05,
                       label_smoothing=0.0, weight_decay=0.01, distill_alpha=1.0, seed=seed,
