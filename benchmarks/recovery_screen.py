@@ -46,7 +46,10 @@ def parse_recipe(text: str) -> dict[str, Any]:
         if not sep or key not in PARSERS:
             raise argparse.ArgumentTypeError(f"bad recipe item {item!r}; use key=value with key in "
                                              f"{', '.join(PARSERS)}")
-        recipe[key] = PARSERS[key](value)
+        try:
+            recipe[key] = PARSERS[key](value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{key} needs a number, got {value!r}") from None
     if recipe["augment"] not in ("crop", "crop+flip", "none"):
         raise argparse.ArgumentTypeError(f"augment must be crop, crop+flip or none, got {recipe['augment']!r}")
     return recipe
