@@ -146,7 +146,8 @@ def kept_embed_channels(pruned: VisionTransformer, dense: VisionTransformer) -> 
 def distil(student, teacher, train, args, embed_index=None, features=False):
     """Distillation of the logits; ``features``: plus the output tokens' and pooled embedding's distance."""
     cfg = TrainConfig(epochs=1, batch_size=128, lr=args.kd_lr, min_lr=args.kd_lr * 0.01, warmup_epochs=0.05,
-                      label_smoothing=0.0, weight_decay=0.01, distill_alpha=1.0, limit_train=args.kd_images)
+                      label_smoothing=0.0, weight_decay=0.01, distill_alpha=args.kd_alpha, limit_train=args.kd_images,
+                      augment=args.kd_augment)
     loss_fn = feature_distillation(teacher, embed_index, with_logits=True) if features else None
     with tempfile.TemporaryDirectory() as tmp:
         fit(student, train, cfg, tmp, teacher=None if features else teacher, progress=False, loss_fn=loss_fn)
@@ -170,6 +171,9 @@ def main() -> None:
     parser.add_argument("--bisect", type=int, default=7)
     parser.add_argument("--kd-images", type=int, default=60000)
     parser.add_argument("--kd-lr", type=float, default=2e-4)
+    parser.add_argument("--kd-alpha", type=float, default=1.0,
+                        help="the teacher's weight; below 1 mixes in the labels' cross-entropy")
+    parser.add_argument("--kd-augment", default="crop", choices=("crop", "none"))
     parser.add_argument("--eval-limit", type=int, default=None)
     parser.add_argument("--runs", type=int, default=40)
     parser.add_argument("--threads", type=int, default=2)
