@@ -331,9 +331,7 @@ def main(argv: list[str] | None = None) -> int:
                 "settings": settings, "results": results}
         common.RESULTS = Path(args.out_dir)  # write_results writes into common.RESULTS
         common.write_results("gpu_check_cpu_dry_run" if args.cpu_dry_run else "gpu_check", data, markdown(data))
-    distributed.barrier()
-    if distributed.world_size() > 1:
-        torch.distributed.destroy_process_group()
+    distributed.leave()
     return 0
 
 

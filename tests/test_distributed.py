@@ -239,3 +239,21 @@ def test_torchrun_eval_equals_one_process(tmp_path, command):
         return
     assert ours["count"] == theirs["count"] == TEST and ours["accuracy"] == theirs["accuracy"]
     assert ours["loss"] == pytest.approx(theirs["loss"], rel=1e-6)  # float32 batch sums, grouped otherwise
+
+
+@pytest.mark.parametrize("argv", [["eval", "no-such-model"], ["models"]])
+def test_the_cli_leaves_the_process_group_it_joined(argv, capsys):
+    """Whether the command succeeds or fails, ``vitrim`` destroys its process group before it returns:
+    left to interpreter exit, gloo's threads abort a finished rank now and then."""
+    import torch.distributed as dist
+
+    from vitrim.cli import main
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        code = main(argv)
+    finally:
+        joined = dist.is_initialized()
+        if joined:
+            dist.destroy_process_group()
+    assert (code == 0) == (argv == ["models"]) and not joined

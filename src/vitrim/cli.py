@@ -677,6 +677,16 @@ def main(argv: list[str] | None = None) -> int:
     from vitrim.quant import deps
 
     deps.VERBOSE = args.verbose  # per run: the API keeps third-party output quiet
+    code = run_command(args)
+    from vitrim.distributed import leave
+
+    leave(wait=code == 0)
+    return code
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """Run the parsed command (under ``torchrun``: on this rank); the exit code, every failure
+    turned into one line on the standard error."""
     try:
         join_processes(args)
         args.func(args)

@@ -63,6 +63,21 @@ def init_from_env(device: str | torch.device | None = "auto") -> torch.device:
     return resolved
 
 
+def leave(wait: bool = True) -> None:
+    """Leave the process group this process joined (a no-op when it joined none).
+
+    With ``wait`` every rank first meets at a barrier, so none tears its connections down while
+    another still talks to it; a rank that failed passes ``wait=False`` (the others may be inside a
+    different collective). Leaving it to interpreter exit lets gloo's threads be destroyed while
+    still running: the process aborts (``terminate called without an active exception``) after
+    its work succeeded."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if wait and dist.get_world_size() > 1:
+        dist.barrier()
+    dist.destroy_process_group()
+
+
 def rank() -> int:
     """This process's rank (0 in one process)."""
     return dist.get_rank() if active() else 0
@@ -154,4 +169,4 @@ def strided_shard(indices: Sequence[int] | torch.Tensor, rank_: int | None = Non
 
 
 __all__ = ["active", "all_gather_object", "all_reduce_sum", "barrier", "broadcast_object", "init_from_env", "is_main",
-           "main_lock", "rank", "shard", "strided_shard", "world_size"]
+           "leave", "main_lock", "rank", "shard", "strided_shard", "world_size"]
