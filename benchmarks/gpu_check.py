@@ -117,9 +117,10 @@ def distil(student: VisionTransformer, teacher: VisionTransformer, args: argpars
            dtype: torch.dtype) -> dict[str, Any]:
     """``args.kd_steps`` steps of logit distillation on fresh random images, data-parallel over the ranks.
 
-    The recipe of :func:`vitrim.prune.recover.distill`: KL to the teacher's logits (T=1), AdamW
-    (weight decay 0.01, none on norms and embeddings), 5% warm-up then cosine to lr/100, gradient
-    clipping at 1. Each rank draws its own images, so the global batch is ``kd_batch`` x world size.
+    The recipe of :func:`vitrim.prune.recover.distill` with ``alpha=1`` (random images have no
+    labels): KL to the teacher's logits (T=1), AdamW (weight decay 0.01, none on norms and
+    embeddings), 5% warm-up then cosine to lr/100, gradient clipping at 1. Each rank draws its own
+    images, so the global batch is ``kd_batch`` x world size.
     """
     world, rank = distributed.world_size(), distributed.rank()
     wrapped: nn.Module = student

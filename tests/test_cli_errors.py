@@ -58,6 +58,8 @@ NUMBERS = [  # options that take numbers: words, NaN, infinities, out-of-range v
     (["train", "--out", "{root}/t", "--lr", "1e999"], "--lr"),
     (["train", "--out", "{root}/t", "--label-smoothing", "1"], "--label-smoothing"),
     (["train", "--out", "{root}/t", "--distill-alpha", "1.5"], "--distill-alpha"),
+    (["prune", MODEL, "--data", DATA, "--kd-alpha", "1.5"], "--kd-alpha"),
+    (["prune", MODEL, "--data", DATA, "--kd-augment", "rotate"], "--kd-augment"),
     (["train", "--out", "{root}/t", "--distill-temperature", "0"], "--distill-temperature"),
     (["train", "--out", "{root}/t", "--seed", "99999999999999999999999"], "--seed"),
     (["train", "--out", "{root}/t", "--augment", "rotate"], "--augment"),
@@ -88,6 +90,9 @@ OPTIONS = [  # unknown options, choices and missing arguments
     (["prune", MODEL, "--data", DATA, "--exclude", "blocks.9.*"], "blocks.9.*"),
     (["prune", MODEL, "--data", DATA, "--round-to", "4096"], "round_to"),
     (["prune", MODEL, "--data", DATA, "--structures", "wings"], "wings"),
+    (["prune", MODEL, "--data", DATA, "--objective", "features", "--structures", "heads", "--recover", "kd",
+      "--kd-alpha", "0.5"],
+     "--kd-alpha"),
 ]
 
 OUTPUTS = [  # output paths that cannot be written: found before any work

@@ -66,6 +66,9 @@ def test_the_embedding_width_is_refused(data):
     model = dense_model("segment")
     with pytest.raises(ConfigError, match="leave 'embed' out"):
         prune_dense(model, "flops=0.6", data, structures=("heads", "embed"))
+    for option in ({"kd_alpha": 0.5}, {"kd_augment": "crop"}):  # a classifier's: no labels, no crops here
+        with pytest.raises(ConfigError, match=f"{next(iter(option))} .* feature map and head outputs"):
+            prune_dense(model, "flops=0.6", data, recover="kd", **option)
 
 
 def _distance(student: DenseModel, teacher: DenseModel, x: torch.Tensor) -> float:

@@ -132,7 +132,7 @@ def test_distillation_recoveries_move_outputs_towards_dense(wide_model):
     for recover in ("none", "kd", "reconstruct", "reconstruct+kd"):
         torch.manual_seed(0)
         pruned = prune(wide_model, "flops=0.5", data, recover=recover, calib_images=128, round_to=2, kd_lr=1e-3,
-                       kd_epochs=10, kd_batch_size=16, progress=False).model
+                       kd_epochs=10, kd_batch_size=16, kd_alpha=1.0, progress=False).model  # random labels: not mixed in
         with torch.no_grad():
             outputs[recover] = pruned(x)
     with torch.no_grad():
@@ -141,6 +141,58 @@ def test_distillation_recoveries_move_outputs_towards_dense(wide_model):
           for k, v in outputs.items()}
     assert kl["kd"] < 0.5 * kl["none"]
     assert kl["reconstruct+kd"] < kl["reconstruct"] < kl["none"]
+
+
+def test_distillation_mixes_in_the_labels_only_where_they_fit_the_model(wide_model):
+    """kd_alpha None: the labels at half weight when they fit the head, else the teacher alone;
+    an explicit kd_alpha below 1 that cannot be honoured is refused with the reason."""
+    import dataclasses
+
+    cfg = wide_model.config
+    fitting = random_set(cfg, n=32)
+    others = ImageSet(fitting.images, fitting.labels % 3, ["a", "b", "c"], cfg.mean, cfg.std)  # 3 classes, head of 4
+    unlabelled = dataclasses.replace(fitting, labels=None)
+    options = dict(recover="kd", calib_images=16, kd_images=16, kd_batch_size=16, progress=False)
+    chosen = {name: prune(wide_model, "flops=0.7", data, **options).config
+              for name, data in (("fitting", fitting), ("others", others))}
+    assert (chosen["fitting"].kd_alpha, chosen["fitting"].kd_augment) == (0.5, "none")
+    assert chosen["others"].kd_alpha == 1.0
+    features = prune(wide_model, "flops=0.7", unlabelled, **options).config
+    assert (features.objective, features.kd_alpha) == ("features", 1.0)
+    assert prune(wide_model, "flops=0.7", fitting, recover="reconstruct", calib_images=16,
+                 progress=False).config.kd_alpha is None  # no distillation: nothing decided
+    for data, why in ((others, "classes"), (unlabelled, "features")):
+        with pytest.raises(ConfigError, match=f"kd_alpha=0.5 .*{why}"):
+            prune(wide_model, "flops=0.7", data, kd_alpha=0.5, **options)
+    for bad in (dict(kd_alpha=1.5), dict(kd_alpha=float("nan")), dict(kd_augment="rotate")):
+        with pytest.raises(ConfigError, match=next(iter(bad))):
+            PruneConfig(**bad)
+
+
+def test_distillation_alpha_weighs_the_teacher_against_the_labels(wide_model, tmp_path):
+    """alpha=1 follows the teacher alone, alpha=0 the labels alone: each ends closer to its own target."""
+    from vitrim.prune.recover import distill
+
+    teacher = copy.deepcopy(wide_model)
+    with torch.no_grad():
+        teacher.head.weight.mul_(30)
+    data = random_set(teacher.config, n=64, seed=3)  # labels unrelated to the teacher
+    x, y = next(data.batches(64))
+    students = {}
+    for alpha in (1.0, 0.0):
+        torch.manual_seed(0)
+        student = copy.deepcopy(wide_model)
+        students[alpha] = distill(student, teacher, data, tmp_path / str(alpha), epochs=15, lr=3e-3, batch_size=16,
+                                  progress=False, alpha=alpha)
+    with torch.no_grad():
+        dense = teacher(x).log_softmax(-1)
+        kl = {a: torch.nn.functional.kl_div(s(x).log_softmax(-1), dense, log_target=True,
+                                            reduction="batchmean").item() for a, s in students.items()}
+        ce = {a: torch.nn.functional.cross_entropy(s(x), y).item() for a, s in students.items()}
+    assert kl[1.0] < 0.5 * kl[0.0] and ce[0.0] < 0.8 * ce[1.0]
+    with pytest.raises(ConfigError, match="alpha=1"):
+        distill(copy.deepcopy(wide_model), teacher, data, tmp_path / "bad", objective="features", alpha=0.5,
+                progress=False)
 
 
 def test_pruned_model_round_trips(wide_model, tmp_path):

@@ -188,7 +188,7 @@ def cmd_prune(args: argparse.Namespace) -> None:
     cfg = PruneConfig(target=args.target, structures=args.structures, exclude=tuple(args.exclude or ()),
                       saliency=args.saliency, calib_images=args.calib, steps=args.steps, round_to=args.round_to,
                       recover=args.recover, kd_epochs=args.epochs, kd_images=args.kd_images, kd_lr=args.kd_lr,
-                      step_kd_images=args.step_kd_images, latency_batch=args.latency_batch,
+                      kd_alpha=args.kd_alpha, kd_augment=args.kd_augment, step_kd_images=args.step_kd_images, latency_batch=args.latency_batch,
                       latency_corrections=args.latency_corrections, seed=args.seed,
                       objective=args.objective)
     name = args.model or DEFAULT_MODEL
@@ -428,6 +428,13 @@ def add_prune_parser(sub: Any) -> None:
     p.add_argument("--kd-images", type=positive_int, default=d("kd_images"),
                    help="distil on the first N training images only")
     p.add_argument("--kd-lr", type=positive_float, default=d("kd_lr"))
+    p.add_argument("--kd-alpha", type=unit_float, default=d("kd_alpha"),
+                   help="the teacher's weight in the distillation, the rest the labels' cross-entropy (default: "
+                        "0.5 when the training images carry labels for the model's classes, else 1: the teacher "
+                        "alone)")
+    p.add_argument("--kd-augment", type=augment_spec, default=d("kd_augment"),
+                   help="random transforms of the distillation images: crop, flip, crop,flip or none (default: "
+                        "none)")
     p.add_argument("--step-kd-images", type=int, default=d("step_kd_images"),
                    help="distil on this many training images between pruning steps (0: none)")
     p.add_argument("--structures", default=None,

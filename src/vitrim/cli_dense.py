@@ -396,6 +396,7 @@ def _prune_options(args: argparse.Namespace, cfg: Any, train: Any) -> dict[str, 
                "latency_corrections": cfg.latency_corrections, "calib_images": min(cfg.calib_images, len(train))}
     if args.structures:
         options["structures"] = cfg.structures
+    options.update({name: getattr(cfg, name) for name in ("kd_alpha", "kd_augment") if getattr(cfg, name) is not None})
     if cfg.distils:  # the dense model's feature map and head outputs
         options.update(kd_epochs=cfg.kd_epochs, kd_images=cfg.kd_images, kd_lr=cfg.kd_lr)
     return options

@@ -104,6 +104,11 @@ def prune_dense(model: DenseModel, target: str = "flops=0.5", data: Any = None, 
     check_classes(model, data)
     if loss is not None and options.get("saliency") == "magnitude":
         raise ConfigError("the magnitude saliency reads no loss; drop loss=, or use saliency='fisher'")
+    for name in CLASSIFICATION_KD_OPTIONS:
+        if options.pop(name, None) is not None:
+            raise ConfigError(f"{name} (--{name.replace('_', '-')}) applies to a classifier's distillation; a dense "
+                              f"model distils its feature map and head outputs, without labels or augmentation "
+                              f"(kd_epochs, kd_images, kd_lr, kd_batch_size set it)")
     recover = options.pop("recover", "reconstruct")
     kd = {key: options.pop(key) for key in KD_OPTIONS if key in options}
     options.setdefault("structures", BACKBONE_STRUCTURES)
@@ -145,6 +150,7 @@ def prune_dense_model(model: DenseModel, target: str = "flops=0.5", data: Any = 
 
 KD_DEFAULTS = {"kd_epochs": 1, "kd_images": None, "kd_lr": 2e-4, "kd_batch_size": 32}  # distill_dense's
 KD_OPTIONS = tuple(KD_DEFAULTS)
+CLASSIFICATION_KD_OPTIONS = ("kd_alpha", "kd_augment")  # PruneConfig fields with no meaning here
 
 
 def distill_dense(student: DenseModel, teacher: DenseModel, data: Any, out_dir: str | Path, *,

@@ -23,6 +23,7 @@ from vitrim.prune.saliency import (METHODS, SECOND_ORDER, BatchLoss, FeatureDist
 from vitrim.prune.plan import PrunePlan
 from vitrim.prune.search import STRUCTURES, Search
 from vitrim.prune.surgery import slice_model
+from vitrim.train.config import normalize_augment
 
 RECOVERY = ("none", "reconstruct", "kd", "reconstruct+kd")  # the last: least squares, then distillation
 TARGET_METRICS = ("flops", "params", "latency")
@@ -85,6 +86,8 @@ class PruneConfig:
     kd_images: int | None = None
     kd_lr: float = 2e-4
     kd_batch_size: int = 128
+    kd_alpha: float | None = None  # the teacher's weight; None: DEFAULT_KD_ALPHA with fitting labels, else 1
+    kd_augment: str | None = None  # the distillation images' augmentation; None: "none"
     latency_batch: int = 1  # batch size the latency table is measured at (target latency=...)
     latency_corrections: int = 2  # latency=...: further steps while the built model times over the target
     step_kd_images: int = 0  # distillation between pruning steps (0 = none)
@@ -119,6 +122,13 @@ class PruneConfig:
             raise ConfigError(f"kd_lr (--kd-lr) must be a positive finite number, got {self.kd_lr}")
         if self.kd_images is not None and self.kd_images < 1:
             raise ConfigError(f"kd_images must be a positive integer, got {self.kd_images}")
+        if self.kd_alpha is not None and not (math.isfinite(self.kd_alpha) and 0 <= self.kd_alpha <= 1):
+            raise ConfigError(f"kd_alpha (--kd-alpha) is the teacher's weight, between 0 and 1, got {self.kd_alpha}")
+        if self.kd_augment is not None:
+            try:
+                self.kd_augment = normalize_augment(self.kd_augment)
+            except ConfigError as exc:
+                raise ConfigError(f"kd_augment (--kd-augment): {exc}") from None
 
     @property
     def reconstructs(self) -> bool:
@@ -162,6 +172,45 @@ def calibration_batches(data: ImageSet, count: int, batch_size: int, image_size:
                         f"one image per process (--calib)")
     order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:count]
     return list(data.take(distributed.shard(order)).batches(batch_size, image_size=image_size, device=device))
+
+
+DEFAULT_KD_ALPHA = 0.5  # the labels at half weight: +0.9 points over the logits alone after half an epoch at 197
+# tokens (benchmarks/results/recovery_screen_197_half_epoch.md), where they fit the model's classes
+
+
+def resolve_distillation(cfg: PruneConfig, model: VisionTransformer, train: ImageSet | None, custom_loss: bool,
+                         say: Callable[[str], None] = lambda text: None) -> PruneConfig:
+    """``cfg`` with the distillation's ``kd_alpha`` and ``kd_augment`` decided (its objective decided).
+
+    ``kd_alpha=None`` mixes the labels' cross-entropy in at :data:`DEFAULT_KD_ALPHA` when the
+    objective distils logits and ``train``'s labels fit ``model``'s classes, else distils the
+    logits (or features) alone; an explicit ``kd_alpha`` below 1 where the labels cannot be used is
+    an error naming why. ``kd_augment=None`` is no augmentation: the teacher labels the very image
+    the student sees, and random crops measured worse in the same screen.
+    """
+    cfg = dataclasses.replace(cfg, kd_augment=cfg.kd_augment or "none")
+    if not (cfg.distils or cfg.step_kd_images):
+        return cfg
+    why = None
+    if cfg.objective == "features":
+        why = "objective 'features' distils the output features, not the logits"
+    elif custom_loss:
+        why = "a custom loss decides what the labels mean"
+    elif train is None or not train.labelled:
+        why = "the training images have no labels"
+    else:
+        try:
+            train.check_classes(model.config.num_classes)
+        except DataError as exc:
+            why = f"the labels do not fit the model's classes ({exc})"
+    if why is None:
+        return dataclasses.replace(cfg, kd_alpha=DEFAULT_KD_ALPHA if cfg.kd_alpha is None else cfg.kd_alpha)
+    if cfg.kd_alpha is not None and cfg.kd_alpha < 1:
+        raise ConfigError(f"kd_alpha={cfg.kd_alpha:g} (--kd-alpha) mixes the labels' cross-entropy into the "
+                          f"distillation, but {why}; drop it to distil the teacher alone")
+    if cfg.kd_alpha is None and cfg.objective == "labels":
+        say(f"distilling the teacher's logits alone: {why}")
+    return dataclasses.replace(cfg, kd_alpha=1.0)
 
 
 def resolve_objective(cfg: PruneConfig, model: Any, data: ImageSet | None, loss_fn: LossFn = classification_loss,
@@ -277,6 +326,8 @@ def prune(model: VisionTransformer, target: str = "flops=0.5", data: ImageSet | 
         say(f"round_to auto: kept widths are multiples of {multiple} (measured on this device)")
         cfg = dataclasses.replace(cfg, round_to=multiple)
     check_prunable(model, cfg)
+    cfg = resolve_distillation(cfg, model, train_data if train_data is not None else data,
+                               loss_fn is not classification_loss or loss is not None, say)
     if plan is not None:
         check_plan(plan, model.config, cfg.structures)
     if data is None and (cfg.saliency != "magnitude" or cfg.reconstructs):
@@ -351,7 +402,7 @@ def prune(model: VisionTransformer, target: str = "flops=0.5", data: ImageSet | 
             with tempfile.TemporaryDirectory() as tmp:
                 distill(current, dense, train_data, tmp, images=cfg.step_kd_images, lr=cfg.kd_lr,
                         batch_size=cfg.kd_batch_size, seed=cfg.seed, progress=progress, objective=cfg.objective,
-                        embed_index=embed_index, device=target_device)
+                        embed_index=embed_index, device=target_device, alpha=cfg.kd_alpha, augment=cfg.kd_augment)
     if measured_budget:  # the table's sum misses what the whole model costs: prune on to the measured budget
         for correction in range(1, cfg.latency_corrections + 2):
             measured, unstable = measured_latency_ratio(dense, current, cfg.latency_batch, target_device)
@@ -376,7 +427,7 @@ def prune(model: VisionTransformer, target: str = "flops=0.5", data: ImageSet | 
         with tempfile.TemporaryDirectory() as tmp:
             distill(current, dense, train, tmp, epochs=cfg.kd_epochs, images=cfg.kd_images, lr=cfg.kd_lr,
                     batch_size=cfg.kd_batch_size, seed=cfg.seed, progress=progress, objective=cfg.objective,
-                    embed_index=embed_index, device=target_device)
+                    embed_index=embed_index, device=target_device, alpha=cfg.kd_alpha, augment=cfg.kd_augment)
     result = PruneResult(current.eval(), dense_cost, cost.total(current.config), cost.metric, steps, embed_index, cfg)
     corrected = bool(steps) and steps[-1]["step"] > cfg.steps  # pruned past the table's target on purpose
     if plan is None and not corrected and result.kept_ratio < cfg.ratio * (1 - cfg.tolerance) - 1e-9:

@@ -135,20 +135,27 @@ def feature_distillation(teacher: VisionTransformer, embed_index: Sequence[int] 
 def distill(student: VisionTransformer, teacher: VisionTransformer, train_set: ImageSet, out_dir: str | Path,
             *, epochs: int = 1, images: int | None = None, lr: float = 2e-4, batch_size: int = 128,
             seed: int = 0, progress: bool = True, objective: str = "labels",
-            embed_index: Sequence[int] | None = None, device: str | torch.device | None = None) -> VisionTransformer:
+            embed_index: Sequence[int] | None = None, device: str | torch.device | None = None,
+            alpha: float = 1.0, augment: str = "none") -> VisionTransformer:
     """Knowledge distillation for a budget of epochs or images, in place.
 
-    ``objective="labels"``: KL to the teacher's logits. ``"features"``: the
-    :class:`~vitrim.prune.saliency.FeatureDistance` to the teacher's output tokens and pooled
-    embedding, with ``embed_index`` the teacher channel of each student channel (``None``: the same).
-    ``"labels+features"``: the sum of both. None uses labels. ``device``: where student, teacher and
-    batches run (``None``: the student's).
+    ``objective="labels"``: KL to the teacher's logits, weighted ``alpha``, plus the labels'
+    cross-entropy weighted ``1 - alpha`` (``alpha`` below 1 needs ``train_set`` labelled for the
+    student's classes). ``"features"``: the :class:`~vitrim.prune.saliency.FeatureDistance` to the
+    teacher's output tokens and pooled embedding, with ``embed_index`` the teacher channel of each
+    student channel (``None``: the same); no labels, so ``alpha`` must be 1. ``"labels+features"``:
+    the sum of the logits' KL and that distance. ``augment``: the training images' augmentation
+    (``"none"``, or a comma-separated subset of ``"crop"`` and ``"flip"``). ``device``: where
+    student, teacher and batches run (``None``: the student's).
     """
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, min_lr=lr * 0.01, warmup_epochs=0.05,
-                      label_smoothing=0.0, weight_decay=0.01, distill_alpha=1.0, seed=seed,
-                      limit_train=images, augment="crop,flip")  # matching the teacher: flips cannot mislabel
+                      label_smoothing=0.0, weight_decay=0.01, distill_alpha=alpha, seed=seed,
+                      limit_train=images, augment=augment)
     if objective not in DISTILL_OBJECTIVES:
         raise ConfigError(f"unknown distillation objective {objective!r}; use one of {', '.join(DISTILL_OBJECTIVES)}")
+    if objective != "labels" and alpha < 1:
+        raise ConfigError(f"alpha={alpha:g} mixes the labels' cross-entropy into the logits' distillation; the "
+                          f"{objective!r} objective has its own loss, so pass alpha=1")
     loss_fn = (feature_distillation(teacher, embed_index, with_logits=objective == "labels+features")
                if objective != "labels" else None)
     fit(student, train_set, cfg, out_dir, teacher=None if loss_fn is not None else teacher,
