@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib.util
 import sys
 import tempfile
 import time
@@ -180,6 +181,10 @@ def main() -> None:
     known = {"none", "reconstruct", "kd", "kd+features", "reconstruct+kd", "reconstruct+kd+features"}
     if unknown := [r for r in args.recover if r not in known]:
         parser.error(f"unknown --recover {', '.join(unknown)}; use {', '.join(sorted(known))}")
+    if any(m.startswith("tp-") for m in args.methods) and importlib.util.find_spec("torch_pruning") is None:
+        parser.error("the tp-* methods need Torch-Pruning: .venv/bin/pip install -e '.[bench]'")
+    if not 0 <= args.kd_alpha <= 1:
+        parser.error(f"--kd-alpha is the teacher's weight, between 0 and 1, got {args.kd_alpha}")
     dense, test, dense_acc = load_reference(args.model, args.threads, args.eval_limit)
     train = load_dataset("fashion-mnist", "train").resized(dense.config.image_size)
     dense_cost = model_cost(dense.config)
