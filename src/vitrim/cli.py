@@ -188,8 +188,8 @@ def cmd_prune(args: argparse.Namespace) -> None:
     cfg = PruneConfig(target=args.target, structures=args.structures, exclude=tuple(args.exclude or ()),
                       saliency=args.saliency, calib_images=args.calib, steps=args.steps, round_to=args.round_to,
                       recover=args.recover, kd_epochs=args.epochs, kd_images=args.kd_images, kd_lr=args.kd_lr,
-                      kd_alpha=args.kd_alpha, kd_augment=args.kd_augment, step_kd_images=args.step_kd_images, latency_batch=args.latency_batch,
-                      latency_corrections=args.latency_corrections, seed=args.seed,
+                      kd_alpha=args.kd_alpha, kd_augment=args.kd_augment, step_kd_images=args.step_kd_images,
+                      latency_batch=args.latency_batch, latency_corrections=args.latency_corrections, seed=args.seed,
                       objective=args.objective)
     name = args.model or DEFAULT_MODEL
     loaded = load_model(name, pretrained=args.pretrained, allow_random=True)
