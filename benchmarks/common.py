@@ -46,17 +46,6 @@ def load_reference(model_name: str, threads: int, eval_limit: int | None):
     return dense, test, vitrim.evaluate(dense, test)["accuracy"]
 
 
-def distillation_config(images: int | None, *, lr: float = 2e-4, batch: int = 128, alpha: float = 1.0,
-                        temperature: float = 1.0, augment: str = "crop"):
-    """The benchmarks' distillation: one epoch capped at ``images``, cosine from ``lr`` to a hundredth;
-    ``alpha`` is the teacher's weight (below 1 mixes in the labels' cross-entropy)."""
-    from vitrim.train import TrainConfig
-
-    return TrainConfig(epochs=1, batch_size=batch, lr=lr, min_lr=lr * 0.01, warmup_epochs=0.05, label_smoothing=0.0,
-                       weight_decay=0.01, distill_alpha=alpha, distill_temperature=temperature, limit_train=images,
-                       augment=augment)
-
-
 def speedup_cell(row: dict[str, Any], batch: int) -> str:
     """``1.76x (1.02/1.03)``: the speed-up and both models' p90/p10 spread, ``*`` when unstable."""
     timing = row.get(f"timing_b{batch}")

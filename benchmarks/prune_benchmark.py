@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import distillation_config, environment, load_reference, speedup_cell, write_results  # noqa: E402
+from common import environment, load_reference, speedup_cell, write_results  # noqa: E402
 
 import vitrim  # noqa: E402
 from vitrim.bench.flops import model_cost  # noqa: E402
@@ -34,7 +34,7 @@ from vitrim.data import load_dataset  # noqa: E402
 from vitrim.models import BlockDims, VisionTransformer  # noqa: E402
 from vitrim.prune import prune  # noqa: E402
 from vitrim.prune.api import calibration_batches  # noqa: E402
-from vitrim.prune.recover import feature_distillation  # noqa: E402
+from vitrim.prune.recover import distillation_config, feature_distillation  # noqa: E402
 from vitrim.train import fit  # noqa: E402
 
 
@@ -146,7 +146,7 @@ def kept_embed_channels(pruned: VisionTransformer, dense: VisionTransformer) -> 
 
 def distil(student, teacher, train, args, embed_index=None, features=False):
     """Distillation of the logits; ``features``: plus the output tokens' and pooled embedding's distance."""
-    cfg = distillation_config(args.kd_images, lr=args.kd_lr, alpha=args.kd_alpha, augment=args.kd_augment)
+    cfg = distillation_config(images=args.kd_images, lr=args.kd_lr, alpha=args.kd_alpha, augment=args.kd_augment)
     loss_fn = feature_distillation(teacher, embed_index, with_logits=True) if features else None
     with tempfile.TemporaryDirectory() as tmp:
         fit(student, train, cfg, tmp, teacher=None if features else teacher, progress=False, loss_fn=loss_fn)

@@ -26,12 +26,13 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import distillation_config, environment, load_reference, write_results  # noqa: E402
+from common import environment, load_reference, write_results  # noqa: E402
 
 import vitrim  # noqa: E402
 from vitrim.bench.flops import model_cost  # noqa: E402
 from vitrim.data import load_dataset  # noqa: E402
 from vitrim.prune import prune  # noqa: E402
+from vitrim.prune.recover import distillation_config  # noqa: E402
 from vitrim.train import fit  # noqa: E402
 
 BASELINE = {"lr": 2e-4, "batch": 128, "T": 1.0, "alpha": 1.0, "augment": "crop"}
@@ -56,7 +57,7 @@ def parse_recipe(text: str) -> dict[str, Any]:
 
 
 def distil(student, teacher, train, recipe: dict[str, Any], images: int):
-    cfg = distillation_config(images, lr=recipe["lr"], batch=recipe["batch"], alpha=recipe["alpha"],
+    cfg = distillation_config(images=images, lr=recipe["lr"], batch_size=recipe["batch"], alpha=recipe["alpha"],
                               temperature=recipe["T"], augment=recipe["augment"].replace("+", ","))
     with tempfile.TemporaryDirectory() as tmp:
         fit(student, train, cfg, tmp, teacher=teacher, progress=False)

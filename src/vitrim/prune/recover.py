@@ -132,6 +132,17 @@ def feature_distillation(teacher: VisionTransformer, embed_index: Sequence[int] 
     return loss
 
 
+def distillation_config(*, epochs: int = 1, images: int | None = None, lr: float = 2e-4, batch_size: int = 128,
+                        seed: int = 0, alpha: float = 1.0, temperature: float = 1.0,
+                        augment: str = "none") -> TrainConfig:
+    """The recovery's training recipe: ``epochs`` (capped at ``images``), 5% warm-up, then cosine
+    from ``lr`` to a hundredth, weight decay 0.01, no label smoothing; ``alpha`` is the teacher's
+    weight (below 1 mixes in the labels' cross-entropy), ``temperature`` its softening."""
+    return TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, min_lr=lr * 0.01, warmup_epochs=0.05,
+                       label_smoothing=0.0, weight_decay=0.01, distill_alpha=alpha, distill_temperature=temperature,
+                       seed=seed, limit_train=images, augment=augment)
+
+
 def distill(student: VisionTransformer, teacher: VisionTransformer, train_set: ImageSet, out_dir: str | Path,
             *, epochs: int = 1, images: int | None = None, lr: float = 2e-4, batch_size: int = 128,
             seed: int = 0, progress: bool = True, objective: str = "labels",
@@ -148,9 +159,8 @@ def distill(student: VisionTransformer, teacher: VisionTransformer, train_set: I
     (``"none"``, or a comma-separated subset of ``"crop"`` and ``"flip"``). ``device``: where
     student, teacher and batches run (``None``: the student's).
     """
-    cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, min_lr=lr * 0.01, warmup_epochs=0.05,
-                      label_smoothing=0.0, weight_decay=0.01, distill_alpha=alpha, seed=seed,
-                      limit_train=images, augment=augment)
+    cfg = distillation_config(epochs=epochs, images=images, lr=lr, batch_size=batch_size, seed=seed, alpha=alpha,
+                              augment=augment)
     if objective not in DISTILL_OBJECTIVES:
         raise ConfigError(f"unknown distillation objective {objective!r}; use one of {', '.join(DISTILL_OBJECTIVES)}")
     if objective != "labels" and alpha < 1:
