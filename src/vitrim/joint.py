@@ -29,6 +29,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import statistics
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -45,7 +46,8 @@ from vitrim.models import VisionTransformer, ViTConfig
 FP32 = "fp32"
 PRUNE_LOSSES = ("fisher", "measured")
 JOINT_METRICS = ("flops", "latency")
-NEAR_BUDGET = 0.1  # a latency ratio measured this close under the budget is timed a second time
+NEAR_BUDGET = 0.1  # a latency ratio measured this close to the budget (either side) is timed twice more
+CONFIRM_TIMINGS = 3  # ... and the median of the three counts
 Layers = tuple[int, ...]
 
 
@@ -352,6 +354,7 @@ class Levers:
     candidates: list[Candidate]
     curves: dict[str, Any]
     calib_set: ImageSet
+    held_set: ImageSet | None = None  # the training images the loss curves were measured on
 
 
 def measure_levers(model: VisionTransformer, train: ImageSet, cfg: JointConfig, *, progress: bool = True,
@@ -401,7 +404,7 @@ def measure_levers(model: VisionTransformer, train: ImageSet, cfg: JointConfig, 
               "grid": {"dense_ms": grid.get("dense_ms"),
                        "ort_factor": [{"prune_ratio": r, "scheme": s, "factor": f}
                                       for (r, s), f in grid.get("ort_factor", {}).items()]}}
-    return Levers(model, cfg, plans, candidates, curves, calib_set)
+    return Levers(model, cfg, plans, candidates, curves, calib_set, held_set)
 
 
 def choose(levers: Levers, ratio: float | None = None, *,
@@ -432,19 +435,20 @@ def verified(candidates: list[Candidate], ratio: float, levers: Levers, *, stop_
     """``(choice, met)`` among ``candidates`` built and timed against dense in turn: with
     ``stop_at_first`` (candidates ranked by loss) the first measured within ``ratio``; else (the
     cheapest predicted, all over budget by the prediction, which sums parts timed apart) the lowest
-    loss among those measured within it. Nothing within: the fastest measured. A timing less than
-    :data:`NEAR_BUDGET` under ``ratio`` is repeated and the slower of the two counts, so machine
-    noise does not carry a candidate over the edge."""
+    loss among those measured within it. Nothing within: the fastest measured. A timing within
+    :data:`NEAR_BUDGET` of ``ratio`` (under or over) is repeated until there are
+    :data:`CONFIRM_TIMINGS` and their median counts, so one noisy timing neither carries a
+    candidate over the edge nor rules out one that fits."""
     with tempfile.TemporaryDirectory(prefix="vitrim-joint-") as tmp:
         for cand in candidates:
             timer = measure_candidate(cand, levers, Path(tmp))
             cand.measured = timer()
             log(f"joint search: {cand.label()}: predicted {cand.predicted:.3f}, measured {cand.measured:.3f}")
-            if ratio * (1 - NEAR_BUDGET) < cand.measured <= ratio:
-                again = timer()
-                log(f"joint search: {cand.label()}: within {NEAR_BUDGET:.0%} of the budget, timed again: "
-                    f"{again:.3f}")
-                cand.measured = max(cand.measured, again)
+            if abs(cand.measured - ratio) <= NEAR_BUDGET * ratio:
+                timings = [cand.measured] + [timer() for _ in range(CONFIRM_TIMINGS - 1)]
+                cand.measured = statistics.median(timings)
+                log(f"joint search: {cand.label()}: within {NEAR_BUDGET:.0%} of the budget, timed "
+                    f"{len(timings)} times ({', '.join(f'{t:.3f}' for t in timings)}): median {cand.measured:.3f}")
             if stop_at_first and cand.measured <= ratio:
                 return cand, True
     timed = [c for c in candidates if c.measured is not None]
