@@ -69,6 +69,8 @@ class Builder:
                                 threads=self.args.threads)
             accuracy = vitrim.evaluate(net, self.test)["accuracy"]
             held_loss = vitrim.evaluate(net, self.held)["loss"]
+            if precision != FP32:  # a fresh session: the evaluated one's memory arena grew to batch 256
+                net = OnnxModel(path, threads=self.args.threads)
             self.built[key] = {"runner": net, "accuracy": accuracy, "held_out_loss": held_loss,
                                "prune_ratio": ratio, "keep": keep,
                                "layers": list(layers) if keep < 1 else [], "precision": precision}
