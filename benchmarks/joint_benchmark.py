@@ -8,9 +8,10 @@ every int8 scheme (``--sequential-schemes``), prune to x, take the largest token
 predicted to fit the target after that scheme; the most accurate of those measured within the
 target is the sequential baseline (an oracle over x and the scheme: it reads the test set, which
 the joint search never does). Beside it, the sequential setting a user could pick without the test
-set: the lowest loss, measured as built, on the training images the joint search holds out. Both build their settings with the same functions
-(``vitrim.prune`` with the plan the joint search timed + reconstruct, static merging, ONNX Runtime quantization) and are timed
-together, interleaved with dense torch fp32 eager, at the budget's batch size.
+set: the lowest loss, measured as built, on the training images the joint search holds out. Both
+build their settings with the same functions (``vitrim.prune`` with the plan the joint search timed
++ reconstruct, static merging, ONNX Runtime quantization) and are timed together, interleaved with
+dense torch fp32 eager, at the budget's batch size.
 
     python benchmarks/joint_benchmark.py --model fmnist-vit-197 --targets 0.5 0.3 0.15
 """
