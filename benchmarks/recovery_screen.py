@@ -81,13 +81,15 @@ def main() -> None:
     parser.add_argument("--note", default="")
     parser.add_argument("--name", default="recovery_screen")
     args = parser.parse_args()
-    dense, test, _ = load_reference(args.model, args.threads, args.eval_limit)
-    if not 0 <= args.validation < len(test):
-        parser.error(f"--validation must be between 0 and {len(test) - 1}, the test images less one")
-    val = test.take(slice(0, args.validation)) if args.validation else None
-    test = test.take(slice(args.validation, None))
-    dense_acc = vitrim.evaluate(dense, test)["accuracy"]
-    dense_val = vitrim.evaluate(dense, val)["accuracy"] if val is not None else None
+    if args.validation < 0:
+        parser.error(f"--validation must be 0 or more test images, got {args.validation}")
+    dense, test, dense_acc = load_reference(args.model, args.threads, args.eval_limit)
+    val, dense_val = None, None
+    if args.validation:
+        if args.validation >= len(test):
+            parser.error(f"--validation must be below {len(test)}, the test images, so that some are left to report")
+        val, test = test.take(slice(0, args.validation)), test.take(slice(args.validation, None))
+        dense_val, dense_acc = vitrim.evaluate(dense, val)["accuracy"], vitrim.evaluate(dense, test)["accuracy"]
     train = load_dataset("fashion-mnist", "train").resized(dense.config.image_size)
     started = time.perf_counter()
     pruned = prune(dense, args.target, train, recover="reconstruct", calib_images=args.calib, progress=False).model
