@@ -28,7 +28,7 @@ LIMITS = {
     "quantize": ["--calib", "16", "--search-images", "8", "--round-steps", "1"],
     "compress": ["--prune-calib", "32", "--calib", "16", "--limit", "256", "--runs", "3", "--joint-calib", "32",
                  "--joint-eval", "64", "--prune-ratios", "1,0.5", "--keeps", "1,0.7", "--precisions", "fp32",
-                 "--joint-verify", "2"],
+                 "--joint-verify", "2", "--joint-seconds", "0.5"],
     "models": [],
     "coco-synthetic": ["--train", "48", "--val", "16", "--canvas", "32"],
 }

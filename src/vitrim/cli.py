@@ -320,7 +320,8 @@ def joint_config(args: argparse.Namespace) -> Any:
                           f"{', '.join(fixed)} (narrow the choice with --prune-ratios, --keeps, --precisions)")
     grids = {name: getattr(args, name) for name in ("prune_ratios", "keeps", "precisions") if getattr(args, name)}
     return JointConfig(target=args.target, prune_loss=args.prune_loss, eval_images=args.joint_eval,
-                       calib=args.joint_calib, batch=args.joint_batch, verify=args.joint_verify, **grids)
+                       calib=args.joint_calib, batch=args.joint_batch, verify=args.joint_verify,
+                       min_seconds=args.joint_seconds, **grids)
 
 
 def _none(text: str | None) -> str | None:
@@ -574,6 +575,9 @@ def add_joint_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--joint-batch", type=positive_int, default=d("batch"), help="batch size the latency budget is for")
     p.add_argument("--joint-verify", type=positive_int, default=d("verify"),
                    help="best predicted settings built and timed against dense, until one meets the budget")
+    p.add_argument("--joint-seconds", type=non_negative_float, default=d("min_seconds"),
+                   help="each timing of a built setting against dense lasts at least this long (more runs, "
+                        "a steadier ratio)")
 
 
 def add_train_parser(sub: Any) -> None:

@@ -18,10 +18,13 @@ sum of one term per lever:
 
 Its cost is the FLOPs ratio (``flops=``: dimensions x tokens; the precision is not part of that
 budget) or the latency relative to dense torch fp32 eager on this machine (``latency=``):
-every dimension plan x token setting timed in torch in one interleaved run, times each plan's
-measured ONNX Runtime factor per scheme. The cheapest-loss candidates predicted inside the budget
-are then built as they would run (weights do not change the latency) and timed against dense,
-interleaved, until one meets the budget: the choice's latency is measured, not predicted.
+every dimension plan x token setting timed in torch in one interleaved run; in ONNX Runtime, each
+plan exported per scheme and timed against dense, its token settings scaled as in torch. The
+cheapest-loss candidates predicted inside the budget are then built as they would run (weights
+do not change the latency) and timed against dense, interleaved, until one meets the budget: the
+choice's latency is measured, not predicted. When none does, the prediction's bias on those
+timed corrects the others' predictions and a second round times the best of those then predicted
+inside, or, if none is, the cheapest.
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ from vitrim.models import VisionTransformer, ViTConfig
 FP32 = "fp32"
 PRUNE_LOSSES = ("fisher", "measured")
 JOINT_METRICS = ("flops", "latency")
-NEAR_BUDGET = 0.1  # a latency ratio measured this close to the budget (either side) is timed twice more
+NEAR_BUDGET = 0.1  # a latency ratio measured under the budget, or this close over it, is timed twice more
 CONFIRM_TIMINGS = 3  # ... and the median of the three counts
 Layers = tuple[int, ...]
 
@@ -76,6 +79,9 @@ class JointConfig:
     reconstruction and quantization calibration; ``eval_images``: other training images the loss
     curves are measured on. ``batch``: the batch size the latency budget is measured at.
     ``verify``: how many of the best predicted candidates may be built and timed before giving up.
+    ``min_seconds``: how long each timing of a built candidate against dense lasts at least (at
+    batch 1 on a shared 2-core machine the ratio from 20 runs moves by about 10% between repeats,
+    from 100 by about 3%).
     """
 
     target: str = "latency=0.25"
@@ -90,6 +96,7 @@ class JointConfig:
     batch: int = 1
     runs: int = 15
     verify: int = 4
+    min_seconds: float = 2.0
     round_to: int = 8
     threads: int | None = None
 
@@ -110,6 +117,8 @@ class JointConfig:
         for name in ("calib", "eval_images", "batch", "runs", "verify", "round_to"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        if not (math.isfinite(self.min_seconds) and self.min_seconds >= 0):
+            raise ConfigError(f"min_seconds must be a finite number of seconds >= 0, got {self.min_seconds}")
 
 
 @dataclass
@@ -283,7 +292,8 @@ def flops_ratios(plans: dict[float, Any], keeps: Sequence[float], layer_sets: Se
 def latency_ratios(plans: dict[float, Any], keeps: Sequence[float], layer_sets: Sequence[Layers],
                    precisions: Sequence[str], method: str, model: VisionTransformer, calib: ImageSet, work: Path,
                    cfg: JointConfig) -> tuple[dict[tuple[float, float, Layers, str], float], dict]:
-    """Predicted latency ratio of every setting: torch grid x per-plan ONNX Runtime factor."""
+    """Predicted latency ratio of every setting: the torch grid, and for each plan exported per
+    scheme its ONNX Runtime model timed against dense, scaled by the grid's token factor."""
     from vitrim.bench.latency import interleaved_latency
 
     runners: dict[str, nn.Module] = {"dense": model}
@@ -298,22 +308,24 @@ def latency_ratios(plans: dict[float, Any], keeps: Sequence[float], layer_sets: 
                 names[(ratio, keep, layers)] = name
                 runners.setdefault(name, shaped(pcfg, keep, layers, method))
     torch_ms = interleaved_latency(runners, [cfg.batch], threads=cfg.threads, runs=cfg.runs)
-    factors: dict[tuple[float, str], float] = {}
-    schemes = [p for p in precisions if p != FP32]
-    if schemes:
-        for ratio, (pcfg, _, _) in plans.items():
-            net = shaped(pcfg, 1.0, (), method)
-            timed = {"torch": net, **{s: quantized(net, s, calib, work, cfg.threads) for s in schemes}}
-            ms = interleaved_latency(timed, [cfg.batch], threads=cfg.threads, runs=cfg.runs)
-            for s in schemes:
-                factors[(ratio, s)] = ms[s][cfg.batch]["median_ms"] / ms["torch"][cfg.batch]["median_ms"]
-    dense_ms = torch_ms["dense"][cfg.batch]["median_ms"]
+    onnx_ratio: dict[tuple[float, str], float] = {}  # the plan at keep 1 in ONNX Runtime, over dense
+    for ratio, (pcfg, _, _) in plans.items():
+        net = shaped(pcfg, 1.0, (), method)
+        for scheme in (p for p in precisions if p != FP32):
+            # timed as the built candidates are: interleaved with dense alone
+            ms = interleaved_latency({"dense": model, scheme: quantized(net, scheme, calib, work, cfg.threads)},
+                                     [cfg.batch], threads=cfg.threads, runs=cfg.runs)
+            onnx_ratio[(ratio, scheme)] = ms[scheme][cfg.batch]["median_ms"] / ms["dense"][cfg.batch]["median_ms"]
+
+    def torch_ratio(name: str) -> float:
+        return torch_ms[name][cfg.batch]["median_ms"] / torch_ms["dense"][cfg.batch]["median_ms"]
+
     out = {}
     for (ratio, keep, layers), name in names.items():
-        base = torch_ms[name][cfg.batch]["median_ms"] / dense_ms
+        tokens = torch_ratio(name) / torch_ratio(names[(ratio, 1.0, layers)])  # what the token setting saves
         for p in precisions:
-            out[(ratio, keep, layers, p)] = base * (1.0 if p == FP32 else factors[(ratio, p)])
-    grid = {"dense_ms": dense_ms, "ort_factor": factors}
+            out[(ratio, keep, layers, p)] = torch_ratio(name) if p == FP32 else onnx_ratio[(ratio, p)] * tokens
+    grid = {"dense_ms": torch_ms["dense"][cfg.batch]["median_ms"], "onnx_ratio": onnx_ratio}
     return out, grid
 
 
@@ -329,7 +341,7 @@ def candidate_timer(candidate: Candidate, plans: dict[float, Any], method: str, 
 
     def ratio() -> float:
         ms = interleaved_latency({"dense": model, "candidate": net}, [cfg.batch], threads=cfg.threads,
-                                 runs=max(cfg.runs, 20))
+                                 runs=max(cfg.runs, 20), min_seconds=cfg.min_seconds)
         return ms["candidate"][cfg.batch]["median_ms"] / ms["dense"][cfg.batch]["median_ms"]
 
     return ratio
@@ -392,7 +404,7 @@ def measure_levers(model: VisionTransformer, train: ImageSet, cfg: JointConfig, 
             costs = {(r, k, L, p): v for (r, k, L), v in flops.items() for p in precisions}
             grid: dict[str, Any] = {}
         else:
-            log("joint search: timing every dimension plan x token setting, and each scheme's factor")
+            log("joint search: timing every dimension plan x token setting, and each plan per scheme")
             costs, grid = latency_ratios(plans, keeps, layer_sets, precisions, cfg.token_method, model, calib_set,
                                          work, cfg)
     candidates = [Candidate(r, k, L, p, prune_loss[r], tokens[(k, L)], quant[p], cost)
@@ -402,8 +414,8 @@ def measure_levers(model: VisionTransformer, train: ImageSet, cfg: JointConfig, 
               "tokens": [{"keep": k, "layers": list(L), "loss": v} for (k, L), v in tokens.items()],
               "quant": quant, "prune_loss": cfg.prune_loss,
               "grid": {"dense_ms": grid.get("dense_ms"),
-                       "ort_factor": [{"prune_ratio": r, "scheme": s, "factor": f}
-                                      for (r, s), f in grid.get("ort_factor", {}).items()]}}
+                       "onnx_ratio": [{"prune_ratio": r, "scheme": s, "ratio": f}
+                                      for (r, s), f in grid.get("onnx_ratio", {}).items()]}}
     return Levers(model, cfg, plans, candidates, curves, calib_set, held_set)
 
 
@@ -411,7 +423,8 @@ def choose(levers: Levers, ratio: float | None = None, *,
            log: Callable[[str], None] = lambda text: None) -> JointPlan:
     """The lowest estimated loss within ``ratio`` (default: the config's target); under a latency
     budget the best candidates are built and timed against dense until one meets it, and when none
-    is predicted within it the ``verify`` cheapest are timed and the most accurate that meets it wins."""
+    is predicted within it the ``verify`` cheapest are timed and the most accurate that meets it
+    wins. If none timed meets it, a second round (:func:`second_round`) times up to ``verify`` more."""
     cfg = levers.cfg
     ratio = cfg.ratio if ratio is None else ratio
     candidates = [dataclasses.replace(c, measured=None) for c in levers.candidates]
@@ -425,9 +438,47 @@ def choose(levers: Levers, ratio: float | None = None, *,
     chosen, met = ranked[0], predicted_inside
     if cfg.metric == "latency":
         chosen, met = verified(ranked[:cfg.verify], ratio, levers, stop_at_first=predicted_inside, log=log)
+        retry, by_loss = ([], False) if met else second_round(candidates, ratio, predicted_inside, log)
+        if retry:
+            chosen, met = verified(retry[:cfg.verify], ratio, levers, stop_at_first=by_loss, log=log)
+            if not met:
+                chosen = min((c for c in candidates if c.measured is not None), key=lambda c: c.measured)
+            ranked = ranked + [c for c in retry[:cfg.verify] if all(c is not r for r in ranked)]
     runner_ups = [c for c in ranked if c is not chosen][:5]
     dimension_plan = levers.plans[chosen.prune_ratio][1] if chosen.prune_ratio < 1 else None
     return JointPlan(cfg.metric, ratio, chosen, runner_ups, levers.curves, met, dimension_plan)
+
+
+def second_round(candidates: list[Candidate], ratio: float, first_by_loss: bool,
+                 log: Callable[[str], None]) -> tuple[list[Candidate], bool]:
+    """After the first round timed none within ``ratio``: what to time next, and whether the first
+    of those measured within wins (they are ranked by loss) or the most accurate within does.
+    The untimed settings predicted within after :func:`recalibrated`'s correction; if none and
+    the first round went by loss, the cheapest untimed (the first round already took the cheapest
+    otherwise)."""
+    retry = recalibrated(candidates, ratio, log)
+    if retry or not first_by_loss:
+        return retry, True
+    log("joint search: timing the cheapest settings not yet timed")
+    return sorted((c for c in candidates if c.measured is None), key=lambda c: (c.predicted, c.loss)), False
+
+
+def recalibrated(candidates: list[Candidate], ratio: float,
+                 log: Callable[[str], None] = lambda text: None) -> list[Candidate]:
+    """After no timed candidate met ``ratio``: the prediction's bias on those timed (median of
+    measured / predicted) applied to the untimed ones, and those then predicted within ``ratio``,
+    lowest loss first. Empty when the predictions were not optimistic (nothing new to try)."""
+    timed = [c for c in candidates if c.measured is not None]
+    if not timed:
+        return []
+    bias = statistics.median(c.measured / c.predicted for c in timed)
+    if bias <= 1:
+        return []
+    retry = rank([c for c in candidates if c.measured is None and c.predicted * bias <= ratio], math.inf)
+    log(f"joint search: the {len(timed)} timed measured {bias:.2f}x their prediction; "
+        + (f"{len(retry)} untimed setting(s) are predicted within the budget after that correction"
+           if retry else "no untimed setting is predicted within the budget after that correction"))
+    return retry
 
 
 def verified(candidates: list[Candidate], ratio: float, levers: Levers, *, stop_at_first: bool,
@@ -435,19 +486,19 @@ def verified(candidates: list[Candidate], ratio: float, levers: Levers, *, stop_
     """``(choice, met)`` among ``candidates`` built and timed against dense in turn: with
     ``stop_at_first`` (candidates ranked by loss) the first measured within ``ratio``; else (the
     cheapest predicted, all over budget by the prediction, which sums parts timed apart) the lowest
-    loss among those measured within it. Nothing within: the fastest measured. A timing within
-    :data:`NEAR_BUDGET` of ``ratio`` (under or over) is repeated until there are
-    :data:`CONFIRM_TIMINGS` and their median counts, so one noisy timing neither carries a
-    candidate over the edge nor rules out one that fits."""
+    loss among those measured within it. Nothing within: the fastest measured. A first timing
+    under ``ratio``, or less than :data:`NEAR_BUDGET` over it, is repeated until there are
+    :data:`CONFIRM_TIMINGS` and their median counts, so one noisy timing neither admits a
+    candidate nor rules out one that fits."""
     with tempfile.TemporaryDirectory(prefix="vitrim-joint-") as tmp:
         for cand in candidates:
             timer = measure_candidate(cand, levers, Path(tmp))
             cand.measured = timer()
             log(f"joint search: {cand.label()}: predicted {cand.predicted:.3f}, measured {cand.measured:.3f}")
-            if abs(cand.measured - ratio) <= NEAR_BUDGET * ratio:
+            if cand.measured <= ratio * (1 + NEAR_BUDGET):
                 timings = [cand.measured] + [timer() for _ in range(CONFIRM_TIMINGS - 1)]
                 cand.measured = statistics.median(timings)
-                log(f"joint search: {cand.label()}: within {NEAR_BUDGET:.0%} of the budget, timed "
+                log(f"joint search: {cand.label()}: under the budget or within {NEAR_BUDGET:.0%} over it, timed "
                     f"{len(timings)} times ({', '.join(f'{t:.3f}' for t in timings)}): median {cand.measured:.3f}")
             if stop_at_first and cand.measured <= ratio:
                 return cand, True
