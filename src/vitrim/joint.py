@@ -485,8 +485,8 @@ def verified(candidates: list[Candidate], ratio: float, levers: Levers, *, stop_
              log: Callable[[str], None]) -> tuple[Candidate, bool]:
     """``(choice, met)`` among ``candidates`` built and timed against dense in turn: with
     ``stop_at_first`` (candidates ranked by loss) the first measured within ``ratio``; else (the
-    cheapest predicted, all over budget by the prediction, which sums parts timed apart) the lowest
-    loss among those measured within it. Nothing within: the fastest measured. A first timing
+    cheapest, which the prediction put over the budget or which follow candidates that all timed
+    over it) the lowest loss among those measured within it. Nothing within: the fastest measured. A first timing
     under ``ratio``, or less than :data:`NEAR_BUDGET` over it, is repeated until there are
     :data:`CONFIRM_TIMINGS` and their median counts, so one noisy timing neither admits a
     candidate nor rules out one that fits."""
