@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, load_reference, write_results  # noqa: E402
 
 import vitrim  # noqa: E402
-from vitrim.bench.latency import interleaved_latency  # noqa: E402
+from vitrim.bench.latency import paired_latency  # noqa: E402
 from vitrim.data import load_dataset  # noqa: E402
 from vitrim.joint import FP32, JointConfig, choose, measure_levers, plan_table, resolve_layers  # noqa: E402
 
@@ -103,14 +103,13 @@ def time_paired(dense: Any, entries: list[dict[str, Any]], args: argparse.Namesp
     dense_ms = []
     for _ in range(args.pairs):
         for entry in entries:
-            timed = interleaved_latency({"dense": dense, "setting": entry["runner"]}, [args.batch],
-                                        threads=args.threads, runs=max(args.runs, 20), min_seconds=args.seconds)
-            d, s = timed["dense"][args.batch], timed["setting"][args.batch]
-            entry["ratios"].append(s["median_ms"] / d["median_ms"])
-            entry["ms"].append(s["median_ms"])
-            entry["spread"] = max(entry["spread"], d["spread"], s["spread"])
-            entry["stable"] = entry["stable"] and d["stable"] and s["stable"]
-            dense_ms.append(d["median_ms"])
+            pair = paired_latency(dense, entry["runner"], args.batch, threads=args.threads,
+                                  runs=max(args.runs, 20), min_seconds=args.seconds)
+            entry["ratios"].append(pair["second_ms"] / pair["first_ms"])
+            entry["ms"].append(pair["second_ms"])
+            entry["spread"] = max(entry["spread"], pair["first_spread"], pair["second_spread"])
+            entry["stable"] = entry["stable"] and pair["stable"]
+            dense_ms.append(pair["first_ms"])
     for entry in entries:
         entry["latency_ratio"] = statistics.median(entry["ratios"])
         entry["latency_ms"] = statistics.median(entry.pop("ms"))

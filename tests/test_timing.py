@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import vitrim
-from vitrim.bench.latency import choose_threads, interleaved_latency, usable_cores
+from vitrim.bench.latency import choose_threads, interleaved_latency, paired_latency, usable_cores
 from vitrim.models import uniform_config
 
 
@@ -30,6 +30,15 @@ def test_interleaved_ratios_are_the_ratios_of_the_reported_medians():
             assert entry["runs"] == 15 and entry["p10_ms"] <= entry["median_ms"] <= entry["p90_ms"]
             assert isinstance(entry["stable"], bool)
             assert (entry["unstable_reason"] is None) == entry["stable"]
+
+
+def test_paired_timing_runs_for_min_seconds_and_reports_the_runs_made():
+    wide, narrow = small_model(64), small_model(16)
+    quick = paired_latency(wide, narrow, 1, threads=1, warmup=1, runs=3)
+    assert quick["runs"] == 3 and quick["speedup"] == quick["first_ms"] / quick["second_ms"]
+    started = time.perf_counter()
+    long = paired_latency(wide, narrow, 1, threads=1, warmup=1, runs=3, min_seconds=0.3)
+    assert time.perf_counter() - started >= 0.3 and long["runs"] > 3
 
 
 def test_a_wide_spread_is_flagged():

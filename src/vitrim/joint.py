@@ -294,7 +294,7 @@ def latency_ratios(plans: dict[float, Any], keeps: Sequence[float], layer_sets: 
                    cfg: JointConfig) -> tuple[dict[tuple[float, float, Layers, str], float], dict]:
     """Predicted latency ratio of every setting: the torch grid, and for each plan exported per
     scheme its ONNX Runtime model timed against dense, scaled by the grid's token factor."""
-    from vitrim.bench.latency import interleaved_latency
+    from vitrim.bench.latency import interleaved_latency, paired_latency
 
     runners: dict[str, nn.Module] = {"dense": model}
     names: dict[tuple[float, float, Layers], str] = {}
@@ -313,9 +313,9 @@ def latency_ratios(plans: dict[float, Any], keeps: Sequence[float], layer_sets: 
         net = shaped(pcfg, 1.0, (), method)
         for scheme in (p for p in precisions if p != FP32):
             # timed as the built candidates are: interleaved with dense alone
-            ms = interleaved_latency({"dense": model, scheme: quantized(net, scheme, calib, work, cfg.threads)},
-                                     [cfg.batch], threads=cfg.threads, runs=cfg.runs)
-            onnx_ratio[(ratio, scheme)] = ms[scheme][cfg.batch]["median_ms"] / ms["dense"][cfg.batch]["median_ms"]
+            pair = paired_latency(model, quantized(net, scheme, calib, work, cfg.threads), cfg.batch,
+                                  threads=cfg.threads, runs=cfg.runs)
+            onnx_ratio[(ratio, scheme)] = pair["second_ms"] / pair["first_ms"]
 
     def torch_ratio(name: str) -> float:
         return torch_ms[name][cfg.batch]["median_ms"] / torch_ms["dense"][cfg.batch]["median_ms"]
@@ -333,16 +333,16 @@ def candidate_timer(candidate: Candidate, plans: dict[float, Any], method: str, 
                     calib: ImageSet, work: Path, cfg: JointConfig) -> Callable[[], float]:
     """``candidate`` built as it runs; each call of the result times it interleaved against dense
     and returns the latency ratio."""
-    from vitrim.bench.latency import interleaved_latency
+    from vitrim.bench.latency import paired_latency
 
     net = shaped(plans[candidate.prune_ratio][0], candidate.keep, candidate.layers, method)
     if candidate.precision != FP32:
         net = quantized(net, candidate.precision, calib, work, cfg.threads)
 
     def ratio() -> float:
-        ms = interleaved_latency({"dense": model, "candidate": net}, [cfg.batch], threads=cfg.threads,
-                                 runs=max(cfg.runs, 20), min_seconds=cfg.min_seconds)
-        return ms["candidate"][cfg.batch]["median_ms"] / ms["dense"][cfg.batch]["median_ms"]
+        pair = paired_latency(model, net, cfg.batch, threads=cfg.threads, runs=max(cfg.runs, 20),
+                              min_seconds=cfg.min_seconds)
+        return pair["second_ms"] / pair["first_ms"]
 
     return ratio
 

@@ -371,18 +371,20 @@ def measure_latency(model: nn.Module, batch_size: int = 1, *, threads: int | Non
 
 
 def paired_latency(first: nn.Module, second: nn.Module, batch_size: int = 1, *, threads: int | None = None,
-                   warmup: int = 5, runs: int = 30, device: str | torch.device | None = None) -> dict[str, Any]:
-    """Median latency of two models timed alternately in one loop (drift hits both alike).
+                   warmup: int = 5, runs: int = 30, min_seconds: float = 0.0,
+                   device: str | torch.device | None = None) -> dict[str, Any]:
+    """Median latency of two models timed alternately in one loop (drift hits both alike), for
+    ``runs`` rounds and ``min_seconds`` at least.
 
     ``speedup`` is ``first_ms / second_ms``; ``first_spread`` / ``second_spread`` are each model's
     p90/p10 over the runs; ``stable`` is False when either figure is unstable.
     """
     x = example_input(first, batch_size)
     timed = interleaved_latency({"first": first, "second": second}, [batch_size], threads=threads,
-                                warmup=warmup, runs=runs, example=x, device=device)
+                                warmup=warmup, runs=runs, min_seconds=min_seconds, example=x, device=device)
     a, b = timed["first"][batch_size], timed["second"][batch_size]
     reasons = sorted({r for r in (a["unstable_reason"], b["unstable_reason"]) if r})
-    return {"first_ms": a["median_ms"], "second_ms": b["median_ms"], "speedup": b["speedup"], "runs": runs,
+    return {"first_ms": a["median_ms"], "second_ms": b["median_ms"], "speedup": b["speedup"], "runs": a["runs"],
             "first_spread": a["spread"], "second_spread": b["spread"],
             "stable": a["stable"] and b["stable"], "unstable_reason": "; ".join(reasons) or None}
 
