@@ -190,3 +190,42 @@ def test_detail_mixer_starts_neutral_and_round_trips(vit, images, tmp_path):
     kept = 0.5 * vit.config.num_patches
     extra = reduced_flops(mixed, images) - reduced_flops(plain, images)
     assert extra == pytest.approx(kept * 2 * 3 * 32 * 32)
+
+
+def test_dense_top_runs_keep_1_as_the_dense_vit_and_below_it_as_before(vit, images):
+    top = incremental_from_vit(vit, IretOptions(dense_top=True, detail_mixer=True))
+    plain = incremental_from_vit(vit, IretOptions(detail_mixer=True))
+    _perturbed(top.detail_mixer, 0.2)
+    plain.load_state_dict(top.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(top(images), vit(images), atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(plain(images), vit(images), atol=1e-3)  # coarse first blocks
+        assert top.last_token_counts == [17.0] * 4
+        dense_flops = reduced_flops(vit_tokens := vitrim.tokens.reduce_tokens(vit, "drop"), images)
+        assert vit_tokens.keep == 1
+        lifting = 2 * 2 * 3 * 3 * 16 * 16
+        assert reduced_flops(top, images) == pytest.approx(dense_flops + lifting)  # no mixer at the top
+        top.keep = plain.keep = 0.5
+        torch.testing.assert_close(top(images), plain(images))
+        top.mode = plain.mode = "dynamic"
+        top.tau = plain.tau = 1.0
+        torch.testing.assert_close(top(images), plain(images))  # per image: details after detail_layer
+
+
+def test_dense_top_trains_both_paths_in_a_sandwich(vit, images):
+    top = incremental_from_vit(vit, IretOptions(dense_top=True, sandwich=True, train_keep=(0.25, 1.0)))
+    top.train()
+    top(torch.cat([images, images]))
+    assert top.keep == 1 and top.last_token_counts[-1] < 17  # the second half ran coarse, reduced
+    top.zero_grad()
+    top.eval()(images).sum().backward()
+    assert top.coarse_embed.weight.grad is not None and top.detail_embed.weight.grad.abs().sum() > 0
+
+
+def test_cli_dense_top_needs_the_sandwich(tmp_path, capsys):
+    torch.manual_seed(0)
+    vitrim.save(vitrim.create("fmnist-vit-micro"), tmp_path / "vit")
+    code = main(["train", "--arch", "iret", "--init", str(tmp_path / "vit"), "--dense-top", "--no-eval",
+                 "--limit", "32", "--epochs", "1", "--out", str(tmp_path / "iret")])
+    assert code != 0 and "add --sandwich" in capsys.readouterr().err
+    assert not (tmp_path / "iret").exists()

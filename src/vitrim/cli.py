@@ -610,6 +610,9 @@ def add_train_parser(sub: Any) -> None:
                         f"(default {iret_keep} for iret, {tokens_keep} for tokens)")
     p.add_argument("--sandwich", action="store_true",
                    help="iret, tokens: run half of each training batch at the top of --train-keep")
+    p.add_argument("--dense-top", action="store_true",
+                   help="iret: at keep=1 give every patch its detail at the embedding, so the top of the knob "
+                        "runs as the dense ViT (use with --sandwich)")
     p.add_argument("--token-method", choices=list(TOKEN_METHODS), default="tome",
                    help="tokens: the reduction to fine-tune for")
     p.add_argument("--layers", type=parse_ints, default=None,

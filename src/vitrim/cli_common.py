@@ -399,10 +399,14 @@ def training_model(args: argparse.Namespace) -> Any:
                                train_keep=tuple(args.train_keep or TOKENS_TRAIN_KEEP), sandwich=args.sandwich)
     from vitrim.iret import IretOptions, incremental_from_vit
 
+    train_keep = tuple(args.train_keep or default_of(IretOptions, "train_keep"))
+    if args.dense_top and not (args.sandwich and train_keep[1] == 1):
+        raise ConfigError("--dense-top trains the top of the knob only on the sandwich's half batch at keep=1: "
+                          "add --sandwich, with a --train-keep range that reaches 1")
     options = IretOptions(detail_layer=args.detail_layer, kernel=args.lifting_kernel,
                           learnable=args.lifting == "learned",
-                          train_keep=tuple(args.train_keep or default_of(IretOptions, "train_keep")),
-                          detail_mixer=args.detail_mixer, sandwich=args.sandwich)
+                          train_keep=train_keep, detail_mixer=args.detail_mixer, sandwich=args.sandwich,
+                          dense_top=args.dense_top)
     return incremental_from_vit(model, options)
 
 

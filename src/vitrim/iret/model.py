@@ -31,10 +31,13 @@ from vitrim.tokens.reducers import DropReducer, Reducer
 
 
 class DetailReducer(DropReducer):
-    """Drops after ``detail_layer`` even when every patch is kept: the details arrive there."""
+    """Drops after ``detail_layer`` even when every patch is kept: the details arrive there —
+    unless they arrived with the embedding (``detailed_at_embedding``)."""
+
+    detailed_at_embedding = False
 
     def reduces_after(self, block: int) -> bool:
-        return block in self.layers
+        return block in self.layers and not self.detailed_at_embedding
 
 
 @dataclass(frozen=True)
@@ -45,7 +48,10 @@ class IretOptions:
     linear detail embedding, a small MLP of (token, detail embedding) — the tokens have been
     through ``detail_layer + 1`` blocks when their detail arrives, and the mixer can adapt the
     detail to them (starts at zero, so the model starts as without it); ``sandwich``: half of each
-    training batch at the top of ``train_keep`` (see :class:`~vitrim.tokens.TokenReducedViT`)."""
+    training batch at the top of ``train_keep`` (see :class:`~vitrim.tokens.TokenReducedViT`); ``dense_top``: at ``keep=1`` (static) every
+    patch receives its detail at the embedding instead of after ``detail_layer``, so the top of
+    the knob runs as the dense ViT the model was built from (exactly, before fine-tuning), and
+    costs no more than it; train it with ``sandwich`` so the top of the range keeps being trained."""
 
     detail_layer: int = 1
     kernel: int = 3
@@ -53,6 +59,7 @@ class IretOptions:
     train_keep: tuple[float, float] = (0.1, 1.0)
     detail_mixer: bool = False
     sandwich: bool = False
+    dense_top: bool = False
 
     def __post_init__(self) -> None:
         check_train_keep(self.train_keep)
@@ -134,18 +141,31 @@ class IncrementalViT(TokenReducedViT):
         self.detail_mixer = DetailMixer(cfg.embed_dim, cfg.norm_eps) if options.detail_mixer else None
         model.patch_embed = None
         self._kept_patches = float(cfg.num_patches)
+        self._mixed_patches = 0.0
 
     def make_reducer(self, method: str, layers: tuple[int, ...], **knobs) -> Reducer:
         return DetailReducer(self.model.num_prefix_tokens, layers, refine=self.add_details, **knobs)
 
+    @property
+    def details_at_embedding(self) -> bool:
+        """Whether the next forward gives every patch its detail at the embedding (``dense_top``
+        at ``keep=1``)."""
+        return self.options.dense_top and not self.reducer.per_image and self.keep >= 1
+
     def embed(self, images: torch.Tensor) -> torch.Tensor:
-        """Coarse tokens (B, N, C); the detail bands wait for :meth:`add_details`."""
+        """Coarse tokens (B, N, C), the detail bands waiting for :meth:`add_details`; with
+        :attr:`details_at_embedding`, every patch's full embedding instead."""
         self.model.check_input(images)
         half = self.config.patch_size // 2
         ll, details = self.lifting(images)  # (B, in, H/2, W/2), (B, 3 in, H/2, W/2)
-        coarse = self.coarse_embed(patchify(ll, half))  # (B, P, C)
+        tokens = self.coarse_embed(patchify(ll, half))  # (B, P, C)
         self._details = patchify(details, half)  # (B, P, 3 in s s)
-        return self.model.add_prefix_and_position(coarse)
+        full = self.details_at_embedding
+        self.reducer.detailed_at_embedding = full
+        if full:
+            tokens = tokens + self.detail_embed(self._details)
+            self._kept_patches, self._mixed_patches = float(tokens.shape[1]), 0.0
+        return self.model.add_prefix_and_position(tokens)
 
     def add_details(self, x: torch.Tensor, dest: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
         """The kept patches' tokens plus their embedded detail bands (the reducer's refine hook)."""
@@ -165,6 +185,7 @@ class IncrementalViT(TokenReducedViT):
             added = added + self.detail_mixer(x[:, prefix:], added)
         added = added * present.unsqueeze(-1).to(x.dtype)
         self._kept_patches = float(present.sum(1).float().mean())
+        self._mixed_patches = self._kept_patches if self.detail_mixer is not None else 0.0
         return torch.cat([x[:, :prefix], x[:, prefix:] + added], dim=1)
 
     def embedding_flops(self) -> float:
@@ -174,7 +195,7 @@ class IncrementalViT(TokenReducedViT):
         lifting = 2 * 2 * self.options.kernel * pixels  # predict + update along rows, then columns
         return float(2 * cfg.num_patches * band * cfg.embed_dim
                      + 2 * self._kept_patches * 3 * band * cfg.embed_dim + lifting
-                     + (self._kept_patches * self.detail_mixer.flops() if self.detail_mixer is not None else 0))
+                     + (self._mixed_patches * self.detail_mixer.flops() if self.detail_mixer is not None else 0))
 
 
 @torch.no_grad()
