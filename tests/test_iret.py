@@ -212,6 +212,16 @@ def test_dense_top_runs_keep_1_as_the_dense_vit_and_below_it_as_before(vit, imag
         torch.testing.assert_close(top(images), plain(images))  # per image: details after detail_layer
 
 
+def test_dense_top_round_trips(vit, images, tmp_path):
+    top = incremental_from_vit(vit, IretOptions(dense_top=True, sandwich=True))
+    _perturbed(top.detail_embed, 0.1)
+    vitrim.save(top, tmp_path / "top")
+    loaded = vitrim.load(tmp_path / "top")
+    assert loaded.options.dense_top and loaded.options.sandwich
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(images), top(images))
+
+
 def test_dense_top_trains_both_paths_in_a_sandwich(vit, images):
     top = incremental_from_vit(vit, IretOptions(dense_top=True, sandwich=True, train_keep=(0.25, 1.0)))
     top.train()

@@ -48,10 +48,11 @@ class IretOptions:
     linear detail embedding, a small MLP of (token, detail embedding) — the tokens have been
     through ``detail_layer + 1`` blocks when their detail arrives, and the mixer can adapt the
     detail to them (starts at zero, so the model starts as without it); ``sandwich``: half of each
-    training batch at the top of ``train_keep`` (see :class:`~vitrim.tokens.TokenReducedViT`); ``dense_top``: at ``keep=1`` (static) every
-    patch receives its detail at the embedding instead of after ``detail_layer``, so the top of
-    the knob runs as the dense ViT the model was built from (exactly, before fine-tuning), and
-    costs no more than it; train it with ``sandwich`` so the top of the range keeps being trained."""
+    training batch at the top of ``train_keep`` (see :class:`~vitrim.tokens.TokenReducedViT`);
+    ``dense_top``: at ``keep=1`` (static) every patch receives its detail at the embedding
+    instead of after ``detail_layer``, so the top of the knob runs as the dense ViT the model was
+    built from (exactly, before fine-tuning) and costs no more than it; train it with
+    ``sandwich`` (and ``train_keep`` reaching 1) so that path keeps being trained."""
 
     detail_layer: int = 1
     kernel: int = 3
