@@ -322,9 +322,10 @@ def latency_ratios(plans: dict[float, Any], keeps: Sequence[float], layer_sets: 
 
     out = {}
     for (ratio, keep, layers), name in names.items():
-        tokens = torch_ratio(name) / torch_ratio(names[(ratio, 1.0, layers)])  # what the token setting saves
+        in_torch = torch_ratio(name)
+        tokens = in_torch / torch_ratio(names[(ratio, 1.0, layers)])  # what the token setting saves
         for p in precisions:
-            out[(ratio, keep, layers, p)] = torch_ratio(name) if p == FP32 else onnx_ratio[(ratio, p)] * tokens
+            out[(ratio, keep, layers, p)] = in_torch if p == FP32 else onnx_ratio[(ratio, p)] * tokens
     grid = {"dense_ms": torch_ms["dense"][cfg.batch]["median_ms"], "onnx_ratio": onnx_ratio}
     return out, grid
 
@@ -486,10 +487,10 @@ def verified(candidates: list[Candidate], ratio: float, levers: Levers, *, stop_
     """``(choice, met)`` among ``candidates`` built and timed against dense in turn: with
     ``stop_at_first`` (candidates ranked by loss) the first measured within ``ratio``; else (the
     cheapest, which the prediction put over the budget or which follow candidates that all timed
-    over it) the lowest loss among those measured within it. Nothing within: the fastest measured. A first timing
-    under ``ratio``, or less than :data:`NEAR_BUDGET` over it, is repeated until there are
-    :data:`CONFIRM_TIMINGS` and their median counts, so one noisy timing neither admits a
-    candidate nor rules out one that fits."""
+    over it) the lowest loss among those measured within it. Nothing within: the fastest measured.
+    A first timing under ``ratio``, or less than :data:`NEAR_BUDGET` over it, is repeated until
+    there are :data:`CONFIRM_TIMINGS` and their median counts, so one noisy timing neither admits
+    a candidate nor rules out one that fits."""
     with tempfile.TemporaryDirectory(prefix="vitrim-joint-") as tmp:
         for cand in candidates:
             timer = measure_candidate(cand, levers, Path(tmp))

@@ -142,7 +142,6 @@ class IncrementalViT(TokenReducedViT):
         self.detail_mixer = DetailMixer(cfg.embed_dim, cfg.norm_eps) if options.detail_mixer else None
         model.patch_embed = None
         self._kept_patches = float(cfg.num_patches)
-        self._mixed_patches = 0.0
 
     def make_reducer(self, method: str, layers: tuple[int, ...], **knobs) -> Reducer:
         return DetailReducer(self.model.num_prefix_tokens, layers, refine=self.add_details, **knobs)
@@ -165,7 +164,7 @@ class IncrementalViT(TokenReducedViT):
         self.reducer.detailed_at_embedding = full
         if full:
             tokens = tokens + self.detail_embed(self._details)
-            self._kept_patches, self._mixed_patches = float(tokens.shape[1]), 0.0
+            self._kept_patches = float(tokens.shape[1])
         return self.model.add_prefix_and_position(tokens)
 
     def add_details(self, x: torch.Tensor, dest: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
@@ -186,17 +185,17 @@ class IncrementalViT(TokenReducedViT):
             added = added + self.detail_mixer(x[:, prefix:], added)
         added = added * present.unsqueeze(-1).to(x.dtype)
         self._kept_patches = float(present.sum(1).float().mean())
-        self._mixed_patches = self._kept_patches if self.detail_mixer is not None else 0.0
         return torch.cat([x[:, :prefix], x[:, prefix:] + added], dim=1)
 
     def embedding_flops(self) -> float:
         cfg = self.config
         band = cfg.in_chans * (cfg.patch_size // 2) ** 2
         pixels = cfg.in_chans * cfg.image_size ** 2
+        mixed = 0.0 if self.reducer.detailed_at_embedding else self._kept_patches  # no mixer at the embedding
         lifting = 2 * 2 * self.options.kernel * pixels  # predict + update along rows, then columns
         return float(2 * cfg.num_patches * band * cfg.embed_dim
                      + 2 * self._kept_patches * 3 * band * cfg.embed_dim + lifting
-                     + (self._mixed_patches * self.detail_mixer.flops() if self.detail_mixer is not None else 0))
+                     + (mixed * self.detail_mixer.flops() if self.detail_mixer is not None else 0))
 
 
 @torch.no_grad()
