@@ -11,6 +11,7 @@ hardware, not a kernel). DeiT-S shape (224x224, random weights): size and latenc
     python benchmarks/quant_benchmark.py
     python benchmarks/quant_benchmark.py --quick   # smoke test: few images, few runs
     python benchmarks/quant_benchmark.py --model fmnist-vit-197 --variants w8a8:blockwise w4:minmax w4:blockwise
+    python benchmarks/quant_benchmark.py --model fmnist-vit-197 --compare-opset 18  # also the opset-18 graph
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from vitrim.bench.latency import paired_latency  # noqa: E402
 from vitrim.compress import CompressConfig, compress, torch_size  # noqa: E402
 from vitrim.data import load_dataset  # noqa: E402
 from vitrim.quant import CALIBRATORS, OnnxModel, export, quantize  # noqa: E402
+from vitrim.quant.export import DEFAULT_OPSET  # noqa: E402
 from vitrim.quant.blockwise import BlockwiseConfig  # noqa: E402
 from vitrim.quant.intonly import IntOnlyOptions, int_only  # noqa: E402
 
@@ -53,7 +55,7 @@ def timed(reference: Any, model: Any, args: argparse.Namespace, batches: list[in
 def reference_rows(args: argparse.Namespace, work: Path) -> tuple[list[dict[str, Any]], float, int]:
     dense, test, dense_acc = load_reference(args.model, args.threads, args.eval_limit)
     calib = load_dataset("fashion-mnist", "train").subset(args.calib).resized(dense.config.image_size)
-    fp32 = export(dense, work / "fp32.onnx", threads=args.threads)
+    fp32 = export(dense, work / "fp32.onnx", opset=args.opset, threads=args.threads)
     ort_fp32 = OnnxModel(fp32.path, threads=args.threads)
     rows: list[dict[str, Any]] = []
 
@@ -80,6 +82,14 @@ def reference_rows(args: argparse.Namespace, work: Path) -> tuple[list[dict[str,
         add(label, OnnxModel(result.path, threads=args.threads), result.size_bytes, scheme=scheme,
             calibrator=calibrator, quantize_seconds=time.perf_counter() - started,
             calibration=result.calibration)
+    if args.compare_opset is not None:  # the same rows from the graph an older opset exports
+        old = export(dense, work / f"fp32-opset{args.compare_opset}.onnx", opset=args.compare_opset,
+                     threads=args.threads)
+        add(f"ORT fp32 (opset {args.compare_opset})", OnnxModel(old.path, threads=args.threads), old.size_bytes)
+        result = quantize(old.path, work / f"w8a8-opset{args.compare_opset}.onnx", "w8a8", calib=calib,
+                          threads=args.threads)
+        add(f"ORT w8a8 minmax (opset {args.compare_opset})", OnnxModel(result.path, threads=args.threads),
+            result.size_bytes)
     images = torch.cat([x for x, _ in calib.batches(64, image_size=dense.config.image_size)]).float()
     for gelu in ("shift", "poly") if selected(args, "int-only") else ():
         twin = int_only(dense, images, IntOnlyOptions(gelu=gelu))
@@ -225,6 +235,9 @@ def main() -> None:
     parser.add_argument("--eval-limit", type=int, default=None, help="first N test images (default all)")
     parser.add_argument("--runs", type=int, default=50, help="timed runs per model and batch size")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset of the exported model")
+    parser.add_argument("--compare-opset", type=int, default=None,
+                        help="also time ORT fp32 and w8a8 minmax exported at this opset (e.g. 18)")
     parser.add_argument("--round-steps", type=int, default=200, help="blockwise learned-rounding steps per block")
     parser.add_argument("--search-images", type=int, default=64)
     parser.add_argument("--w4-block-sizes", type=int, nargs="+", default=[32, 128])

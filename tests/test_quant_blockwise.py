@@ -62,7 +62,15 @@ def test_w8a8_scales_and_integer_weights_reach_ort_unchanged(fp32, w8a8):
         assert (float(inits[node.input[1]]), int(inits[node.input[2]])) == layer.act.qparams()
         codes = layer.wq.integers(layer.weight2d()).numpy()
         codes = codes.T if site.transposed else codes
-        assert np.array_equal(inits[site.initializer + "_quantized"].reshape(codes.shape), codes.astype(np.int8))
+        assert np.array_equal(_integer_weight(inits, site.initializer, codes.shape), codes.astype(np.int8))
+
+
+def _integer_weight(inits: dict, name: str, shape: tuple) -> np.ndarray:
+    """A layer's int8 weight; a fused q/k/v weight is quantized as its split parts (columns of ``W.T``)."""
+    if name + "_quantized" in inits:
+        return inits[name + "_quantized"].reshape(shape)
+    parts = [inits[f"{name}.part{i}_quantized"] for i in range(3)]
+    return np.concatenate(parts, axis=1).reshape(shape)
 
 
 def has_vnni() -> bool:
@@ -108,7 +116,7 @@ def test_w4_blockwise_is_exact_in_ort_and_beats_round_to_nearest(fp32, tmp_path)
         reference, simulated = model(x), ours.simulation(x)
     ours_out, rtn_out = OnnxModel(ours.path, threads=1)(x), OnnxModel(rtn.path, threads=1)(x)
     assert (simulated - ours_out).abs().max() < 1e-4  # 4-bit weights only: the same grid, the same numbers
-    assert sum(n.op_type == "MatMulNBits" for n in onnx.load(str(ours.path)).graph.node) == 2 * 4
+    assert sum(n.op_type == "MatMulNBits" for n in onnx.load(str(ours.path)).graph.node) == 2 * 6  # q, k, v, proj, fc1, fc2
     assert (ours_out - reference).pow(2).mean() < 0.9 * (rtn_out - reference).pow(2).mean()
 
 

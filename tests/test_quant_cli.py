@@ -75,7 +75,7 @@ def test_export_writes_a_checked_onnx_with_metadata(setup, capsys):
                        "--data", f"idx:{root / 'data'}", "--check-images", "6", "--threads", "1", "--json")
     assert code == 0
     result = json.loads(out)
-    assert result["exporter"] == "dynamo" and result["opset"] == 18 and result["weights"] == "trained"
+    assert result["exporter"] == "dynamo" and result["opset"] == 23 and result["weights"] == "trained"
     assert result["check"]["images"] == 6 and result["check"]["passed"]
     assert result["check"]["max_abs_diff"] < 1e-4
     assert OnnxModel(root / "again.onnx").config == vitrim.load(root / "model").config

@@ -66,7 +66,7 @@ def test_scheme_uses_onnx_runtime_quantized_ops(quantized, scheme, ops):
 def test_w4_is_blockwise_4bit(quantized):
     proto = onnx.load(str(quantized["w4"].path))
     nodes = [n for n in proto.graph.node if n.op_type == "MatMulNBits"]
-    assert len(nodes) == 2 * 4  # qkv, proj, fc1, fc2 per block
+    assert len(nodes) == 2 * 6  # q, k, v (split from qkv), proj, fc1, fc2 per block
     attrs = {a.name: a.i for a in nodes[0].attribute}
     assert attrs["bits"] == 4 and attrs["block_size"] == 32
 
@@ -186,4 +186,4 @@ def test_w8a8_quantizes_the_inputs_of_weight_layers_only(quantized):
         for dq in consumers[q.output[0]]:
             fed |= {(c.op_type, c.input[1] in weights) for c in consumers[dq.output[0]] if c.op_type != "Shape"}
     assert fed == {("Conv", True), ("MatMul", True), ("Gemm", True)}  # not LayerNorm, Softmax, Add, attention
-    assert {n.op_type for n in proto.graph.node} >= {"Softmax", "LayerNormalization"}
+    assert {n.op_type for n in proto.graph.node} >= {"Attention", "LayerNormalization"}  # left in float

@@ -63,7 +63,11 @@ class Attention(nn.Module):
         q, k, v = self.split_qkv(x)
         if capture is not None:
             capture.update(q=q, k=k, scale=self.scale, bias=bias)
-        mask = bias.to(q.dtype) if bias is not None else None
+        mask = None
+        if bias is not None:  # (B, 1, 1, N)
+            mask = bias.to(q.dtype)
+            if torch.onnx.is_in_onnx_export():  # ONNX Runtime's Attention does not broadcast the query axis
+                mask = mask.expand(-1, -1, N, -1)  # (B, 1, N, N)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)  # (B, H, N, v)
         return out.transpose(1, 2).reshape(B, N, self.heads * self.v_dim)
 

@@ -36,7 +36,8 @@ def add_export_parser(sub: Any) -> None:
     p = sub.add_parser("export", help="export to ONNX (checked against PyTorch in ONNX Runtime)")
     p.add_argument("model", help=MODEL_HELP)
     p.add_argument("--out", required=True, help="output .onnx file (written only if the check passes)")
-    p.add_argument("--opset", type=positive_int, default=default_of(export, "opset"), help=f"ONNX opset (>= {MIN_OPSET})")
+    p.add_argument("--opset", type=positive_int, default=default_of(export, "opset"),
+                   help=f"ONNX opset (>= {MIN_OPSET}; from 23 attention is one Attention node per block)")
     p.add_argument("--exporter", choices=EXPORTERS, default=default_of(export, "exporter"),
                    help="auto: torch.export-based, TorchScript only if that fails")
     p.add_argument("--tolerance", type=positive_float, default=default_of(export, "tolerance"),

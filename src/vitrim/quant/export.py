@@ -16,10 +16,13 @@ from vitrim.quant import deps
 from vitrim.quant.calib import CalibInput, calibration_source
 from vitrim.quant.check import Agreement, compare
 from vitrim.quant.errors import ExportCheckError, ExportError
+from vitrim.quant.graphfuse import attention_heads_in_place
 from vitrim.quant.metadata import Preprocessing, info_props, write_props
 from vitrim.quant.onnxfile import parse_proto, serialize, write_bytes
 
 MIN_OPSET = 18
+DEFAULT_OPSET = 23  # scaled_dot_product_attention exports as one Attention node (and GELU as one Gelu)
+TORCHSCRIPT_MAX_OPSET = 20
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
 EXPORTERS = ("auto", "dynamo", "torchscript")
 CHECK_IMAGES = 8
@@ -43,7 +46,7 @@ class ExportResult:
                 "seconds": round(self.seconds, 3), "fallback_reason": self.fallback_reason}
 
 
-def export(model: nn.Module, path: str | Path, *, opset: int = MIN_OPSET, check_images: CalibInput | None = None,
+def export(model: nn.Module, path: str | Path, *, opset: int = DEFAULT_OPSET, check_images: CalibInput | None = None,
            tolerance: float = 1e-3, exporter: str = "auto", threads: int | None = None,
            preprocessing: Preprocessing | None = None) -> ExportResult:
     """Export ``model`` to ONNX at ``path`` (dynamic batch axis), check it, then write it atomically.
@@ -51,7 +54,10 @@ def export(model: nn.Module, path: str | Path, *, opset: int = MIN_OPSET, check_
     ``check_images`` (an ``ImageSet`` or normalised ``(N, C, S, S)`` tensor; default 8 seeded random
     images) run through PyTorch and ONNX Runtime; a max abs logit difference above ``tolerance``
     raises :class:`ExportCheckError` and nothing is written. ``exporter="auto"`` tries the
-    ``torch.export``-based exporter and falls back to the TorchScript one only if it fails.
+    ``torch.export``-based exporter and falls back to the TorchScript one only if it fails (at
+    opset 20 at most, the newest it writes). Attention exported as opset-23 ``Attention`` nodes
+    takes its heads in place (:func:`~vitrim.quant.graphfuse.attention_heads_in_place`), which the
+    numeric check covers.
     """
     started = time.perf_counter()
     proto, used, reason, check = export_proto(model, opset=opset, check_images=check_images,
@@ -63,7 +69,7 @@ def export(model: nn.Module, path: str | Path, *, opset: int = MIN_OPSET, check_
                         time.perf_counter() - started, reason)
 
 
-def export_proto(model: nn.Module, *, opset: int = MIN_OPSET, check_images: CalibInput | None = None,
+def export_proto(model: nn.Module, *, opset: int = DEFAULT_OPSET, check_images: CalibInput | None = None,
                  tolerance: float | None = 1e-3, exporter: str = "auto", threads: int | None = None,
                  preprocessing: Preprocessing | None = None) -> tuple[Any, str, str | None, Agreement]:
     """Export and check in memory: ``(ModelProto, exporter used, fallback reason, agreement)``."""
@@ -89,8 +95,10 @@ def export_proto(model: nn.Module, *, opset: int = MIN_OPSET, check_images: Cali
     try:
         proto, used, reason = _to_proto(model, example, opset, exporter)
         _strip_debug_info(proto)
+        fused = attention_heads_in_place(proto)
         write_props(proto, prep.to_props())
         write_props(proto, info_props("export", {"exporter": used, "opset": _opset_of(proto),
+                                                 "attention_heads_in_place": fused,
                                                  "torch": torch.__version__}))
         runner = OnnxModel(serialize(proto), threads=threads, name="the exported model")
         head = getattr(model, "dense", None)  # a dense model: agreement over its class channels
@@ -144,7 +152,7 @@ def _to_proto(model: nn.Module, example: torch.Tensor, opset: int, exporter: str
             if exporter == "dynamo":
                 raise ExportError(f"ONNX export failed ({errors[0]})") from None
     try:
-        proto = _torchscript(model, example, opset)
+        proto = _torchscript(model, example, min(opset, TORCHSCRIPT_MAX_OPSET))
     except Exception as exc:
         errors.append(f"TorchScript exporter: {_first_line(exc)}")
         raise ExportError(f"ONNX export failed ({'; '.join(errors)})") from None

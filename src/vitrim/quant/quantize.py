@@ -18,6 +18,7 @@ from vitrim.quant.calib import CalibInput, CalibrationSource, calibration_source
 from vitrim.quant.check import Agreement, compare
 from vitrim.quant.errors import QuantConfigError, QuantizationError
 from vitrim.quant.export import export_proto
+from vitrim.quant.graphfuse import split_projections
 from vitrim.quant.metadata import Preprocessing, info_props, read_props, write_props
 from vitrim.quant.onnxfile import load_proto, parse_proto, serialize, write_bytes
 from vitrim.quant.onnxmap import WEIGHT_OPS, carry_calibration, layer_sites, weight_nodes
@@ -176,20 +177,27 @@ def _run_quantizer(fp32: bytes, tmp: Path, scheme: str, source: CalibrationSourc
     raw, pre, out = tmp / "fp32.onnx", tmp / "pre.onnx", tmp / "quantized.onnx"
     raw.write_bytes(fp32)
     report = sim = None
-    with deps.quiet():
-        try:
-            quant_pre_process(str(raw), str(pre))
-            model_in, preprocessed = pre, True
-        except Exception:  # shape inference is an optimisation; quantize the raw graph instead
-            model_in, preprocessed = raw, False
+    model_in, preprocessed = raw, False
+    # ORT's symbolic shape inference reads an opset-23 Attention as its own contrib op and fails;
+    # ONNX's shape inference alone then does. Shape inference is an optimisation: else the raw graph
+    for skip_symbolic in (False, True):
+        with deps.quiet():
+            try:
+                quant_pre_process(str(raw), str(pre), skip_symbolic_shape=skip_symbolic)
+            except Exception:
+                continue
+        model_in, preprocessed = pre, True
+        break
     ranges = None
     if torch_side is not None:
         model_in, ranges, report, sim = _calibrate_in_torch(model_in, tmp, scheme, source, per_channel, reduce_range,
                                                        block_size, *torch_side)
+    model_in = _split_projections(model_in, tmp)
     with deps.quiet():
         try:
             if scheme == "w8-dynamic":
-                quantize_dynamic(str(model_in), str(out), weight_type=QuantType.QInt8, reduce_range=reduce_range)
+                quantize_dynamic(str(model_in), str(out), weight_type=QuantType.QInt8, reduce_range=reduce_range,
+                                 op_types_to_quantize=list(WEIGHT_OPS))
             elif scheme == "w8a8":
                 _quantize_w8a8(model_in, out, tmp, source, calibrator, per_channel, reduce_range, percentile, ranges)
             else:
@@ -199,6 +207,17 @@ def _run_quantizer(fp32: bytes, tmp: Path, scheme: str, source: CalibrationSourc
             raise QuantizationError(f"ONNX Runtime's {scheme} quantizer failed: {type(exc).__name__}: "
                                     f"{text[0] if text else ''}") from None
     return load_proto(out), preprocessed, report, sim
+
+
+def _split_projections(model_in: Path, tmp: Path) -> Path:
+    """The graph with fused q/k/v projections split into one weight ``MatMul`` each (after calibration:
+    the parts keep the calibrated weights, and their shared input its range)."""
+    proto = load_proto(model_in)
+    if split_projections(proto) == 0:
+        return model_in
+    split = tmp / "split.onnx"
+    split.write_bytes(serialize(proto))
+    return split
 
 
 def _calibrate_in_torch(model_in: Path, tmp: Path, scheme: str, source: CalibrationSource, per_channel: bool,
