@@ -103,3 +103,34 @@ def test_attention_rewrite_leaves_unmatched_graphs_alone(uneven_model, tmp_path)
     before = proto.SerializeToString()
     assert attention_heads_in_place(proto) == 0
     assert proto.SerializeToString() == before
+
+
+def test_split_projections_names_parts_of_a_shared_weight_apart():
+    """One weight and bias used by two projections (the same layer applied twice) split into distinct parts."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((6, 4)).astype(np.float32), "W"),
+             numpy_helper.from_array(rng.standard_normal(4).astype(np.float32), "b"),
+             numpy_helper.from_array(np.array([2, 2], dtype=np.int64), "sizes")]
+    nodes = []
+    for i in range(2):
+        nodes += [helper.make_node("MatMul", [f"x{i}", "W"], [f"mm{i}"]),
+                  helper.make_node("Add", [f"mm{i}", "b"], [f"y{i}"]),
+                  helper.make_node("Split", [f"y{i}", "sizes"], [f"p{i}", f"q{i}"], axis=-1),
+                  helper.make_node("Mul", [f"p{i}", f"q{i}"], [f"o{i}"])]
+    nodes.append(helper.make_node("Add", ["o0", "o1"], ["out"]))
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(f"x{i}", onnx.TensorProto.FLOAT, [3, 6])
+                                           for i in range(2)],
+                              [helper.make_tensor_value_info("out", onnx.TensorProto.FLOAT, [3, 2])], inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    feed = {f"x{i}": rng.standard_normal((3, 6)).astype(np.float32) for i in range(2)}
+
+    def run(p):
+        return onnxruntime.InferenceSession(p.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+            ["out"], feed)[0]
+
+    expected = run(proto)
+    assert split_projections(proto) == 2
+    names = [i.name for i in proto.graph.initializer]
+    assert len(names) == len(set(names)) == 8  # 2 sites x 2 parts x (weight, bias); W, b and sizes gone
+    onnx.checker.check_model(proto)
+    np.testing.assert_allclose(run(proto), expected, rtol=1e-6, atol=1e-6)

@@ -36,7 +36,17 @@ class _Graph:
             for name in node.input:
                 self.consumers.setdefault(name, []).append(node)
         self.graph_outputs = {o.name for o in self.graph.output}
+        self.taken = (set(self.initializers) | set(self.producer) | set(self.consumers)
+                      | {i.name for i in self.graph.input} | self.graph_outputs | {n.name for n in self.graph.node})
         self._to_array = numpy_helper.to_array
+
+    def fresh_name(self, stem: str) -> str:
+        """``stem``, or ``stem.N``, not yet used by a tensor or node of the graph (and now reserved)."""
+        name, n = stem, 1
+        while name in self.taken:
+            name, n = f"{stem}.{n}", n + 1
+        self.taken.add(name)
+        return name
 
     def constant(self, name: str) -> np.ndarray | None:
         init = self.initializers.get(name)
@@ -155,12 +165,15 @@ def _split_one(g: _Graph, split: Any) -> list[Any] | None:
         return None
     parts, start = [], 0
     for index, (size, out) in enumerate(zip(sizes.tolist(), split.output)):
-        w_name, b_name, mm_out = f"{matmul.input[1]}.part{index}", f"{add.input[1]}.part{index}", f"{out}.matmul"
+        w_name, b_name = g.fresh_name(f"{matmul.input[1]}.part{index}"), g.fresh_name(f"{add.input[1]}.part{index}")
+        mm_out = g.fresh_name(f"{out}.matmul")
         g.graph.initializer.extend([
             numpy_helper.from_array(np.ascontiguousarray(weight[:, start:start + size]), w_name),
             numpy_helper.from_array(bias[start:start + size].copy(), b_name)])
-        parts += [helper.make_node("MatMul", [matmul.input[0], w_name], [mm_out], name=f"{matmul.name}.part{index}"),
-                  helper.make_node("Add", [mm_out, b_name], [out], name=f"{add.name}.part{index}")]
+        parts += [helper.make_node("MatMul", [matmul.input[0], w_name], [mm_out],
+                                   name=g.fresh_name(f"{matmul.name or 'MatMul'}.part{index}")),
+                  helper.make_node("Add", [mm_out, b_name], [out],
+                                   name=g.fresh_name(f"{add.name or 'Add'}.part{index}"))]
         start += size
     at = list(g.graph.node).index(matmul)
     for offset, part in enumerate(parts):
