@@ -132,15 +132,24 @@ def compress_row(dense: Any, test: Any, args: argparse.Namespace, out: Path) -> 
 def deit_rows(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
     model = load_model("vit-small", allow_random=True).model  # random init, seed 0
     check = torch.randn(args.deit_calib, 3, 224, 224, generator=torch.Generator().manual_seed(0))
-    fp32 = export(model, work / "deit-fp32.onnx", check_images=check[:2], threads=args.threads)
+    fp32 = export(model, work / "deit-fp32.onnx", opset=args.opset, check_images=check[:2], threads=args.threads)
     ort_fp32 = OnnxModel(fp32.path, threads=args.threads)
     rows = [{"name": "torch fp32", "size_bytes": torch_size(model), **timed(ort_fp32, model, args, args.deit_batches)},
             {"name": "ORT fp32", "size_bytes": fp32.size_bytes, **timed(ort_fp32, ort_fp32, args, args.deit_batches)}]
-    for scheme in ("w8-dynamic", "w8a8", "w4"):
-        result = quantize(fp32.path, work / f"deit-{scheme}.onnx", scheme, calib=check, threads=args.threads)
-        rows.append({"name": f"ORT {scheme}", "size_bytes": result.size_bytes,
-                     **timed(ort_fp32, OnnxModel(result.path, threads=args.threads), args, args.deit_batches)})
-        print(rows[-1], flush=True)
+    sources = [("", fp32.path)]
+    if args.compare_opset is not None:
+        old = export(model, work / f"deit-fp32-opset{args.compare_opset}.onnx", opset=args.compare_opset,
+                     check_images=check[:2], threads=args.threads)
+        rows.append({"name": f"ORT fp32 (opset {args.compare_opset})", "size_bytes": old.size_bytes,
+                     **timed(ort_fp32, OnnxModel(old.path, threads=args.threads), args, args.deit_batches)})
+        sources.append((f" (opset {args.compare_opset})", old.path))
+    for suffix, source in sources:
+        for scheme in ("w8-dynamic", "w8a8", "w4") if not suffix else ("w8a8",):
+            result = quantize(source, work / f"deit-{scheme}{suffix.strip(' ()')}.onnx", scheme, calib=check,
+                              threads=args.threads)
+            rows.append({"name": f"ORT {scheme}{suffix}", "size_bytes": result.size_bytes,
+                         **timed(ort_fp32, OnnxModel(result.path, threads=args.threads), args, args.deit_batches)})
+            print(rows[-1], flush=True)
     for row in rows:
         row["size_ratio"] = rows[0]["size_bytes"] / row["size_bytes"]
     return rows

@@ -5,8 +5,7 @@
   returns ``(B, N, H*D)`` directly (its ``q_num_heads`` / ``kv_num_heads`` attributes); the eight
   copies per block go.
 - :func:`split_projections`: ``Split`` of a weight ``MatMul`` + bias ``Add`` along the output
-  channels becomes one ``MatMul`` + ``Add`` per part, so no copy of the fused q/k/v output is made
-  (and each part's bias can fuse into its int8 matrix product).
+  channels becomes one ``MatMul`` + ``Add`` per part, so no copy of the fused q/k/v output is made.
 
 Both work on an ``onnx.ModelProto`` in place and return how many sites they rewrote; a site that
 does not match exactly is left as it is.

@@ -95,7 +95,10 @@ def quantize(onnx_or_model: str | Path | nn.Module | Any, out_path: str | Path, 
     calibration images and must not exceed the set. The result is compared with the fp32 model
     in ONNX Runtime on the calibration images (or seeded random ones); ``tolerance`` turns that
     report into a check. ``out_path`` ending in ``.onnx`` is the file, else a directory that
-    receives ``model.onnx``. The vitrim metadata is carried into the quantized file.
+    receives ``model.onnx``. The vitrim metadata is carried into the quantized file. Each fused
+    q/k/v projection is split into one weight ``MatMul`` per part before quantizing
+    (:func:`~vitrim.quant.graphfuse.split_projections`), so the quantized file has three where
+    the fp32 one has one.
     """
     started = time.perf_counter()
     _validate(scheme, calibrator, block_size, percentile)
