@@ -145,7 +145,7 @@ def deit_rows(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
         sources.append((f" (opset {args.compare_opset})", old.path))
     for suffix, source in sources:
         for scheme in ("w8-dynamic", "w8a8", "w4") if not suffix else ("w8a8",):
-            result = quantize(source, work / f"deit-{scheme}{suffix.strip(' ()')}.onnx", scheme, calib=check,
+            result = quantize(source, work / f"deit-{scheme}{suffix.strip(' ()').replace(' ', '-')}.onnx", scheme, calib=check,
                               threads=args.threads)
             rows.append({"name": f"ORT {scheme}{suffix}", "size_bytes": result.size_bytes,
                          **timed(ort_fp32, OnnxModel(result.path, threads=args.threads), args, args.deit_batches)})

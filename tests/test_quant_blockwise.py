@@ -65,6 +65,21 @@ def test_w8a8_scales_and_integer_weights_reach_ort_unchanged(fp32, w8a8):
         assert np.array_equal(_integer_weight(inits, site.initializer, codes.shape), codes.astype(np.int8))
 
 
+def test_per_tensor_blockwise_keeps_the_fused_projection_on_its_grid(fp32, tmp_path):
+    """One weight scale per tensor spans the fused q/k/v weight, so it is not split for ORT."""
+    model, path = fp32
+    result = quantize(path, tmp_path / "q.onnx", "w8a8", calib=calib_images(32, 1), calibrator="blockwise",
+                      per_channel=False, torch_model=model, blockwise=QUICK, threads=1)
+    q = onnx.load(str(result.path))
+    assert "Split" in {n.op_type for n in q.graph.node}
+    inits = {i.name: numpy_helper.to_array(i) for i in q.graph.initializer}
+    sites = layer_sites(onnx.load(str(path)), model)
+    for name, layer in quant_modules(result.simulation):
+        codes = layer.wq.integers(layer.weight2d()).numpy()
+        codes = codes.T if sites[name].transposed else codes
+        assert np.array_equal(inits[sites[name].initializer + "_quantized"].reshape(codes.shape), codes.astype(np.int8))
+
+
 def _integer_weight(inits: dict, name: str, shape: tuple) -> np.ndarray:
     """A layer's int8 weight; a fused q/k/v weight is quantized as its split parts (columns of ``W.T``)."""
     if name + "_quantized" in inits:

@@ -1,6 +1,7 @@
 """ONNX graph rewrites: attention heads in place and split q/k/v projections, numerically unchanged."""
 
 import numpy as np
+import pytest
 import torch
 
 import onnxruntime  # noqa: F401  (the vitrim[onnx] extra, installed by make test)
@@ -97,11 +98,66 @@ def test_split_projections_on_a_small_graph_and_leaves_a_shared_output_alone():
     assert split_projections(shared) == 0 and "Split" in _ops(shared)
 
 
-def test_attention_rewrite_leaves_unmatched_graphs_alone(uneven_model, tmp_path):
-    export(uneven_model, tmp_path / "m.onnx", opset=18, threads=1)
-    proto = onnx.load(str(tmp_path / "m.onnx"))
+def _attention_graph(q_heads=2, kv_heads=2, x_shape=None, share_transpose=False):
+    """q/k/v of (2, 4, H*3) (or ``x_shape``) head-split by Reshape + Transpose into an opset-23
+    Attention, merged back."""
+    N, d = 4, 3
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(np.array([-1, N, h, d], dtype=np.int64), f"shape{h}") for h in {q_heads, kv_heads}]
+    inits.append(numpy_helper.from_array(np.array([-1, N, q_heads * d], dtype=np.int64), "merged"))
+    nodes, inputs, feed = [], [], {}
+    for name, heads in (("q", q_heads), ("k", kv_heads), ("v", kv_heads)):
+        shape = x_shape or (2, N, heads * d)
+        inputs.append(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, list(shape)))
+        feed[name] = rng.standard_normal(shape).astype(np.float32)
+        nodes += [helper.make_node("Reshape", [name, f"shape{heads}"], [f"{name}4"]),
+                  helper.make_node("Transpose", [f"{name}4"], [f"{name}h"], perm=[0, 2, 1, 3])]
+    outputs = [helper.make_tensor_value_info("out", onnx.TensorProto.FLOAT, None)]
+    k_in = "qh" if share_transpose else "kh"
+    if share_transpose:
+        outputs.append(helper.make_tensor_value_info("qh", onnx.TensorProto.FLOAT, None))
+    nodes += [helper.make_node("Attention", ["qh", k_in, "vh"], ["att"], scale=0.5),
+              helper.make_node("Transpose", ["att"], ["att_t"], perm=[0, 2, 1, 3]),
+              helper.make_node("Reshape", ["att_t", "merged"], ["out"])]
+    graph = helper.make_graph(nodes, "g", inputs, outputs, inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)])
+    return onnx.shape_inference.infer_shapes(proto), feed
+
+
+def _run_feed(proto, feed, output="out"):
+    session = onnxruntime.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run([output], feed)[0]
+
+
+def test_attention_in_place_matches_with_grouped_query_heads():
+    proto, feed = _attention_graph(q_heads=4, kv_heads=2)
+    expected = _run_feed(proto, feed)
+    assert attention_heads_in_place(proto) == 1
+    assert _ops(proto) == ["Attention"]
+    np.testing.assert_allclose(_run_feed(proto, feed), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("case", ["shared transpose", "not (B, N, H*D)", "opset 18 export"])
+def test_attention_rewrite_leaves_unmatched_graphs_alone(case, uneven_model, tmp_path):
+    if case == "opset 18 export":  # attention as MatMul / Softmax: nothing to rewrite
+        export(uneven_model, tmp_path / "m.onnx", opset=18, threads=1)
+        proto = onnx.load(str(tmp_path / "m.onnx"))
+    elif case == "shared transpose":  # the head-split q is also a graph output
+        proto, _ = _attention_graph(share_transpose=True)
+    else:  # (B, H*D, N) reshaped to heads would need a copy the 3-D form does not make
+        proto, _ = _attention_graph(x_shape=(2, 6, 4))
     before = proto.SerializeToString()
     assert attention_heads_in_place(proto) == 0
+    assert proto.SerializeToString() == before
+
+
+def test_split_projections_leaves_a_split_across_tokens_alone():
+    proto = _split_graph(extra_consumer=False)
+    next(a for a in proto.graph.node[2].attribute if a.name == "axis").i = 1
+    proto.graph.initializer[2].CopyFrom(numpy_helper.from_array(np.array([1, 3], dtype=np.int64), "sizes"))
+    del proto.graph.node[2].output[2]
+    before = proto.SerializeToString()
+    assert split_projections(proto) == 0
     assert proto.SerializeToString() == before
 
 

@@ -35,8 +35,9 @@ class _Graph:
             for name in node.input:
                 self.consumers.setdefault(name, []).append(node)
         self.graph_outputs = {o.name for o in self.graph.output}
-        self.taken = (set(self.initializers) | set(self.producer) | set(self.consumers)
-                      | {i.name for i in self.graph.input} | self.graph_outputs | {n.name for n in self.graph.node})
+        self.shapes = {v.name: v for v in [*self.graph.value_info, *self.graph.input, *self.graph.output]}
+        self.taken = (set(self.initializers) | set(self.producer) | set(self.consumers) | set(self.shapes)
+                      | {n.name for n in self.graph.node})
         self._to_array = numpy_helper.to_array
 
     def fresh_name(self, stem: str) -> str:
@@ -46,6 +47,13 @@ class _Graph:
             name, n = f"{stem}.{n}", n + 1
         self.taken.add(name)
         return name
+
+    def dims(self, name: str) -> list[int | None] | None:
+        """The shape shape inference recorded for ``name`` (``None`` per unknown dim; ``None`` if unrecorded)."""
+        info = self.shapes.get(name)
+        if info is None or not info.type.tensor_type.HasField("shape"):
+            return None
+        return [d.dim_value if d.HasField("dim_value") else None for d in info.type.tensor_type.shape.dim]
 
     def constant(self, name: str) -> np.ndarray | None:
         init = self.initializers.get(name)
@@ -68,14 +76,23 @@ class _Graph:
         used = {name for node in kept for name in node.input} | self.graph_outputs
         for init in [i for i in self.graph.initializer if i.name in freed and i.name not in used]:
             self.graph.initializer.remove(init)
+        live = used | {o for node in kept for o in node.output} | {i.name for i in self.graph.initializer}
+        for info in [v for v in self.graph.value_info if v.name not in live]:
+            self.graph.value_info.remove(info)
 
 
 def _perm(node: Any) -> list[int] | None:
     return next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
 
 
-def _head_split(g: _Graph, name: str) -> tuple[str, int, int, list[Any]] | None:
-    """``name`` = Transpose(0,2,1,3)(Reshape(x, [., ., H, D])): ``(x, H, D, [the two nodes])``."""
+def _keeps_batch_and_tokens(shape: np.ndarray, dims: list[int | None]) -> bool:
+    """A reshape target whose first two entries keep ``(B, N)`` of a tensor with ``dims``."""
+    batch_kept = int(shape[0]) == -1 or (dims[0] is not None and int(shape[0]) == dims[0])
+    return batch_kept and dims[1] is not None and int(shape[1]) == dims[1]
+
+
+def _head_split(g: _Graph, name: str) -> tuple[str, int, int, int, list[Any]] | None:
+    """``name`` = Transpose(0,2,1,3)(Reshape(x (B, N, H*D), [B, N, H, D])): ``(x, N, H, D, [the two nodes])``."""
     transpose = g.produced_by(name, "Transpose")
     if transpose is None or _perm(transpose) != HEADS_FIRST or g.only_consumer(name) is None:
         return None
@@ -83,17 +100,21 @@ def _head_split(g: _Graph, name: str) -> tuple[str, int, int, list[Any]] | None:
     shape = None if reshape is None else g.constant(reshape.input[1])
     if shape is None or shape.shape != (4,) or min(shape[2:]) <= 0 or g.only_consumer(reshape.output[0]) is None:
         return None
-    return reshape.input[0], int(shape[2]), int(shape[3]), [transpose, reshape]
+    dims = g.dims(reshape.input[0])
+    heads, head_dim = int(shape[2]), int(shape[3])
+    if dims is None or len(dims) != 3 or dims[2] != heads * head_dim or not _keeps_batch_and_tokens(shape, dims):
+        return None
+    return reshape.input[0], dims[1], heads, head_dim, [transpose, reshape]
 
 
-def _head_merge(g: _Graph, name: str, width: int) -> tuple[str, list[Any]] | None:
-    """``name`` -> Transpose(0,2,1,3) -> Reshape([., ., width]) only: ``(merged output, [the two nodes])``."""
+def _head_merge(g: _Graph, name: str, tokens: int, width: int) -> tuple[str, list[Any]] | None:
+    """``name`` -> Transpose(0,2,1,3) -> Reshape([B, N, width]) only: ``(merged output, [the two nodes])``."""
     transpose = g.only_consumer(name)
     if transpose is None or transpose.op_type != "Transpose" or _perm(transpose) != HEADS_FIRST:
         return None
     reshape = g.only_consumer(transpose.output[0])
     shape = None if reshape is None or reshape.op_type != "Reshape" else g.constant(reshape.input[1])
-    if shape is None or shape.shape != (3,) or int(shape[2]) != width:
+    if shape is None or shape.shape != (3,) or int(shape[2]) != width or int(shape[0]) != -1 or int(shape[1]) != tokens:
         return None
     return reshape.output[0], [transpose, reshape]
 
@@ -128,8 +149,8 @@ def _attention_in_place(g: _Graph, node: Any) -> list[Any] | None:
     splits = [_head_split(g, name) for name in node.input[:3]]
     if any(s is None for s in splits):
         return None
-    (q, heads, _, q_nodes), (k, kv_heads, _, k_nodes), (v, v_heads, v_dim, v_nodes) = splits
-    merge = _head_merge(g, node.output[0], heads * v_dim) if v_heads == kv_heads else None
+    (q, tokens, heads, _, q_nodes), (k, _, kv_heads, _, k_nodes), (v, _, v_heads, v_dim, v_nodes) = splits
+    merge = _head_merge(g, node.output[0], tokens, heads * v_dim) if v_heads == kv_heads else None
     if merge is None:
         return None
     merged, merge_nodes = merge
@@ -158,7 +179,8 @@ def _split_one(g: _Graph, split: Any) -> list[Any] | None:
     axis = next((a.i for a in split.attribute if a.name == "axis"), 0)
     if weight is None or bias is None or sizes is None or weight.ndim != 2 or bias.shape != (weight.shape[1],):
         return None
-    if axis != -1 and (axis < 0 or axis != _rank(g, split.input[0]) - 1):
+    dims = g.dims(split.input[0])
+    if axis != -1 and (axis < 0 or dims is None or axis != len(dims) - 1):
         return None
     if sizes.ndim != 1 or sizes.sum() != weight.shape[1] or len(sizes) != len(split.output):
         return None
@@ -178,11 +200,3 @@ def _split_one(g: _Graph, split: Any) -> list[Any] | None:
     for offset, part in enumerate(parts):
         g.graph.node.insert(at + offset, part)
     return [matmul, add, split]
-
-
-def _rank(g: _Graph, name: str) -> int:
-    """The rank shape inference recorded for ``name`` (-1 when unknown)."""
-    for info in g.graph.value_info:
-        if info.name == name and info.type.tensor_type.HasField("shape"):
-            return len(info.type.tensor_type.shape.dim)
-    return -1

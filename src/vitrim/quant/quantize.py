@@ -95,10 +95,10 @@ def quantize(onnx_or_model: str | Path | nn.Module | Any, out_path: str | Path, 
     calibration images and must not exceed the set. The result is compared with the fp32 model
     in ONNX Runtime on the calibration images (or seeded random ones); ``tolerance`` turns that
     report into a check. ``out_path`` ending in ``.onnx`` is the file, else a directory that
-    receives ``model.onnx``. The vitrim metadata is carried into the quantized file. Each fused
-    q/k/v projection is split into one weight ``MatMul`` per part before quantizing
-    (:func:`~vitrim.quant.graphfuse.split_projections`), so the quantized file has three where
-    the fp32 one has one.
+    receives ``model.onnx``. The vitrim metadata is carried into the quantized file. A fused
+    q/k/v projection with a bias is split into one weight ``MatMul`` per part before quantizing
+    (:func:`~vitrim.quant.graphfuse.split_projections`; not for blockwise w8a8 with one weight
+    scale per tensor, whose calibrated grid spans the fused weight).
     """
     started = time.perf_counter()
     _validate(scheme, calibrator, block_size, percentile)
@@ -195,7 +195,8 @@ def _run_quantizer(fp32: bytes, tmp: Path, scheme: str, source: CalibrationSourc
     if torch_side is not None:
         model_in, ranges, report, sim = _calibrate_in_torch(model_in, tmp, scheme, source, per_channel, reduce_range,
                                                        block_size, *torch_side)
-    model_in = _split_projections(model_in, tmp)
+    if not (torch_side is not None and scheme == "w8a8" and not per_channel):
+        model_in = _split_projections(model_in, tmp)  # one weight scale per tensor would change with the split
     with deps.quiet():
         try:
             if scheme == "w8-dynamic":
