@@ -136,20 +136,22 @@ def deit_rows(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
     ort_fp32 = OnnxModel(fp32.path, threads=args.threads)
     rows = [{"name": "torch fp32", "size_bytes": torch_size(model), **timed(ort_fp32, model, args, args.deit_batches)},
             {"name": "ORT fp32", "size_bytes": fp32.size_bytes, **timed(ort_fp32, ort_fp32, args, args.deit_batches)}]
-    sources = [("", fp32.path)]
-    if args.compare_opset is not None:
-        old = export(model, work / f"deit-fp32-opset{args.compare_opset}.onnx", opset=args.compare_opset,
-                     check_images=check[:2], threads=args.threads)
-        rows.append({"name": f"ORT fp32 (opset {args.compare_opset})", "size_bytes": old.size_bytes,
-                     **timed(ort_fp32, OnnxModel(old.path, threads=args.threads), args, args.deit_batches)})
-        sources.append((f" (opset {args.compare_opset})", old.path))
-    for suffix, source in sources:
-        for scheme in ("w8-dynamic", "w8a8", "w4") if not suffix else ("w8a8",):
-            result = quantize(source, work / f"deit-{scheme}{suffix.strip(' ()').replace(' ', '-')}.onnx", scheme, calib=check,
-                              threads=args.threads)
-            rows.append({"name": f"ORT {scheme}{suffix}", "size_bytes": result.size_bytes,
-                         **timed(ort_fp32, OnnxModel(result.path, threads=args.threads), args, args.deit_batches)})
-            print(rows[-1], flush=True)
+
+    def add(name: str, path: Path, size: int) -> None:
+        rows.append({"name": name, "size_bytes": size,
+                     **timed(ort_fp32, OnnxModel(path, threads=args.threads), args, args.deit_batches)})
+        print(rows[-1], flush=True)
+
+    for scheme in ("w8-dynamic", "w8a8", "w4"):
+        result = quantize(fp32.path, work / f"deit-{scheme}.onnx", scheme, calib=check, threads=args.threads)
+        add(f"ORT {scheme}", result.path, result.size_bytes)
+    if args.compare_opset is not None:  # the same rows from the graph an older opset exports
+        tag = f"opset{args.compare_opset}"
+        old = export(model, work / f"deit-fp32-{tag}.onnx", opset=args.compare_opset, check_images=check[:2],
+                     threads=args.threads)
+        add(f"ORT fp32 (opset {args.compare_opset})", old.path, old.size_bytes)
+        result = quantize(old.path, work / f"deit-w8a8-{tag}.onnx", "w8a8", calib=check, threads=args.threads)
+        add(f"ORT w8a8 (opset {args.compare_opset})", result.path, result.size_bytes)
     for row in rows:
         row["size_ratio"] = rows[0]["size_bytes"] / row["size_bytes"]
     return rows
