@@ -20,9 +20,11 @@ Its cost is the FLOPs ratio (``flops=``: dimensions x tokens; the precision is n
 budget) or the latency relative to dense torch fp32 eager on this machine (``latency=``):
 every dimension plan x token setting timed in torch in one interleaved run; in ONNX Runtime, each
 plan exported per scheme and timed against dense, its token settings scaled as in torch. The
-cheapest-loss candidates predicted inside the budget are then built as they would run (weights
-do not change the latency) and timed against dense, interleaved, until one meets the budget: the
-choice's latency is measured, not predicted. When none does, the prediction's bias on those
+cheapest-loss candidates predicted inside the budget are then built as they would run (the dense
+model's weights sliced by the plan: the values shift the latency by a few percent, randomly
+initialised weights ran up to 4% faster) and timed against dense, interleaved, until one meets the
+budget: the choice's latency is measured, not predicted. A timing that admits a candidate only
+selects it for confirmation; fresh timings decide, so one lucky timing cannot pass it. When none does, the prediction's bias on those
 timed corrects the others' predictions and a second round times the best of those then predicted
 inside, or, if none is, the cheapest.
 """
@@ -49,8 +51,8 @@ from vitrim.models import VisionTransformer, ViTConfig
 FP32 = "fp32"
 PRUNE_LOSSES = ("fisher", "measured")
 JOINT_METRICS = ("flops", "latency")
-NEAR_BUDGET = 0.1  # a latency ratio measured under the budget, or this close over it, is timed twice more
-CONFIRM_TIMINGS = 3  # ... and the median of the three counts
+NEAR_BUDGET = 0.1  # a latency ratio measured under the budget, or this close over it, is timed again ...
+CONFIRM_TIMINGS = 3  # ... this many times, and the median of those fresh timings counts
 Layers = tuple[int, ...]
 
 
@@ -265,11 +267,17 @@ def quant_losses(model: VisionTransformer, precisions: Sequence[str], calib: Ima
 
 # ---------------------------------------------------------------- cost of each setting
 
-def shaped(cfg: ViTConfig, keep: float, layers: Layers, method: str) -> nn.Module:
-    """A model of ``cfg``'s shape (weights do not change its cost) with that token reduction."""
+def sliced(model: VisionTransformer, plans: dict[float, Any], ratio: float) -> VisionTransformer:
+    """``model`` cut to the dimension plan at ``ratio`` (its own weights, no recovery); ``model`` itself at 1."""
+    from vitrim.prune.surgery import slice_model
+
+    return model if ratio >= 1 else slice_model(copy.deepcopy(model), plans[ratio][1]).eval()
+
+
+def shaped(net: VisionTransformer, keep: float, layers: Layers, method: str) -> nn.Module:
+    """``net`` with that token reduction (a view sharing its weights); ``net`` itself at keep 1."""
     from vitrim.tokens import reduce_tokens
 
-    net = VisionTransformer(cfg).eval()
     return net if keep >= 1 else reduce_tokens(net, method, layers=layers, keep=keep)
 
 
@@ -281,9 +289,10 @@ def flops_ratios(plans: dict[float, Any], keeps: Sequence[float], layer_sets: Se
     dense = model_cost(model.config).flops
     out = {}
     for ratio, (cfg, _, _) in plans.items():
+        pruned = sliced(model, plans, ratio)
         for layers in layer_sets:
             for keep in keeps:
-                net = shaped(cfg, keep, layers, method)
+                net = shaped(pruned, keep, layers, method)
                 flops = model_cost(cfg).flops if keep >= 1 else reduced_flops(net, image)
                 out[(ratio, keep, layers)] = flops / dense
     return out
@@ -298,7 +307,8 @@ def latency_ratios(plans: dict[float, Any], keeps: Sequence[float], layer_sets: 
 
     runners: dict[str, nn.Module] = {"dense": model}
     names: dict[tuple[float, float, Layers], str] = {}
-    for ratio, (pcfg, _, _) in plans.items():
+    pruned = {ratio: sliced(model, plans, ratio) for ratio in plans}
+    for ratio in plans:
         for layers in layer_sets:
             for keep in keeps:
                 if (ratio, keep) == (1.0, 1.0):
@@ -306,11 +316,10 @@ def latency_ratios(plans: dict[float, Any], keeps: Sequence[float], layer_sets: 
                     continue
                 name = f"{ratio:g}/{keep:g}" + (f"/{layers}" if keep < 1 else "")
                 names[(ratio, keep, layers)] = name
-                runners.setdefault(name, shaped(pcfg, keep, layers, method))
+                runners.setdefault(name, shaped(pruned[ratio], keep, layers, method))
     torch_ms = interleaved_latency(runners, [cfg.batch], threads=cfg.threads, runs=cfg.runs)
     onnx_ratio: dict[tuple[float, str], float] = {}  # the plan at keep 1 in ONNX Runtime, over dense
-    for ratio, (pcfg, _, _) in plans.items():
-        net = shaped(pcfg, 1.0, (), method)
+    for ratio, net in pruned.items():
         for scheme in (p for p in precisions if p != FP32):
             # timed as the built candidates are: interleaved with dense alone
             pair = paired_latency(model, quantized(net, scheme, calib, work, cfg.threads), cfg.batch,
@@ -336,7 +345,7 @@ def candidate_timer(candidate: Candidate, plans: dict[float, Any], method: str, 
     and returns the latency ratio."""
     from vitrim.bench.latency import paired_latency
 
-    net = shaped(plans[candidate.prune_ratio][0], candidate.keep, candidate.layers, method)
+    net = shaped(sliced(model, plans, candidate.prune_ratio), candidate.keep, candidate.layers, method)
     if candidate.precision != FP32:
         net = quantized(net, candidate.precision, calib, work, cfg.threads)
 
@@ -488,19 +497,21 @@ def verified(candidates: list[Candidate], ratio: float, levers: Levers, *, stop_
     ``stop_at_first`` (candidates ranked by loss) the first measured within ``ratio``; else (the
     cheapest, which the prediction put over the budget or which follow candidates that all timed
     over it) the lowest loss among those measured within it. Nothing within: the fastest measured.
-    A first timing under ``ratio``, or less than :data:`NEAR_BUDGET` over it, is repeated until
-    there are :data:`CONFIRM_TIMINGS` and their median counts, so one noisy timing neither admits
-    a candidate nor rules out one that fits."""
+    A first timing under ``ratio``, or less than :data:`NEAR_BUDGET` over it, only selects the
+    candidate: :data:`CONFIRM_TIMINGS` fresh timings follow and their median counts, so one noisy
+    timing neither admits a candidate nor rules out one that fits, and the timing that selected a
+    candidate (likely low, or it would not have been selected) does not judge it."""
     with tempfile.TemporaryDirectory(prefix="vitrim-joint-") as tmp:
         for cand in candidates:
             timer = measure_candidate(cand, levers, Path(tmp))
             cand.measured = timer()
             log(f"joint search: {cand.label()}: predicted {cand.predicted:.3f}, measured {cand.measured:.3f}")
             if cand.measured <= ratio * (1 + NEAR_BUDGET):
-                timings = [cand.measured] + [timer() for _ in range(CONFIRM_TIMINGS - 1)]
+                timings = [timer() for _ in range(CONFIRM_TIMINGS)]
                 cand.measured = statistics.median(timings)
                 log(f"joint search: {cand.label()}: under the budget or within {NEAR_BUDGET:.0%} over it, timed "
-                    f"{len(timings)} times ({', '.join(f'{t:.3f}' for t in timings)}): median {cand.measured:.3f}")
+                    f"{len(timings)} more times ({', '.join(f'{t:.3f}' for t in timings)}): median "
+                    f"{cand.measured:.3f}")
             if stop_at_first and cand.measured <= ratio:
                 return cand, True
     timed = [c for c in candidates if c.measured is not None]
