@@ -95,7 +95,14 @@ def test_falls_back_to_torchscript_and_says_so(tmp_path):
     result = export(Branchy().eval(), tmp_path / "m.onnx", check_images=_images([1, 1, 1]), threads=1)
     assert result.exporter == "torchscript" and result.opset == 20  # the newest opset it writes
     assert result.fallback_reason.startswith("dynamo exporter:")
+    assert result.fallback_reason.endswith("the TorchScript exporter writes opset 20 at most, not 23")
     assert result.check.passed and (tmp_path / "m.onnx").is_file()
+    asked = export(Branchy().eval(), tmp_path / "t.onnx", check_images=_images([1, 1, 1]), threads=1,
+                   exporter="torchscript")
+    assert asked.opset == 20 and asked.fallback_reason == "the TorchScript exporter writes opset 20 at most, not 23"
+    at_20 = export(Branchy().eval(), tmp_path / "t.onnx", check_images=_images([1, 1, 1]), threads=1,
+                   exporter="torchscript", opset=20)
+    assert at_20.fallback_reason is None
 
 
 def test_failed_numeric_check_raises_and_writes_nothing(tmp_path):

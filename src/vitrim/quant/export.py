@@ -55,7 +55,8 @@ def export(model: nn.Module, path: str | Path, *, opset: int = DEFAULT_OPSET, ch
     images) run through PyTorch and ONNX Runtime; a max abs logit difference above ``tolerance``
     raises :class:`ExportCheckError` and nothing is written. ``exporter="auto"`` tries the
     ``torch.export``-based exporter and falls back to the TorchScript one only if it fails (at
-    opset 20 at most, the newest it writes). Attention exported as opset-23 ``Attention`` nodes
+    opset 20 at most, the newest it writes; ``fallback_reason`` then says so, also when
+    ``exporter="torchscript"`` was asked for with a newer opset). Attention exported as opset-23 ``Attention`` nodes
     takes its heads in place (:func:`~vitrim.quant.graphfuse.attention_heads_in_place`), which the
     numeric check covers.
     """
@@ -156,7 +157,9 @@ def _to_proto(model: nn.Module, example: torch.Tensor, opset: int, exporter: str
     except Exception as exc:
         errors.append(f"TorchScript exporter: {_first_line(exc)}")
         raise ExportError(f"ONNX export failed ({'; '.join(errors)})") from None
-    return proto, "torchscript", errors[0] if errors else None
+    if opset > TORCHSCRIPT_MAX_OPSET:
+        errors.append(f"the TorchScript exporter writes opset {TORCHSCRIPT_MAX_OPSET} at most, not {opset}")
+    return proto, "torchscript", "; ".join(errors) or None
 
 
 def _dynamo(model: nn.Module, example: torch.Tensor, opset: int) -> Any:
