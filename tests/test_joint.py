@@ -113,7 +113,9 @@ def test_latency_choice_is_settled_by_timing_the_built_candidates(monkeypatch):
     assert plan.met and plan.chosen.keep == 0.6 and plan.chosen.measured == 0.29
     timed.clear()
     plan = choose(levers, 0.2)
-    assert not plan.met and plan.chosen.keep == 0.5 and "the fastest measured" in plan_table(plan)
+    assert not plan.met and plan.chosen.keep == 0.5
+    assert plan_table(plan).endswith("no setting met latency=0.2: the chosen one is the fastest measured (0.260); a "
+                                      "budget of at least that is within reach here, or widen --prune-ratios / --keeps")
     timed.clear()
     plan = choose(levers, 0.5)  # all predicted within: by loss, 0.8 is over as built, 0.7 meets it
     assert plan.met and plan.chosen.keep == 0.7 and timed == [0.8] + [0.7] * 4
@@ -255,3 +257,14 @@ def test_flops_target_keeps_the_given_precision():
     cfg = CompressConfig(target="flops=0.3", quant="w8a8")
     assert cfg.joint.precisions == ("w8a8",) and cfg.joint.ratio == 0.3
     assert CompressConfig(target="flops=0.3", quant=None).joint.precisions == ("fp32",)
+
+
+def test_unreachable_flops_budget_names_the_cheapest_setting_and_the_fix():
+    from vitrim.joint import Levers, choose, plan_table
+
+    cands = [Candidate(r, 1.0, (1,), "fp32", 0.1 / r, 0.0, 0.0, r) for r in (1.0, 0.5, 0.3)]
+    plans = {r: (None, f"plan at {r}", 0.0) for r in (0.5, 0.3)}
+    plan = choose(Levers(None, JointConfig(target="flops=0.1"), plans, cands, {}, None))
+    assert not plan.met and plan.chosen.prune_ratio == 0.3 and plan.dimension_plan == "plan at 0.3"
+    assert plan_table(plan).endswith("no setting met flops=0.1: the chosen one is the cheapest on the grids (0.300); "
+                                      "widen --prune-ratios / --keeps")

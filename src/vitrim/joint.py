@@ -545,8 +545,11 @@ def plan_table(plan: JointPlan) -> str:
                      f"{c.predicted:.3f}", "-" if c.measured is None else f"{c.measured:.3f}"])
     head = ["", "prune", "keep", "layers", "precision", "dL dims", "dL tokens", "dL bits", "dL total",
             f"{plan.metric} pred", "measured"]
-    closest = "the fastest measured" if plan.chosen.measured is not None else "the cheapest on the grids"
-    verdict = "" if plan.met else f"\nno setting met {plan.metric}={plan.ratio:g}: the chosen one is {closest}"
+    c = plan.chosen
+    closest = (f"the fastest measured ({c.measured:.3f}); a budget of at least that is within reach here, or widen"
+               if c.measured is not None else f"the cheapest on the grids ({c.predicted:.3f}); widen")
+    verdict = "" if plan.met else (f"\nno setting met {plan.metric}={plan.ratio:g}: the chosen one is {closest} "
+                                   "--prune-ratios / --keeps")
     return format_table(rows, head) + verdict
 
 
