@@ -47,6 +47,7 @@ from torch import nn
 from vitrim.data.dataset import ImageSet
 from vitrim.errors import ConfigError
 from vitrim.models import VisionTransformer, ViTConfig
+from vitrim.progress import progress_bar
 
 FP32 = "fp32"
 PRUNE_LOSSES = ("fisher", "measured")
@@ -214,14 +215,15 @@ def dimension_plans(model: VisionTransformer, calib: Sequence[tuple[torch.Tensor
 
 def measured_prune_losses(model: VisionTransformer, plans: dict[float, tuple[ViTConfig, Any, float]],
                           calib: Sequence[tuple[torch.Tensor, torch.Tensor]],
-                          held_out: ImageSet, base: float) -> dict[float, float]:
+                          held_out: ImageSet, base: float, progress: bool = False) -> dict[float, float]:
     """The held-out loss increase of each plan, sliced from the dense model and reconstructed."""
     from vitrim.prune.recover import reconstruct
     from vitrim.prune.surgery import slice_model
 
     images = torch.cat([x for x, _ in calib])
     losses = {}
-    for ratio, (_, plan, _) in plans.items():
+    for ratio, (_, plan, _) in progress_bar(plans.items(), total=len(plans), desc="plans reconstructed",
+                                            enabled=progress):
         if ratio >= 1:
             losses[ratio] = 0.0
             continue
@@ -232,16 +234,16 @@ def measured_prune_losses(model: VisionTransformer, plans: dict[float, tuple[ViT
 
 
 def token_losses(model: VisionTransformer, method: str, keeps: Sequence[float], layer_sets: Sequence[Layers],
-                 held_out: ImageSet, base: float) -> dict[tuple[float, Layers], float]:
+                 held_out: ImageSet, base: float, progress: bool = False) -> dict[tuple[float, Layers], float]:
     """``{(keep, layers): loss increase}`` of the dense model with that static token reduction."""
     from vitrim.tokens import reduce_tokens
 
     losses = {}
-    for layers in layer_sets:
-        reduced = reduce_tokens(model, method, layers=layers, keep=1.0)
-        for keep in keeps:
-            reduced.keep = keep
-            losses[(keep, layers)] = 0.0 if keep >= 1 else mean_loss(reduced, held_out) - base
+    reduced = {layers: reduce_tokens(model, method, layers=layers, keep=1.0) for layers in layer_sets}
+    settings = [(keep, layers) for layers in layer_sets for keep in keeps]
+    for keep, layers in progress_bar(settings, desc="token settings", enabled=progress):
+        reduced[layers].keep = keep
+        losses[(keep, layers)] = 0.0 if keep >= 1 else mean_loss(reduced[layers], held_out) - base
     return losses
 
 
@@ -256,12 +258,11 @@ def quantized(model: nn.Module, scheme: str, calib: ImageSet, work: Path, thread
 
 def quant_losses(model: VisionTransformer, precisions: Sequence[str], calib: ImageSet,
                  held_out: ImageSet, base: float, work: Path,
-                 threads: int | None) -> dict[str, float]:
+                 threads: int | None, progress: bool = False) -> dict[str, float]:
     """``{scheme: loss increase}`` of the dense model quantized to each scheme (ONNX Runtime)."""
     losses = {FP32: 0.0}
-    for scheme in precisions:
-        if scheme != FP32:
-            losses[scheme] = mean_loss(quantized(model, scheme, calib, work, threads), held_out) - base
+    for scheme in progress_bar([p for p in precisions if p != FP32], desc="schemes quantized", enabled=progress):
+        losses[scheme] = mean_loss(quantized(model, scheme, calib, work, threads), held_out) - base
     return losses
 
 
@@ -300,7 +301,9 @@ def flops_ratios(plans: dict[float, Any], keeps: Sequence[float], layer_sets: Se
 
 def latency_ratios(plans: dict[float, Any], keeps: Sequence[float], layer_sets: Sequence[Layers],
                    precisions: Sequence[str], method: str, model: VisionTransformer, calib: ImageSet, work: Path,
-                   cfg: JointConfig) -> tuple[dict[tuple[float, float, Layers, str], float], dict]:
+                   cfg: JointConfig, progress: bool = False,
+                   log: Callable[[str], None] = lambda text: None
+                   ) -> tuple[dict[tuple[float, float, Layers, str], float], dict]:
     """Predicted latency ratio of every setting: the torch grid, and for each plan exported per
     scheme its ONNX Runtime model timed against dense, scaled by the grid's token factor."""
     from vitrim.bench.latency import interleaved_latency, paired_latency
@@ -317,14 +320,15 @@ def latency_ratios(plans: dict[float, Any], keeps: Sequence[float], layer_sets: 
                 name = f"{ratio:g}/{keep:g}" + (f"/{layers}" if keep < 1 else "")
                 names[(ratio, keep, layers)] = name
                 runners.setdefault(name, shaped(pruned[ratio], keep, layers, method))
+    log(f"joint search: {len(runners)} torch settings, interleaved over {cfg.runs} rounds")
     torch_ms = interleaved_latency(runners, [cfg.batch], threads=cfg.threads, runs=cfg.runs)
     onnx_ratio: dict[tuple[float, str], float] = {}  # the plan at keep 1 in ONNX Runtime, over dense
-    for ratio, net in pruned.items():
-        for scheme in (p for p in precisions if p != FP32):
-            # timed as the built candidates are: interleaved with dense alone
-            pair = paired_latency(model, quantized(net, scheme, calib, work, cfg.threads), cfg.batch,
-                                  threads=cfg.threads, runs=cfg.runs)
-            onnx_ratio[(ratio, scheme)] = pair["second_ms"] / pair["first_ms"]
+    exported = [(ratio, scheme) for ratio in pruned for scheme in precisions if scheme != FP32]
+    for ratio, scheme in progress_bar(exported, desc="plans quantized and timed", enabled=progress):
+        # timed as the built candidates are: interleaved with dense alone
+        pair = paired_latency(model, quantized(pruned[ratio], scheme, calib, work, cfg.threads), cfg.batch,
+                              threads=cfg.threads, runs=cfg.runs)
+        onnx_ratio[(ratio, scheme)] = pair["second_ms"] / pair["first_ms"]
 
     def torch_ratio(name: str) -> float:
         return torch_ms[name][cfg.batch]["median_ms"] / torch_ms["dense"][cfg.batch]["median_ms"]
@@ -400,14 +404,14 @@ def measure_levers(model: VisionTransformer, train: ImageSet, cfg: JointConfig, 
     prune_loss = {r: p[2] for r, p in plans.items()}
     if cfg.prune_loss == "measured":
         log("joint search: reconstructing each dimension plan to measure its loss")
-        prune_loss = measured_prune_losses(model, plans, calib, held_set, base)
+        prune_loss = measured_prune_losses(model, plans, calib, held_set, base, progress)
     log("joint search: token loss curve")
-    tokens = token_losses(model, cfg.token_method, keeps, layer_sets, held_set, base)
+    tokens = token_losses(model, cfg.token_method, keeps, layer_sets, held_set, base, progress)
     precisions = list(dict.fromkeys(cfg.precisions if cfg.metric == "latency" else (cfg.precisions[0],)))
     with tempfile.TemporaryDirectory(prefix="vitrim-joint-") as tmp:
         work = Path(tmp)
         log("joint search: quantization error per scheme")
-        quant = quant_losses(model, precisions, calib_set, held_set, base, work, cfg.threads)
+        quant = quant_losses(model, precisions, calib_set, held_set, base, work, cfg.threads, progress)
         if cfg.metric == "flops":
             image = next(held_set.batches(1, image_size=size))[0]
             flops = flops_ratios(plans, keeps, layer_sets, cfg.token_method, model, image)
@@ -416,7 +420,7 @@ def measure_levers(model: VisionTransformer, train: ImageSet, cfg: JointConfig, 
         else:
             log("joint search: timing every dimension plan x token setting, and each plan per scheme")
             costs, grid = latency_ratios(plans, keeps, layer_sets, precisions, cfg.token_method, model, calib_set,
-                                         work, cfg)
+                                         work, cfg, progress, log)
     candidates = [Candidate(r, k, L, p, prune_loss[r], tokens[(k, L)], quant[p], cost)
                   for (r, k, L, p), cost in costs.items() if not (k >= 1 and L != layer_sets[0])]
     curves = {"base_loss": base, "prune": {str(r): v for r, v in prune_loss.items()},
