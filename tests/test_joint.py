@@ -114,13 +114,14 @@ def test_latency_choice_is_settled_by_timing_the_built_candidates(monkeypatch):
     timed.clear()
     plan = choose(levers, 0.2)
     assert not plan.met and plan.chosen.keep == 0.5
-    assert plan_table(plan).endswith("no setting met latency=0.2: the chosen one is the fastest measured (0.260); a "
-                                      "budget of at least that is within reach here, or widen --prune-ratios / --keeps")
+    assert plan_table(plan).endswith("no setting met latency=0.2: the chosen one is the fastest measured (0.260); "
+                                      "try a budget near that, or widen --prune-ratios / --keeps")
     timed.clear()
     plan = choose(levers, 0.5)  # all predicted within: by loss, 0.8 is over as built, 0.7 meets it
     assert plan.met and plan.chosen.keep == 0.7 and timed == [0.8] + [0.7] * 4
     timed.clear()
-    again[0.7] = [0.42, 0.43, 0.41]  # ranked by loss, a first timing near the budget is confirmed before the search stops
+    # ranked by loss, a first timing near the budget is confirmed before the search stops
+    again[0.7] = [0.42, 0.43, 0.41]
     plan = choose(levers, 0.4)
     assert plan.met and plan.chosen.keep == 0.6 and timed == [0.7] * 4 + [0.6] * 4
     timed.clear()
@@ -170,6 +171,29 @@ def test_optimistic_predictions_are_corrected_by_the_timed_candidates(monkeypatc
     timed.clear()
     plan = choose(levers, 0.2)  # nothing measures inside: the fastest of all timed, and not met
     assert not plan.met and plan.chosen.keep == 0.45 and plan.chosen.measured == 0.28
+
+
+def test_candidates_are_timed_with_the_dense_weights_sliced_by_their_plan():
+    """The model a candidate is timed as: the dense model's own weights cut by the plan (not a
+    fresh initialisation), the dense model itself at ratio 1, token reduction a view on it."""
+    from vitrim.joint import dimension_plans, shaped, sliced
+    from vitrim.prune.surgery import slice_model
+
+    torch.manual_seed(0)
+    model = small_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    calib = [(torch.randn(8, 1, 16, 16), torch.randint(0, 3, (8,))) for _ in range(2)]
+    plans = dimension_plans(model, calib, [1.0, 0.5], round_to=1)
+    assert sliced(model, plans, 1.0) is model
+    cut = sliced(model, plans, 0.5)
+    expected = slice_model(model, plans[0.5][1]).state_dict()
+    assert cut.config == plans[0.5][0] and not cut.training
+    assert all(torch.equal(v, expected[k]) for k, v in cut.state_dict().items())
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # the dense model is untouched
+    fresh = vitrim.create(plans[0.5][0], seed=0).state_dict()
+    assert not torch.equal(cut.state_dict()["head.weight"], fresh["head.weight"])
+    reduced = shaped(cut, 0.7, (1,), "tome")
+    assert reduced.model is cut and shaped(cut, 1.0, (1,), "tome") is cut
 
 
 def test_flops_budget_is_met_by_the_chosen_combination(data_dir):

@@ -23,15 +23,14 @@ plan exported per scheme and timed against dense, its token settings scaled as i
 cheapest-loss candidates predicted inside the budget are then built as they would run (the dense
 model's weights sliced by the plan: the values shift the latency by a few percent, randomly
 initialised weights ran up to 4% faster) and timed against dense, interleaved, until one meets the
-budget: the choice's latency is measured, not predicted. A timing that admits a candidate only
-selects it for confirmation; fresh timings decide, so one lucky timing cannot pass it. When none does, the prediction's bias on those
-timed corrects the others' predictions and a second round times the best of those then predicted
-inside, or, if none is, the cheapest.
+budget: the choice's latency is measured, not predicted. When none does, the prediction's bias on
+those timed corrects the others' predictions and a second round times the best of those then
+predicted inside, or, if none is, the cheapest. A timing near the budget only selects a candidate
+for confirmation; fresh timings decide, so one lucky timing cannot pass it.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 import statistics
@@ -227,7 +226,7 @@ def measured_prune_losses(model: VisionTransformer, plans: dict[float, tuple[ViT
         if ratio >= 1:
             losses[ratio] = 0.0
             continue
-        pruned = slice_model(copy.deepcopy(model), plan).eval()
+        pruned = slice_model(model, plan).eval()
         reconstruct(model, pruned, list(plan.embed), images)
         losses[ratio] = mean_loss(pruned, held_out) - base
     return losses
@@ -269,10 +268,11 @@ def quant_losses(model: VisionTransformer, precisions: Sequence[str], calib: Ima
 # ---------------------------------------------------------------- cost of each setting
 
 def sliced(model: VisionTransformer, plans: dict[float, Any], ratio: float) -> VisionTransformer:
-    """``model`` cut to the dimension plan at ``ratio`` (its own weights, no recovery); ``model`` itself at 1."""
+    """A new model: ``model`` cut to the dimension plan at ``ratio`` (its own weights, no recovery);
+    ``model`` itself at 1."""
     from vitrim.prune.surgery import slice_model
 
-    return model if ratio >= 1 else slice_model(copy.deepcopy(model), plans[ratio][1]).eval()
+    return model if ratio >= 1 else slice_model(model, plans[ratio][1]).eval()
 
 
 def shaped(net: VisionTransformer, keep: float, layers: Layers, method: str) -> nn.Module:
@@ -320,7 +320,7 @@ def latency_ratios(plans: dict[float, Any], keeps: Sequence[float], layer_sets: 
                 name = f"{ratio:g}/{keep:g}" + (f"/{layers}" if keep < 1 else "")
                 names[(ratio, keep, layers)] = name
                 runners.setdefault(name, shaped(pruned[ratio], keep, layers, method))
-    log(f"joint search: {len(runners)} torch settings, interleaved over {cfg.runs} rounds")
+    log(f"joint search: {len(runners) - 1} torch settings and dense, interleaved over {cfg.runs} rounds")
     torch_ms = interleaved_latency(runners, [cfg.batch], threads=cfg.threads, runs=cfg.runs)
     onnx_ratio: dict[tuple[float, str], float] = {}  # the plan at keep 1 in ONNX Runtime, over dense
     exported = [(ratio, scheme) for ratio in pruned for scheme in precisions if scheme != FP32]
@@ -550,7 +550,7 @@ def plan_table(plan: JointPlan) -> str:
     head = ["", "prune", "keep", "layers", "precision", "dL dims", "dL tokens", "dL bits", "dL total",
             f"{plan.metric} pred", "measured"]
     c = plan.chosen
-    closest = (f"the fastest measured ({c.measured:.3f}); a budget of at least that is within reach here, or widen"
+    closest = (f"the fastest measured ({c.measured:.3f}); try a budget near that, or widen"
                if c.measured is not None else f"the cheapest on the grids ({c.predicted:.3f}); widen")
     verdict = "" if plan.met else (f"\nno setting met {plan.metric}={plan.ratio:g}: the chosen one is {closest} "
                                    "--prune-ratios / --keeps")

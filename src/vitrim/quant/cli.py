@@ -153,7 +153,8 @@ def cmd_export(args: argparse.Namespace) -> None:
         result = export(model, args.out, opset=args.opset, check_images=images, tolerance=args.tolerance,
                         exporter=args.exporter, threads=args.threads)
     data = {"model": args.model, "weights": weights, **result.to_dict()}
-    note = f" (fell back: {result.fallback_reason})" if result.fallback_reason else ""
+    reason = result.fallback_reason
+    note = "" if not reason else f" (fell back: {reason})" if result.exporter != args.exporter else f" ({reason})"
     emit(args, data, f"exported {args.model} ({weights} weights) to {result.path}: {result.exporter} exporter"
                      f"{note}, opset {result.opset}, {human(result.size_bytes, 'B')}\n"
                      f"check: {result.check.summary()}")
