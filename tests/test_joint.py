@@ -66,7 +66,7 @@ def test_rank_keeps_the_budget_and_minimises_the_summed_loss():
 def test_latency_choice_is_settled_by_timing_the_built_candidates(monkeypatch):
     """Ranked by loss, the first measured within the budget wins; when none is predicted within
     it the cheapest are timed (the prediction sums parts timed apart) and the most accurate that
-    meets it wins; a first timing under the budget or less than 10% over it only selects: three
+    meets it wins; a first timing under the budget or less than 25% over it only selects: three
     fresh timings follow and their median counts; nothing within: the fastest measured, and the
     plan says so."""
     import vitrim.joint as joint
@@ -76,7 +76,7 @@ def test_latency_choice_is_settled_by_timing_the_built_candidates(monkeypatch):
         return Candidate(1.0, keep, (1,), "fp32", 0.0, loss, 0.0, predicted)
 
     cands = [cand(0.5, 0.05, 0.35), cand(0.6, 0.02, 0.36), cand(0.7, 0.01, 0.40), cand(0.8, 0.001, 0.45)]
-    measured = {0.5: 0.26, 0.6: 0.29, 0.7: 0.37, 0.8: 0.60}
+    measured = {0.5: 0.26, 0.6: 0.29, 0.7: 0.40, 0.8: 0.70}
     again: dict[float, list[float]] = {}  # keep -> what its second to fourth timings give
     timed, built = [], []
 
@@ -94,7 +94,7 @@ def test_latency_choice_is_settled_by_timing_the_built_candidates(monkeypatch):
     monkeypatch.setattr(joint, "measure_candidate", fake)
     levers = Levers(None, JointConfig(target="latency=0.3", verify=3), {}, cands, {}, None)
     plan = choose(levers, 0.3)  # none predicted within 0.3: the three cheapest timed, 0.6 the most accurate inside
-    # 0.26 and 0.29 are under 0.3, so each was timed three more times (built once); 0.37 is 23% over
+    # 0.26 and 0.29 are under 0.3, so each was timed three more times (built once); 0.40 is 33% over
     assert plan.met and plan.chosen.keep == 0.6 and plan.chosen.measured == 0.29
     assert timed == [0.5] * 4 + [0.6] * 4 + [0.7] and built == [0.5, 0.6, 0.7]
     timed.clear()
@@ -157,7 +157,8 @@ def test_optimistic_predictions_are_corrected_by_the_timed_candidates(monkeypatc
     plan = choose(levers, 0.4, log=lines.append)
     # round 1: 0.9 (0.52) and 0.8 (0.494) are over; the bias 1.3 leaves 0.6 (0.39) and 0.5, 0.4 inside
     assert plan.met and plan.chosen.keep == 0.6 and plan.chosen.measured == pytest.approx(0.39)
-    assert timed == [0.9, 0.8] + [0.6] * 4  # 0.39 is near the budget: selected, then timed three more times
+    # 0.494 and 0.39 are near the budget: each selected, then timed three more times
+    assert timed == [0.9] + [0.8] * 4 + [0.6] * 4
     assert any("1.30x their prediction" in line for line in lines)
     assert [c.keep for c in plan.runner_ups][:2] == [0.9, 0.8]
     timed.clear()
