@@ -60,9 +60,8 @@ def test_w8a8_scales_and_integer_weights_reach_ort_unchanged(fp32, w8a8):
         site = sites[name]
         node = quantize_nodes[site.activation]
         assert (float(inits[node.input[1]]), int(inits[node.input[2]])) == layer.act.qparams()
-        codes = layer.wq.integers(layer.weight2d()).numpy()
-        codes = codes.T if site.transposed else codes
-        assert np.array_equal(_integer_weight(inits, site.initializer, codes.shape), codes.astype(np.int8))
+        codes = _ort_codes(layer, site)
+        assert np.array_equal(_integer_weight(inits, site.initializer, codes.shape), codes)
 
 
 def test_per_tensor_blockwise_keeps_the_fused_projection_on_its_grid(fp32, tmp_path):
@@ -75,9 +74,14 @@ def test_per_tensor_blockwise_keeps_the_fused_projection_on_its_grid(fp32, tmp_p
     inits = {i.name: numpy_helper.to_array(i) for i in q.graph.initializer}
     sites = layer_sites(onnx.load(str(path)), model)
     for name, layer in quant_modules(result.simulation):
-        codes = layer.wq.integers(layer.weight2d()).numpy()
-        codes = codes.T if sites[name].transposed else codes
-        assert np.array_equal(inits[sites[name].initializer + "_quantized"].reshape(codes.shape), codes.astype(np.int8))
+        codes = _ort_codes(layer, sites[name])
+        assert np.array_equal(inits[sites[name].initializer + "_quantized"].reshape(codes.shape), codes)
+
+
+def _ort_codes(layer, site) -> np.ndarray:
+    """The simulated layer's int8 weight codes, laid out as its ONNX initializer."""
+    codes = layer.wq.integers(layer.weight2d()).numpy()
+    return (codes.T if site.transposed else codes).astype(np.int8)
 
 
 def _integer_weight(inits: dict, name: str, shape: tuple) -> np.ndarray:

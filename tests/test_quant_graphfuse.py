@@ -179,14 +179,9 @@ def test_split_projections_names_parts_of_a_shared_weight_apart():
                               [helper.make_tensor_value_info("out", onnx.TensorProto.FLOAT, [3, 2])], inits)
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     feed = {f"x{i}": rng.standard_normal((3, 6)).astype(np.float32) for i in range(2)}
-
-    def run(p):
-        return onnxruntime.InferenceSession(p.SerializeToString(), providers=["CPUExecutionProvider"]).run(
-            ["out"], feed)[0]
-
-    expected = run(proto)
+    expected = _run_feed(proto, feed)
     assert split_projections(proto) == 2
     names = [i.name for i in proto.graph.initializer]
     assert len(names) == len(set(names)) == 8  # 2 sites x 2 parts x (weight, bias); W, b and sizes gone
     onnx.checker.check_model(proto)
-    np.testing.assert_allclose(run(proto), expected, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(_run_feed(proto, feed), expected, rtol=1e-6, atol=1e-6)

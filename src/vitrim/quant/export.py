@@ -56,9 +56,9 @@ def export(model: nn.Module, path: str | Path, *, opset: int = DEFAULT_OPSET, ch
     raises :class:`ExportCheckError` and nothing is written. ``exporter="auto"`` tries the
     ``torch.export``-based exporter and falls back to the TorchScript one only if it fails (at
     opset 20 at most, the newest it writes; ``fallback_reason`` then says so, also when
-    ``exporter="torchscript"`` was asked for with a newer opset). Attention exported as opset-23 ``Attention`` nodes
-    takes its heads in place (:func:`~vitrim.quant.graphfuse.attention_heads_in_place`), which the
-    numeric check covers.
+    ``exporter="torchscript"`` was asked for with a newer opset). Attention exported as opset-23
+    ``Attention`` nodes takes its heads in place
+    (:func:`~vitrim.quant.graphfuse.attention_heads_in_place`), which the numeric check covers.
     """
     started = time.perf_counter()
     proto, used, reason, check = export_proto(model, opset=opset, check_images=check_images,
